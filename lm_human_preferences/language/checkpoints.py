@@ -1,0 +1,220 @@
+"""Load GPT-2 weights from any of their published forms; save and load our own.
+
+Sources `load_weights` understands:
+  * our own model directory: `config.json` (with `"format": "lm_human_preferences"`) +
+    `model.safetensors`; trunk keys are the GPT's own (`wte.weight`, `h.0.attn.c_attn.weight`,
+    ...), heads live under `heads.` and are returned separately;
+  * a Hugging Face GPT-2 directory (`config.json` + `model.safetensors` or
+    `pytorch_model.bin`), or one of those files on its own;
+  * an OpenAI TensorFlow checkpoint directory (`hparams.json` + `model.ckpt.*`), read without
+    TensorFlow by `tf_checkpoint.py`.
+Nothing is ever unpickled: `.bin` files go through `torch.load(weights_only=True)`.
+
+Our directories are written atomically: into a temporary sibling, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+
+FORMAT = "lm_human_preferences"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# Conv1D matrices are stored [in, out] by HF and TF; nn.Linear wants [out, in].
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_IGNORED = re.compile(r"(^lm_head\.weight$|\.attn\.bias$|\.attn\.masked_bias$)")
+STANDARD_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoadedWeights:
+    config: GPTConfig
+    trunk: dict[str, torch.Tensor]  # GPT state dict in our layout
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "value.weight"
+    meta: dict = field(default_factory=dict)  # the rest of our config.json (kind, encoding, ...)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        # weights_only refuses any pickle payload that is not plain tensors.
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or a pickle payload weights_only refused
+        raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return sd
+
+
+def _infer_config(sd: dict[str, torch.Tensor], path: Path, n_head: int | None) -> GPTConfig:
+    try:
+        n_vocab, n_embd = sd["wte.weight"].shape
+        n_ctx = sd["wpe.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: no {e.args[0]} tensor; is this a GPT-2 checkpoint?") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
+    n_head = n_head or STANDARD_N_HEAD.get(n_embd)
+    if n_head is None:
+        raise CheckpointError(f"{path}: cannot tell the number of heads for n_embd={n_embd}; "
+                              "put the model's config.json beside it")
+    return GPTConfig(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
+
+
+def _from_conv1d(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """HF / TF GPT-2 naming and [in, out] matrices -> our layout."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("transformer.")
+        if HF_IGNORED.search(k):
+            continue
+        if k.endswith(CONV1D):
+            if v.dim() != 2:
+                raise CheckpointError(f"{path}: {k} has shape {list(v.shape)}, expected a matrix")
+            v = v.t()
+        out[k] = v.contiguous()
+    return out
+
+
+def _load_hf(path: Path) -> LoadedWeights:
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "pytorch_model.bin"]
+        files = [p for p in candidates if p.is_file()]
+        if not files:
+            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin inside")
+        path = files[0]
+    sd = _from_conv1d(_read_tensor_file(path), path)
+    hf_cfg = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    cfg = _infer_config(sd, path, hf_cfg.get("n_head"))
+    return LoadedWeights(config=cfg, trunk=sd)
+
+
+def _load_tf(folder: Path) -> LoadedWeights:
+    from lm_human_preferences.language.tf_checkpoint import read_checkpoint
+
+    hp = _read_json(folder / "hparams.json")
+    try:
+        cfg = GPTConfig(n_vocab=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
+                        n_head=hp["n_head"], n_layer=hp["n_layer"])
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'hparams.json'}: missing key {e.args[0]}") from None
+    names = {"g": "weight", "b": "bias", "w": "weight"}
+    sd = {}
+    for name, arr in read_checkpoint(str(folder)).items():
+        parts = name.split("/")
+        if parts[0] != "model":
+            continue
+        if parts[1] in ("wte", "wpe"):
+            sd[f"{parts[1]}.weight"] = torch.from_numpy(arr.copy())
+            continue
+        if parts[1].startswith("h"):
+            parts[1] = "h." + parts[1][1:]
+        tensor = torch.from_numpy(arr.copy())
+        if parts[-1] == "w":
+            tensor = tensor.squeeze(0)  # [1, in, out] -> [in, out]
+        sd[".".join(parts[1:-1] + [names[parts[-1]]])] = tensor
+    return LoadedWeights(config=cfg, trunk=_from_conv1d(sd, folder))
+
+
+def _load_own(folder: Path, meta: dict) -> LoadedWeights:
+    sd = _read_tensor_file(folder / WEIGHTS_FILE)
+    try:
+        cfg = GPTConfig.from_dict(meta["gpt"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad 'gpt' section ({e})") from None
+    trunk = {k: v for k, v in sd.items() if not k.startswith("heads.")}
+    heads = {k.removeprefix("heads."): v for k, v in sd.items() if k.startswith("heads.")}
+    return LoadedWeights(config=cfg, trunk=trunk, heads=heads,
+                         meta={k: v for k, v in meta.items() if k != "gpt"})
+
+
+def load_weights(source: str | os.PathLike) -> LoadedWeights:
+    """Read weights from our directory, a HF directory or file, or an OpenAI TF checkpoint."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "hparams.json").is_file() and list(path.glob("*.ckpt.index")):
+            return _load_tf(path)
+        if (path / CONFIG_FILE).is_file():
+            meta = _read_json(path / CONFIG_FILE)
+            if meta.get("format") == FORMAT:
+                return _load_own(path, meta)
+        return _load_hf(path)
+    if path.suffix in (".safetensors", ".bin", ".pt"):
+        return _load_hf(path)
+    raise CheckpointError(f"{path}: expected a model directory, a .safetensors or a .bin file")
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source) -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(want[k].shape)}"
+              for k in sorted(set(want) & set(sd)) if sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: checkpoint does not fit the model"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
+def load_gpt(source: str | os.PathLike) -> GPT:
+    """A GPT (on CPU, fp32) with the trunk weights of any source `load_weights` reads."""
+    w = load_weights(source)
+    model = GPT(w.config)
+    sd = {k: v.float() for k, v in w.trunk.items()}
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd)
+    return model
+
+
+def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,
+               meta: dict | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` into `out_dir`, atomically (replacing it)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in gpt.state_dict().items()}
+    for k, v in (heads or {}).items():
+        tensors[f"heads.{k}"] = v.detach().to("cpu", torch.float32).contiguous()
+    config = {"format": FORMAT, **(meta or {}), "gpt": gpt.config.to_dict()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

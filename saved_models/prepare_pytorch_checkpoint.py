@@ -1,0 +1,54 @@
+"""Convert GPT-2 weights into this library's model layout (model.safetensors + config.json).
+
+    python saved_models/prepare_pytorch_checkpoint.py --source PATH --out saved_models/gpt2
+    python saved_models/prepare_pytorch_checkpoint.py --download gpt2 --out saved_models/gpt2
+
+PATH is a Hugging Face model directory, a model.safetensors, a pytorch_model.bin, or an
+OpenAI TensorFlow checkpoint directory (model.ckpt.* + hparams.json). --download fetches
+gpt2 / gpt2-medium / gpt2-large / gpt2-xl from the Hugging Face hub (needs network).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lm_human_preferences.language.checkpoints import CheckpointError, load_gpt, save_model  # noqa: E402
+from lm_human_preferences.language.gpt import HF_NAMES  # noqa: E402
+
+HUB_IDS = {name: f"openai-community/{name}" for name in HF_NAMES}
+
+
+def download(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        sys.exit("--download needs the huggingface_hub package: pip install huggingface_hub")
+    try:
+        return Path(snapshot_download(HUB_IDS[name], allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # offline, hub errors: say what to do instead
+        sys.exit(f"could not download {HUB_IDS[name]} ({type(e).__name__}: {e}).\n"
+                 "Offline? Copy a converted model directory here, or pass --source with local files.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="HF dir, model.safetensors, pytorch_model.bin, or OpenAI TF checkpoint dir")
+    src.add_argument("--download", choices=sorted(HUB_IDS), help="fetch from the Hugging Face hub")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--encoding", default="gpt2", help="tokenizer the model uses (default gpt2)")
+    args = p.parse_args(argv)
+    source = download(args.download) if args.download else Path(args.source)
+    try:
+        model = load_gpt(source)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    out = save_model(args.out, gpt=model, meta={"kind": "gpt", "encoding": args.encoding})
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({n / 1e6:.1f}M parameters, {model.config})")
+
+
+if __name__ == "__main__":
+    main()

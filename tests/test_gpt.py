@@ -1,0 +1,101 @@
+"""GPT-2: parity with transformers, the original's padding semantics, KV-cache decoding."""
+
+import pytest
+import torch
+
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+
+PAD = 53  # outside the tiny vocab, like 50259 for GPT-2
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_vocab=50, n_ctx=40, n_embd=24, n_head=3, n_layer=2)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_named_configs():
+    assert GPTConfig.named("gpt2") == GPTConfig(n_layer=12, n_head=12, n_embd=768)
+    assert GPTConfig.named("774M").n_head == 20
+    assert GPTConfig.named("gpt2-xl").n_embd == 1600
+    with pytest.raises(ValueError, match="unknown GPT-2 size"):
+        GPTConfig.named("gpt5")
+
+
+def test_positions_example_from_spec():
+    """query [23073, PAD, PAD] + response [11, 339, 561] -> positions [0, 1, 1, 1, 2, 3]."""
+    model = tiny(n_vocab=50257, n_embd=12, n_head=2)
+    pad = 50259
+    seen = {}
+
+    def hook(module, args, out):
+        seen["pos"] = args[0].clone()
+
+    model.wpe.register_forward_hook(hook)
+    model(torch.tensor([[23073, pad, pad, 11, 339, 561]]), pad_token=pad)
+    assert seen["pos"].tolist() == [[0, 1, 1, 1, 2, 3]]
+
+
+@torch.no_grad()
+def test_pads_anywhere_leave_real_logits_unchanged():
+    model = tiny()
+    real = torch.randint(0, 50, (1, 12))
+    base = model(real).logits
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        keep = torch.rand(20, generator=gen) < 0.6
+        keep[0] = True
+        keep[keep.cumsum(0) > 12] = False
+        n = int(keep.sum())
+        tokens = torch.full((1, 20), PAD)
+        tokens[0, keep] = real[0, :n]
+        out = model(tokens, pad_token=PAD).logits
+        torch.testing.assert_close(out[0, keep], base[0, :n], atol=1e-5, rtol=0)
+        # a pad's output is the output of the most recent real token
+        idx = torch.where(keep, torch.arange(20), -1).cummax(0).values
+        torch.testing.assert_close(out[0], out[0, idx], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_batch_rows_with_different_padding():
+    model = tiny()
+    a = torch.tensor([[5, 6, 7, PAD, PAD, 8, 9]])
+    b = torch.tensor([[5, 6, 7, 8, 9, PAD, PAD]])
+    both = model(torch.cat([a, b]), pad_token=PAD).logits
+    torch.testing.assert_close(both[0, [0, 1, 2, 5, 6]], both[1, :5], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunks", [[7, 1, 1, 1, 1, 1], [1] * 12, [3, 4, 5]])
+def test_kv_cache_equals_full_forward(chunks):
+    model = tiny()
+    tokens = torch.randint(0, 50, (3, sum(chunks)))
+    tokens[0, 2:4] = PAD
+    tokens[1, 7] = PAD
+    tokens[2, 9:11] = PAD
+    full = model(tokens, pad_token=PAD)
+    cache = model.new_cache(3, tokens.shape[1])
+    outs, start = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, start:start + n], pad_token=PAD, cache=cache))
+        start += n
+    torch.testing.assert_close(torch.cat([o.logits for o in outs], 1), full.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([o.hidden for o in outs], 1), full.hidden, atol=1e-5, rtol=0)
+
+
+def test_context_overflow_is_an_error():
+    model = tiny(n_ctx=8)
+    with pytest.raises(ValueError, match="exceeds"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_bf16_autocast_gives_fp32_logits_close_to_fp32():
+    model = tiny()
+    tokens = torch.randint(0, 50, (2, 10))
+    ref = model(tokens).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, pad_token=PAD)
+    assert out.logits.dtype == torch.float32
+    assert (out.logits - ref).abs().max() < 0.1
