@@ -1,0 +1,415 @@
+"""PPO math for policy training, following OpenAI's lm-human-preferences (SPEC §6).
+
+Everything here is a pure function on tensors (or a tiny plain-float controller object): no
+config objects, no global state, no environment reads. Shapes are written as ``B`` (batch of
+episodes), ``T`` (response length, ``L`` in the SPEC) and ``V`` (vocabulary size).
+
+Conventions that match the OAI TensorFlow code:
+
+* every mean/variance is over *all* ``B*T`` elements (no masking), variances are biased
+  (population) as in ``tf.nn.moments``;
+* GAE bootstraps with ``V_T = 0`` and ``returns = advantages + values`` (before the advantages
+  are whitened);
+* clip fractions count strict ``>`` between the clipped and unclipped losses.
+"""
+
+import torch
+
+__all__ = [
+    "whiten",
+    "gae",
+    "advantages_and_returns",
+    "policy_loss",
+    "value_loss",
+    "ppo_losses",
+    "kl_penalty_rewards",
+    "FixedKLController",
+    "AdaptiveKLController",
+    "linear_lr",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Whitening and GAE
+# --------------------------------------------------------------------------------------------
+
+
+def whiten(values: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``values`` to zero mean / unit variance over ALL elements.
+
+    ``(x - mean(x)) / sqrt(var(x) + eps)`` with the biased (population) variance, as OAI's
+    ``utils.whiten``. With ``shift_mean=False`` the mean is added back, i.e. only the scale is
+    normalised.
+
+    Args:
+        values: floating tensor of any shape, e.g. ``(B, T)``.
+        shift_mean: if False, the result keeps the original mean.
+        eps: added to the variance inside the square root.
+
+    Returns:
+        Tensor of the same shape and dtype as ``values``.
+    """
+    var, mean = torch.var_mean(values, correction=0)  # scalars
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation with a zero bootstrap after the last position.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V_T = 0``),
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, ``returns = A + V``.
+    Vectorised over the batch; a reverse loop over time (same accumulation order as OAI).
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards (float).
+        values: ``(B, T)`` value estimates of the rollout (float, no grad needed).
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)`` in the dtype of ``rewards``; NOT whitened.
+    """
+    if rewards.shape != values.shape or rewards.dim() != 2:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} must both be (B, T)")
+    values = values.to(rewards.dtype)
+    T = rewards.shape[1]
+    next_values = torch.zeros_like(values)  # (B, T)
+    next_values[:, :-1] = values[:, 1:]  # V_{t+1}, V_T = 0
+    deltas = rewards + gamma * next_values - values  # (B, T)
+    advantages = torch.empty_like(deltas)  # (B, T)
+    lastgaelam = torch.zeros_like(deltas[:, 0])  # (B,)
+    for t in reversed(range(T)):
+        lastgaelam = deltas[:, t] + gamma * lam * lastgaelam  # (B,)
+        advantages[:, t] = lastgaelam
+    returns = advantages + values  # (B, T)
+    return advantages, returns
+
+
+def advantages_and_returns(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    gamma: float,
+    lam: float,
+    whiten_rewards: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (SPEC §6).
+
+    If ``whiten_rewards``: ``R <- whiten(R, shift_mean=False)``; then GAE; ``returns = A + V``;
+    finally ``A <- whiten(A)``. All statistics are local to the given minibatch.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards of the minibatch.
+        values: ``(B, T)`` rollout (old) values of the minibatch.
+        gamma, lam: GAE parameters.
+        whiten_rewards: whether to rescale the rewards first.
+
+    Returns:
+        ``(advantages, returns)``, ``(B, T)`` each, detached; advantages are whitened.
+    """
+    rewards = rewards.detach()
+    values = values.detach()
+    if whiten_rewards:
+        rewards = whiten(rewards, shift_mean=False)  # (B, T)
+    advantages, returns = gae(rewards, values, gamma=gamma, lam=lam)  # (B, T), (B, T)
+    advantages = whiten(advantages)  # (B, T)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO surrogate, OAI form.
+
+    ``ratio = exp(logp - logp_old)``; ``pg_losses = -A * ratio``;
+    ``pg_losses2 = -A * clip(ratio, 1 - c, 1 + c)``; ``loss = mean(max(pg_losses, pg_losses2))``.
+
+    Args:
+        logprobs: ``(B, T)`` log-probabilities under the current policy (requires grad).
+        old_logprobs: ``(B, T)`` log-probabilities recorded at rollout time.
+        advantages: ``(B, T)`` (normally whitened) advantages.
+        cliprange: ``c`` above.
+
+    Returns:
+        ``(loss, stats)``: scalar loss with graph; ``stats`` holds detached scalars
+        ``'approxkl'`` = ``0.5 * mean((logp - logp_old)^2)``, ``'clipfrac'`` =
+        ``mean(pg_losses2 > pg_losses)`` and ``'ratio_mean'``.
+    """
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+    logratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(logratio)  # (B, T)
+    pg_losses = -advantages * ratio  # (B, T)
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    loss = torch.mean(torch.maximum(pg_losses, pg_losses2))  # ()
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * torch.mean(torch.square(logratio)),
+            "clipfrac": torch.mean(torch.gt(pg_losses2, pg_losses).to(logratio.dtype)),
+            "ratio_mean": torch.mean(ratio),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss, OAI form.
+
+    ``vclip = clip(V, V_old - c, V_old + c)``;
+    ``loss = 0.5 * mean(max((V - ret)^2, (vclip - ret)^2))``.
+
+    Args:
+        values: ``(B, T)`` current value predictions (requires grad).
+        old_values: ``(B, T)`` values recorded at rollout time.
+        returns: ``(B, T)`` GAE returns.
+        cliprange_value: ``c`` above.
+
+    Returns:
+        ``(loss, stats)``: scalar loss with graph; detached scalars ``'clipfrac'`` =
+        ``mean(vf_losses2 > vf_losses1)``, ``'error'`` = ``mean((V - ret)^2)`` and
+        ``'vpred'`` = ``mean(V)``.
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    vpredclipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)  # (B, T)
+    vf_losses1 = torch.square(values - returns)  # (B, T)
+    vf_losses2 = torch.square(vpredclipped - returns)  # (B, T)
+    loss = 0.5 * torch.mean(torch.maximum(vf_losses1, vf_losses2))  # ()
+    with torch.no_grad():
+        stats = {
+            "clipfrac": torch.mean(torch.gt(vf_losses2, vf_losses1).to(values.dtype)),
+            "error": torch.mean(vf_losses1),
+            "vpred": torch.mean(values),
+        }
+    return loss, stats
+
+
+def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - var(target - pred) / var(target)`` (biased variances); NaN if ``var(target) == 0``."""
+    var_target = torch.var(target, correction=0)
+    ev = 1.0 - torch.var(target - pred, correction=0) / var_target
+    return torch.where(var_target == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def ppo_losses(
+    *,
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+    entropy: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Total PPO loss plus the logged statistics, with the SPEC §6 / OAI names.
+
+    ``total = pg_loss + vf_coef * vf_loss`` (no entropy bonus). ``advantages`` and ``returns``
+    are what :func:`advantages_and_returns` produced for this minibatch.
+
+    Args:
+        logprobs: ``(B, T)`` current-policy log-probs of the response tokens (with graph).
+        values: ``(B, T)`` current value predictions (with graph).
+        old_logprobs: ``(B, T)`` rollout log-probs.
+        old_values: ``(B, T)`` rollout values.
+        advantages: ``(B, T)`` whitened advantages.
+        returns: ``(B, T)`` returns.
+        cliprange, cliprange_value, vf_coef: PPO hyper-parameters.
+        entropy: optional ``(B, T)`` per-token entropies of the current policy; if given its
+            mean is reported as ``ppo/policy/entropy``.
+
+    Returns:
+        Dict of 0-dim tensors. ``'ppo/loss/total'``, ``'ppo/loss/policy'`` and
+        ``'ppo/loss/value'`` keep the autograd graph (call ``.backward()`` on the total); every
+        other entry is detached: ``ppo/policy/{approxkl,clipfrac,ratio_mean[,entropy]}``,
+        ``ppo/val/{clipfrac,error,vpred,mean,var,var_explained}`` (``mean``/``var`` are of the
+        rollout values as in OAI; ``var_explained`` = ``1 - var(returns - values)/var(returns)``
+        with the current predictions), ``ppo/returns/{mean,var}``,
+        ``ppo/policy/advantages_{mean,var}``.
+    """
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, cliprange=cliprange)
+    vf_loss, vf_stats = value_loss(values, old_values, returns, cliprange_value=cliprange_value)
+    total = pg_loss + vf_coef * vf_loss  # ()
+
+    out: dict[str, torch.Tensor] = {
+        "ppo/loss/policy": pg_loss,
+        "ppo/loss/value": vf_loss,
+        "ppo/loss/total": total,
+        "ppo/policy/approxkl": pg_stats["approxkl"],
+        "ppo/policy/clipfrac": pg_stats["clipfrac"],
+        "ppo/policy/ratio_mean": pg_stats["ratio_mean"],
+        "ppo/val/clipfrac": vf_stats["clipfrac"],
+        "ppo/val/error": vf_stats["error"],
+        "ppo/val/vpred": vf_stats["vpred"],
+    }
+    with torch.no_grad():
+        returns = returns.detach()
+        ret_var, ret_mean = torch.var_mean(returns, correction=0)
+        val_var, val_mean = torch.var_mean(old_values.detach(), correction=0)
+        adv_var, adv_mean = torch.var_mean(advantages.detach(), correction=0)
+        out["ppo/returns/mean"] = ret_mean
+        out["ppo/returns/var"] = ret_var
+        out["ppo/val/mean"] = val_mean
+        out["ppo/val/var"] = val_var
+        out["ppo/val/var_explained"] = _explained_variance(values.detach(), returns)
+        out["ppo/policy/advantages_mean"] = adv_mean
+        out["ppo/policy/advantages_var"] = adv_var
+        if entropy is not None:
+            out["ppo/policy/entropy"] = torch.mean(entropy.detach())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards and KL control
+# --------------------------------------------------------------------------------------------
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    kl_coef: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``R_t = -kl_coef * (logp_t - ref_logp_t)``, plus the score on the last
+    position: ``R[:, -1] += score`` (the last of the T positions, even after truncation).
+
+    Args:
+        logprobs: ``(B, T)`` rollout policy log-probs.
+        ref_logprobs: ``(B, T)`` reference-policy log-probs of the same tokens.
+        scores: ``(B,)`` reward-model scores.
+        kl_coef: beta (a float or 0-dim tensor).
+
+    Returns:
+        ``(rewards, non_score_reward, kl)``, each ``(B, T)``; ``kl = logp - ref_logp``,
+        ``non_score_reward = -kl_coef * kl``.
+    """
+    kl = logprobs - ref_logprobs  # (B, T)
+    non_score_reward = -kl_coef * kl  # (B, T)
+    rewards = non_score_reward.clone()  # (B, T)
+    rewards[:, -1] += scores.to(rewards.dtype)
+    return rewards, non_score_reward, kl
+
+
+class FixedKLController:
+    """Constant KL coefficient. ``value`` is a Python float."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """No-op; returns the (unchanged) coefficient."""
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional KL controller of Ziegler et al. (OAI ``AdaptiveKLController``).
+
+    ``e = clip(current_kl / target - 1, -0.2, 0.2)``; ``value *= 1 + e * n_steps / horizon``.
+    ``current_kl`` must be the all-reduced ``objective/kl`` (mean over episodes of the summed
+    per-token KL), and every rank must call ``update`` with the same number.
+    """
+
+    def __init__(self, init_kl_coef: float, *, target: float, horizon: float):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Apply one update after a batch of ``n_steps`` episodes; returns the new coefficient."""
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        mult = 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= mult
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        """``{'value', 'target', 'horizon'}`` as plain floats."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the coefficient (and target/horizon when present)."""
+        self.value = float(state["value"])
+        if "target" in state:
+            self.target = float(state["target"])
+        if "horizon" in state:
+            self.horizon = float(state["horizon"])
+
+
+def linear_lr(base_lr: float, *, step: int, total_steps: int) -> float:
+    """Linearly annealed learning rate ``base_lr * (1 - step / total_steps)``, clipped at 0.
+
+    ``step`` is the 0-based index of the PPO update (batch); all epochs/minibatches of one batch
+    share it.
+    """
+    if total_steps <= 0:
+        raise ValueError("total_steps must be positive")
+    return max(0.0, base_lr * (1.0 - step / total_steps))
+
+
+# --------------------------------------------------------------------------------------------
+# Logits helpers
+# --------------------------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution given by ``logits``, computed in float32.
+
+    ``H = logsumexp(z) - sum(softmax(z) * z)`` (the OAI formula).
+
+    Args:
+        logits: ``(B, T, V)`` any floating dtype (cast to float32 first).
+
+    Returns:
+        ``(B, T)`` float32 (float64 if the input is float64).
+    """
+    logits = logits.float() if logits.dtype != torch.float64 else logits  # (B, T, V)
+    pd = torch.softmax(logits, dim=-1)  # (B, T, V)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)  # (B, T)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` under ``logits``, computed in float32.
+
+    The logits are cast to float32 BEFORE the log-softmax (bf16 log-softmax is too coarse for
+    PPO ratios); the same function must be used at sampling and at training time so that the
+    first PPO ratio is exactly 1.
+
+    Args:
+        logits: ``(B, T, V)`` any floating dtype.
+        tokens: ``(B, T)`` int64 token ids.
+
+    Returns:
+        ``(B, T)`` float32 (float64 if the input is float64).
+    """
+    logits = logits.float() if logits.dtype != torch.float64 else logits  # (B, T, V)
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    return torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
