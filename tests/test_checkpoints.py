@@ -134,3 +134,33 @@ def test_garbage_file_is_a_clear_error(tmp_path):
         load_gpt(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_gpt(tmp_path / "nope")
+
+
+def test_openai_tf_checkpoint_matches_transformers(tmp_path):
+    """HF weights written as an OpenAI-style TF bundle (model/h0/attn/c_attn/w [1, in, out] ...)."""
+    from lm_human_preferences.language.tf_checkpoint import write_checkpoint
+
+    hf = hf_model(97, 64, 24, 3, 2)
+    arrays = {}
+    for k, v in hf.state_dict().items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        parts = k.split(".")
+        if parts[0] in ("wte", "wpe"):
+            arrays[f"model/{parts[0]}"] = v.numpy()
+            continue
+        if parts[0] == "h":
+            parts = [f"h{parts[1]}"] + parts[2:]
+        last = {"weight": "w" if "ln" not in parts[-2] else "g", "bias": "b"}[parts[-1]]
+        arr = v.numpy()
+        arrays["model/" + "/".join(parts[:-1] + [last])] = arr[None] if last == "w" else arr
+    write_checkpoint(str(tmp_path / "model.ckpt"), arrays)
+    (tmp_path / "hparams.json").write_text(json.dumps(dict(n_vocab=97, n_ctx=64, n_embd=24, n_head=3, n_layer=2)))
+    ours = load_gpt(tmp_path).eval()
+    tokens = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert (ours(tokens).logits - hf(tokens).logits).abs().max() < 1e-4
+    (tmp_path / "model.ckpt.data-00000-of-00001").unlink()
+    with pytest.raises(CheckpointError, match="data-00000-of-00001"):
+        load_gpt(tmp_path)

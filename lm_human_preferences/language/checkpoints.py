@@ -112,7 +112,7 @@ def _load_hf(path: Path) -> LoadedWeights:
 
 
 def _load_tf(folder: Path) -> LoadedWeights:
-    from lm_human_preferences.language.tf_checkpoint import read_checkpoint
+    from lm_human_preferences.language import tf_checkpoint
 
     hp = _read_json(folder / "hparams.json")
     try:
@@ -122,7 +122,11 @@ def _load_tf(folder: Path) -> LoadedWeights:
         raise CheckpointError(f"{folder / 'hparams.json'}: missing key {e.args[0]}") from None
     names = {"g": "weight", "b": "bias", "w": "weight"}
     sd = {}
-    for name, arr in read_checkpoint(str(folder)).items():
+    try:
+        arrays = tf_checkpoint.read_checkpoint(str(folder))
+    except (FileNotFoundError, tf_checkpoint.CheckpointError) as e:
+        raise CheckpointError(f"{folder}: cannot read the TensorFlow checkpoint ({e})") from None
+    for name, arr in arrays.items():
         parts = name.split("/")
         if parts[0] != "model":
             continue
