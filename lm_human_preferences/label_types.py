@@ -62,6 +62,10 @@ class LabelType(abc.ABC):
         shapes = {"query": (query_length,), **{f: (response_length,) for f in self.response_fields}}
         return {f: (kind, shapes.get(f, ())) for f, kind in self.field_kinds.items()}
 
+    def target_stats(self, labels: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Mean and std the normalized reward should have before training (SPEC §5)."""
+        return self.target_mean, self.target_std
+
     def int_range(self, field: str) -> tuple[int, int]:
         """Valid half-open range of an "int" target field: an index into the responses."""
         return 0, self.num_responses
@@ -122,6 +126,11 @@ class ScalarRating(LabelType):
     @property
     def target_fields(self) -> dict[str, str]:
         return {"score": "float"}
+
+    def target_stats(self, labels):
+        """As the original: the scale of the labelers' own scores."""
+        scores = labels["score"].double()
+        return float(scores.mean()), float(scores.std(unbiased=False))
 
     def loss(self, reward_fn, labels):
         rewards = self._rewards(reward_fn, labels)[:, 0]  # (B,)

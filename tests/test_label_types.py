@@ -183,3 +183,12 @@ def test_get_label_type_unknown(name):
 def test_best_of_n_rejects_bad_n(n):
     with pytest.raises(ValueError):
         BestOfN(n)
+
+
+def test_target_stats_for_normalization():
+    import torch
+
+    from lm_human_preferences.label_types import get_label_type
+    assert get_label_type("best_of_4").target_stats({}) == (0.0, 1.0)
+    mean, std = get_label_type("scalar_rating").target_stats({"score": torch.tensor([1.0, 3.0])})
+    assert (mean, std) == (2.0, 1.0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,25 +199,21 @@ def load_gpt(source: str | os.PathLike) -> GPT:
 
 def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,
                meta: dict | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` into `out_dir`, atomically (replacing it)."""
+    """Write `model.safetensors` then `config.json` into `out_dir`, each atomically (temp + rename)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in gpt.state_dict().items()}
     for k, v in (heads or {}).items():
-        tensors[f"heads.{k}"] = v.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"heads.{k}"] = v.detach().to("cpu", torch.float32).contiguous().reshape(v.shape)
     config = {"format": FORMAT, **(meta or {}), "gpt": gpt.config.to_dict()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p)),
+                        (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=out_dir)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, out_dir / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return out_dir

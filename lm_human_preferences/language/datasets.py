@@ -1,0 +1,357 @@
+"""Query datasets: passage sources → OAI query trimming and padding → rank-sharded batches.
+
+    passages = get_passages("books", data_dir="datasets", seed=0)   # or "my_corpus.txt"
+    queries = QueryDataset(passages, encoding=enc, query_length=64, start_text=".",
+                           end_text=".", batch_size=8, rank=rank, world_size=world_size)
+    batch = next(queries)                     # (8, 64) LongTensor, right-padded with enc.padding_token
+    state = queries.state_dict()              # resume later with load_state_dict(state)
+
+A passage source is any iterator of strings. Local `.txt`/`.jsonl` files and the prepared
+datasets written by the prep scripts (`python datasets/books.py` → `datasets/books/train.jsonl`)
+are read by `PassageFile`: a seeded, reshuffled-every-epoch, infinite and resumable cycle. All
+ranks must read the same source with the same seed; `QueryDataset` then gives each rank its
+share of the one global query stream.
+
+The bottom of the file holds the code shared by the prep scripts (`prepare_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+BUILTIN_DATASETS = ("books", "cnndm", "tldr")
+PASSAGE_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+class PassageFile:
+    """Passages of a `.txt` (one per non-blank line) or `.jsonl` (`{"text": ...}` per line) file.
+
+    Iterates forever; epoch `e` visits every passage once in the order of
+    `np.random.default_rng(seed + e).permutation(n)`. Only line offsets are kept in memory, so
+    multi-GB files are fine. `state_dict()` = `{"epoch", "index"}` (index within the epoch).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, seed: int):
+        self.path = Path(path)
+        if self.path.suffix not in PASSAGE_FILE_SUFFIXES:
+            raise ValueError(f"{self.path}: passage files must end in {' or '.join(PASSAGE_FILE_SUFFIXES)}")
+        self.seed = seed
+        self.offsets = _nonblank_line_offsets(self.path)  # (N,) int64 byte offsets
+        if len(self.offsets) == 0:
+            raise ValueError(f"{self.path} holds no passages")
+        self.epoch = 0
+        self.index = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __iter__(self) -> PassageFile:
+        return self
+
+    def __next__(self) -> str:
+        if self.index == len(self.offsets):
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng(self.seed + self.epoch).permutation(len(self.offsets)))
+        offset = int(self.offsets[self._order[1][self.index]])
+        self.index += 1
+        return self._read(offset)
+
+    def _read(self, offset: int) -> str:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        self._file.seek(offset)
+        line = self._file.readline().decode("utf-8").rstrip("\r\n")
+        if self.path.suffix == ".txt":
+            return line
+        try:
+            text = json.loads(line).get("text")
+        except (json.JSONDecodeError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            lineno = self.path.read_bytes()[:offset].count(b"\n") + 1
+            raise ValueError(f"{self.path}:{lineno}: expected a JSON object with a string 'text' field")
+        return text
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not 0 <= state["index"] <= len(self.offsets):
+            raise ValueError(f"passage index {state['index']} out of range for {self.path} ({len(self)} passages)")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def _nonblank_line_offsets(path: Path) -> np.ndarray:
+    offsets, pos = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def _prepared_passages(name: str, *, data_dir: str | os.PathLike, split: str, seed: int) -> PassageFile:
+    path = Path(data_dir) / name / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"query dataset {name!r} is not prepared: {path} does not exist. Run "
+            f"`python datasets/{name}.py --split {split} --out-dir {data_dir}` to download and prepare it, "
+            "or pass a local .txt/.jsonl file as the query dataset.")
+    return PassageFile(path, seed=seed)
+
+
+# name -> fn(*, data_dir, split, seed) -> Iterator[str]
+_REGISTRY: dict[str, Callable[..., Iterator[str]]] = {
+    name: functools.partial(_prepared_passages, name) for name in BUILTIN_DATASETS}
+
+
+def register_dataset(name: str, fn: Callable[..., Iterator[str]]) -> None:
+    """Make `get_passages(name, ...)` return `fn(data_dir=..., split=..., seed=...)`.
+
+    `fn` returns an iterator of passages (strings), infinite for training. If it has
+    `state_dict`/`load_state_dict`, `QueryDataset` resumes through them; otherwise it resumes
+    by skipping the passages already consumed.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"query dataset {name!r} is already registered")
+    _REGISTRY[name] = fn
+
+
+def registered_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_passages(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike, split: str = "train",
+                 seed: int) -> Iterator[str]:
+    """Passages of a local `.txt`/`.jsonl` file, or of a registered dataset (prepared under `data_dir`)."""
+    name = str(name_or_path)
+    if name.endswith(PASSAGE_FILE_SUFFIXES):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"query dataset file {name} does not exist")
+        return PassageFile(name, seed=seed)
+    if name in _REGISTRY:
+        return _REGISTRY[name](data_dir=data_dir, split=split, seed=seed)
+    if Path(name).is_file():
+        raise ValueError(f"query dataset file {name} must end in {' or '.join(PASSAGE_FILE_SUFFIXES)}")
+    raise ValueError(f"unknown query dataset {name!r}: expected a local .txt/.jsonl file or one of "
+                     f"{registered_datasets()}")
+
+
+def _find(tokens: list[int], seq: list[int]) -> int:
+    """Index of the first occurrence of `seq` in `tokens`, or -1."""
+    for i in range(len(tokens) - len(seq) + 1):
+        if tokens[i:i + len(seq)] == seq:
+            return i
+    return -1
+
+
+def _rfind(tokens: list[int], seq: list[int]) -> int:
+    """Index of the last occurrence of `seq` in `tokens`, or -1."""
+    for i in range(len(tokens) - len(seq), -1, -1):
+        if tokens[i:i + len(seq)] == seq:
+            return i
+    return -1
+
+
+def preprocess_query(tokens: Sequence[int], *, query_length: int, start_token: Sequence[int] | None = None,
+                     end_token: Sequence[int] | None = None, pad_token: int) -> list[int] | None:
+    """OAI's query preprocessing (SPEC §4); None means "skip this passage".
+
+    1. `start_token` (a token sequence; None/empty = off): keep the tokens after its first
+       occurrence; skip if absent. As in OAI, if the sequence ends the passage (nothing after it)
+       the passage is kept whole rather than emptied.
+    2. Truncate to `query_length`.
+    3. `end_token` (None/empty = off): cut after its last occurrence in the truncated tokens,
+       keeping the end token itself; skip if absent.
+    4. Skip if nothing is left; else right-pad with `pad_token` to `query_length`.
+    """
+    tokens = list(tokens)
+    if start_token:
+        start = _find(tokens, list(start_token))
+        if start < 0:
+            return None
+        after = start + len(start_token)
+        if after < len(tokens):
+            tokens = tokens[after:]
+    tokens = tokens[:query_length]
+    if end_token:
+        end = _rfind(tokens, list(end_token))
+        if end < 0:
+            return None
+        tokens = tokens[:end + len(end_token)]
+    if not tokens:
+        return None
+    return tokens + [pad_token] * (query_length - len(tokens))
+
+
+class QueryDataset:
+    """Iterator of this rank's query batches, (batch_size, query_length) LongTensors.
+
+    The global stream of valid queries (passages that survive `preprocess_query`, in passage
+    order) is cut into global batches of `world_size * batch_size`; query `i` of a global batch
+    goes to rank `i % world_size` (OAI's shard). So rank `r`'s batch equals rows `r::world_size`
+    of the batch a 1-process run with `batch_size * world_size` gets. Every rank reads (and
+    tokenizes) the whole stream; all ranks must use the same passage source and seed.
+
+    `skipped` counts passages dropped by preprocessing, `passages_consumed` all passages read.
+    `state_dict()` is taken between batches; `load_state_dict()` on a fresh `QueryDataset` built
+    the same way makes it yield the same following batches.
+    """
+
+    def __init__(self, passages: Iterator[str], *, encoding, query_length: int, start_text: str | None,
+                 end_text: str | None, batch_size: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.passages = iter(passages)
+        self.encoding = encoding
+        self.query_length = query_length
+        self.start_token = encoding.encode(start_text) if start_text else None
+        self.end_token = encoding.encode(end_text) if end_text else None
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.passages_consumed = 0
+        self.skipped = 0
+
+    def __iter__(self) -> QueryDataset:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        queries = []
+        while len(queries) < self.batch_size * self.world_size:
+            text = next(self.passages)
+            self.passages_consumed += 1
+            query = preprocess_query(self.encoding.encode(text), query_length=self.query_length,
+                                     start_token=self.start_token, end_token=self.end_token,
+                                     pad_token=self.encoding.padding_token)
+            if query is None:
+                self.skipped += 1
+            else:
+                queries.append(query)
+        return torch.tensor(queries[self.rank::self.world_size], dtype=torch.long)  # (B, Lq)
+
+    def state_dict(self) -> dict:
+        state = {"passages_consumed": self.passages_consumed, "skipped": self.skipped}
+        if hasattr(self.passages, "state_dict"):
+            state["passages"] = self.passages.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "passages" in state and hasattr(self.passages, "load_state_dict"):
+            self.passages.load_state_dict(state["passages"])
+        else:
+            if self.passages_consumed:
+                raise RuntimeError("load_state_dict on a QueryDataset over a plain iterator needs a fresh one")
+            for _ in range(state["passages_consumed"]):
+                next(self.passages)
+        self.passages_consumed = state["passages_consumed"]
+        self.skipped = state["skipped"]
+
+
+# ---- shared by the prep scripts datasets/{books,cnndm,tldr}.py ----
+
+def write_passages_jsonl(path: str | os.PathLike, passages: Iterable[str], *, total: int | None = None) -> int:
+    """Write `{"text": passage}` lines atomically (temp file in the same folder, then rename).
+
+    Returns the number of passages written.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in tqdm(passages, total=total, desc=path.name, unit=" passages"):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def clean_passage(text: str) -> str:
+    """OAI's common cleanup of downloaded text: `ftfy.fix_text` (when ftfy is installed), runs of
+    3+ newlines collapsed to one blank line, surrounding whitespace stripped."""
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def load_rows(*, source: str | None, hub_id: str | None, hub_config: str | None = None,
+              revision: str | None = None, split: str) -> Iterable[dict]:
+    """Stream rows from a local/URL json, jsonl, parquet or txt file (`source`), else from the HF hub."""
+    from datasets import load_dataset
+
+    if source:
+        if "://" not in source and not Path(source).is_file():
+            raise FileNotFoundError(f"source file {source} does not exist")
+        suffix = Path(source.split("?")[0]).suffix
+        builder = {".parquet": "parquet", ".txt": "text"}.get(suffix, "json")
+        return load_dataset(builder, data_files=source, split="train", streaming=True)
+    try:
+        return load_dataset(hub_id, hub_config, split=split, revision=revision, streaming=True)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not load {hub_id!r} (config {hub_config!r}, split {split!r}) from the Hugging Face hub: {e}\n"
+            "Try `--revision refs/convert/parquet` (the hub's parquet export), or download the data yourself "
+            "and pass it with `--source FILE`.") from e
+
+
+def prepare_main(name: str, *, default_out_dir: str | os.PathLike, hub_id: str | None, hub_config: str | None = None,
+                 default_source: str | None = None, text_field: str,
+                 to_passages: Callable[[Iterable[str]], Iterable[str]], description: str,
+                 argv: Sequence[str] | None = None) -> Path:
+    """CLI of a prep script: read rows, take `text_field`, clean with `to_passages`, write
+    `<out-dir>/<name>/<split>.jsonl`. `default_source` (may contain `{split}`) is read when
+    neither `--source` nor a hub id is given."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out-dir", default=str(default_out_dir),
+                        help="folder that receives <name>/<split>.jsonl (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="split to read and to name the output file")
+    parser.add_argument("--max-examples", type=int, default=None, help="stop after this many passages")
+    parser.add_argument("--source", default=None,
+                        help="local (or URL) json/jsonl/parquet/txt file to read instead of the default source")
+    parser.add_argument("--hub-id", default=hub_id, help="Hugging Face dataset id (default: %(default)s)")
+    parser.add_argument("--hub-config", default=hub_config, help="dataset config (default: %(default)s)")
+    parser.add_argument("--revision", default=None, help="hub revision, e.g. refs/convert/parquet")
+    parser.add_argument("--text-field", default=text_field, help="field holding the text (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    if args.source is None and default_source and args.hub_id is None:
+        args.source = default_source.format(split=args.split)
+    source = args.source
+    rows = load_rows(source=source, hub_id=args.hub_id, hub_config=args.hub_config,
+                     revision=args.revision, split=args.split)
+
+    def texts() -> Iterator[str]:
+        for i, row in enumerate(rows):
+            if args.text_field not in row:
+                raise KeyError(f"row {i} of {source or args.hub_id} has no field {args.text_field!r} "
+                               f"(fields: {sorted(row)}); pass --text-field")
+            yield row[args.text_field] or ""
+
+    passages = (p for p in to_passages(texts()) if p.strip())
+    out = Path(args.out_dir) / name / f"{args.split}.jsonl"
+    count = write_passages_jsonl(out, itertools.islice(passages, args.max_examples), total=args.max_examples)
+    print(f"wrote {count} passages to {out}")
+    return out

@@ -1,0 +1,168 @@
+"""Task-level token plumbing (SPEC §4): policy query formatting and response postprocessing.
+
+    contexts = format_policy_queries(queries, prefix_tokens=enc.encode("Article:\\n\\n"),
+                                     suffix_tokens=enc.encode("\\n\\nTL;DR:"))
+    shown = truncate_responses(responses, truncate_token=13, truncate_after=16, pad_token=enc.padding_token)
+    scores = apply_penalty(scores, responses, truncate_token=13, truncate_after=16, penalty_reward_value=-1)
+
+The policy sees prefix ‖ padded query ‖ suffix; the reward model sees the raw padded query ‖
+the truncated response. PPO trains on the raw (untruncated) responses.
+
+As in OAI (`lm_tasks.py`: `postprocess_fn_from_hparams`, `filter_fn_from_hparams`; applied by
+`train_policy.py`'s score function as `where(filter(responses), scores, penalty_reward_value)`),
+truncation and the penalty only happen when `truncate_token` is set: with `truncate_token=None`
+responses are left as they are and every response is valid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
+from lm_human_preferences.language.datasets import QueryDataset, get_passages
+from lm_human_preferences.language.encodings import Encoding, get_encoding
+from lm_human_preferences.language.gpt import GPT, HF_NAMES
+
+
+@dataclass
+class PolicyHParams(HParams):
+    temperature: float = 1.0
+    initial_model: str = ""  # a model directory, or a name under saved_models/ (e.g. gpt2)
+
+    def _validate(self):
+        if self.temperature <= 0:
+            raise HParamsError("must be > 0", key="temperature")
+
+
+@dataclass
+class TaskHParams(HParams):
+    """What the policy is asked and how its answers are cut (SPEC §4)."""
+
+    query_length: int = 64
+    query_dataset: str = "books"  # a registered dataset name, or a local .txt/.jsonl file
+    query_prefix: str = ""
+    query_suffix: str = ""
+    start_text: Optional[str] = "."  # empty: keep the whole passage start
+    end_text: Optional[str] = None
+    response_length: int = 24
+    truncate_token: Optional[int] = None
+    truncate_after: int = 0
+    penalty_reward_value: float = -1.0
+    policy: PolicyHParams = field(default_factory=PolicyHParams)
+
+    def _validate(self):
+        for key in ("query_length", "response_length"):
+            if getattr(self, key) < 1:
+                raise HParamsError("must be >= 1", key=key)
+        if not 0 <= self.truncate_after <= self.response_length:
+            raise HParamsError(f"must be within [0, response_length={self.response_length}]", key="truncate_after")
+
+
+@dataclass
+class PretrainedModel:
+    gpt: GPT
+    encoding: Encoding
+    path: Path
+
+
+def resolve_model_dir(name_or_path: str, *, models_dir: str | os.PathLike = "saved_models") -> Path:
+    """A model directory: the path itself, or `saved_models/<name>` for a name like gpt2."""
+    if not name_or_path:
+        raise HParamsError("no initial model given; pass --task.policy.initial_model=DIR",
+                           key="task.policy.initial_model")
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = Path(models_dir) / name_or_path
+    if candidate.exists():
+        return candidate
+    hint = (f"convert it first: python saved_models/prepare_pytorch_checkpoint.py --download {name_or_path} "
+            f"--out {candidate}" if name_or_path in HF_NAMES else "pass a model directory")
+    raise CheckpointError(f"model {name_or_path!r} not found (looked at {path} and {candidate}); {hint}")
+
+
+def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved_models") -> PretrainedModel:
+    """The GPT trunk of any model `load_weights` reads, with the encoding it was trained with."""
+    path = resolve_model_dir(name_or_path, models_dir=models_dir)
+    weights = load_weights(path)
+    gpt = GPT(weights.config)
+    trunk = {k: v.float() for k, v in weights.trunk.items()}
+    check_state_dict(gpt, trunk, path)
+    gpt.load_state_dict(trunk)
+    encoding = get_encoding(weights.meta.get("encoding", "gpt2"))
+    if encoding.n_vocab != weights.config.n_vocab:
+        raise CheckpointError(f"{path}: model vocab {weights.config.n_vocab} does not match the "
+                              f"{encoding.name!r} encoding ({encoding.n_vocab})")
+    return PretrainedModel(gpt=gpt, encoding=encoding, path=path)
+
+
+def query_dataset(task: TaskHParams, *, encoding: Encoding, data_dir: str, batch_size: int, rank: int,
+                  world_size: int, seed: int) -> QueryDataset:
+    """This rank's stream of (batch_size, query_length) query batches for the task."""
+    passages = get_passages(task.query_dataset, data_dir=data_dir, seed=seed)
+    return QueryDataset(passages, encoding=encoding, query_length=task.query_length,
+                        start_text=task.start_text or None, end_text=task.end_text or None,
+                        batch_size=batch_size, rank=rank, world_size=world_size)
+
+
+def policy_contexts(queries: torch.Tensor, *, task: TaskHParams, encoding: Encoding) -> torch.Tensor:
+    """What the policy sees: prefix ‖ padded query ‖ suffix (B, Tc)."""
+    return format_policy_queries(queries, prefix_tokens=encoding.encode(task.query_prefix),
+                                 suffix_tokens=encoding.encode(task.query_suffix))
+
+
+@torch.no_grad()
+def sample_responses(policy, queries: torch.Tensor, *, task: TaskHParams, encoding: Encoding,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw responses (B, response_length) of `policy` (a `Policy`) to `queries` (B, Lq)."""
+    contexts = policy_contexts(queries, task=task, encoding=encoding)
+    return policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
+                          pad_token=encoding.padding_token, generator=generator)
+
+
+def format_policy_queries(queries: torch.Tensor, *, prefix_tokens: list[int], suffix_tokens: list[int]) -> torch.Tensor:
+    """(B, Lq) → (B, len(prefix) + Lq + len(suffix)): prefix ‖ queries ‖ suffix."""
+    B = queries.shape[0]
+    prefix = queries.new_tensor(prefix_tokens).reshape(1, -1).expand(B, -1)  # (B, Lp)
+    suffix = queries.new_tensor(suffix_tokens).reshape(1, -1).expand(B, -1)  # (B, Ls)
+    return torch.cat([prefix, queries, suffix], dim=1)
+
+
+def truncation_mask(responses: torch.Tensor, *, truncate_token: int, truncate_after: int) -> torch.Tensor:
+    """(B, Lr) bool, True strictly after the first `truncate_token` at index ≥ `truncate_after`."""
+    hits = (responses == truncate_token).long()  # (B, Lr)
+    hits[:, :truncate_after] = 0
+    return (hits.cumsum(dim=1) - hits) > 0  # exclusive cumsum: a hit strictly before
+
+
+def truncate_responses(responses: torch.Tensor, *, truncate_token: int | None, truncate_after: int,
+                       pad_token: int) -> torch.Tensor:
+    """(B, Lr): every token after the first `truncate_token` at index ≥ `truncate_after` becomes
+    `pad_token` (the truncate token stays). `truncate_token=None` returns `responses` unchanged."""
+    if truncate_token is None:
+        return responses
+    mask = truncation_mask(responses, truncate_token=truncate_token, truncate_after=truncate_after)
+    return responses.masked_fill(mask, pad_token)
+
+
+def response_has_truncation(responses: torch.Tensor, *, truncate_token: int | None,
+                            truncate_after: int) -> torch.Tensor:
+    """(B,) bool: the response holds `truncate_token` at some index ≥ `truncate_after`
+    (all True when `truncate_token` is None)."""
+    if truncate_token is None:
+        return torch.ones(responses.shape[0], dtype=torch.bool, device=responses.device)
+    return (responses[:, truncate_after:] == truncate_token).any(dim=1)
+
+
+def apply_penalty(scores: torch.Tensor, responses: torch.Tensor, *, truncate_token: int | None,
+                  truncate_after: int, penalty_reward_value: float) -> torch.Tensor:
+    """(B,) scores, replaced by `penalty_reward_value` where the response has no truncate token at
+    index ≥ `truncate_after`. Pass the raw (untruncated) responses. No-op when `truncate_token` is None."""
+    valid = response_has_truncation(responses, truncate_token=truncate_token, truncate_after=truncate_after)
+    return torch.where(valid, scores, torch.full_like(scores, penalty_reward_value))
