@@ -1,0 +1,290 @@
+"""Process-group setup and small collectives; the ONLY module that touches torch.distributed.
+
+Launch with ``torchrun --nproc_per_node=N ...``: torchrun sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init` reads them and creates the
+process group (NCCL on CUDA, gloo on CPU).  A plain ``python ...`` run has no such variables and
+is a world of one: no process group is created and every helper below degrades to the local
+value, so trainers call the same functions either way::
+
+    info = distributed.init("auto")          # DistInfo(rank, world_size, local_rank, device)
+    try:
+        torch.manual_seed(distributed.seed_for_rank(seed, info.rank))
+        ...
+        stats = distributed.all_reduce_stats(stats, device=info.device)   # same on every rank
+        if distributed.any_rank(not math.isfinite(loss)):                  # all ranks stop together
+            ...
+    finally:
+        distributed.cleanup()
+
+All helpers return NEW, detached tensors (they are for statistics and control flow, not for
+autograd) on the device of their input.  Collectives must be called by every rank in the same
+order with the same shapes (and, for :func:`all_reduce_stats`, the same keys).  Nothing happens
+at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "init",
+    "cleanup",
+    "get_rank",
+    "get_world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "all_reduce_stats",
+    "all_gather_cat",
+    "broadcast_object",
+    "any_rank",
+    "seed_for_rank",
+]
+
+_SEED_STRIDE = 100003  # a prime, so per-rank seed streams of nearby base seeds don't collide
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job. ``device`` is the device this rank should use."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Setup / teardown
+# --------------------------------------------------------------------------------------------
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+    spec = str(device)
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={spec!r} was requested but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda or 'no'}); "
+                "use device='cpu' or device='auto'"
+            )
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"this rank needs cuda:{index} (local rank {local_rank}) but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible; launch at most that many "
+                "processes per node"
+            )
+        return torch.device("cuda", index)
+    return dev
+
+
+def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> DistInfo:
+    """Set up this process for (possibly) distributed training and return where it sits.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by torchrun; a plain run is rank 0 of
+    1).  When ``WORLD_SIZE > 1`` and no process group exists yet, creates one (``env://``
+    rendezvous via ``MASTER_ADDR``/``MASTER_PORT``) with backend NCCL for CUDA devices and gloo
+    otherwise; ``timeout_s`` bounds how long a collective may wait for a missing rank.  If a
+    process group already exists it is reused as is.
+
+    ``device``: ``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``"cpu"``;
+    ``"cuda"`` (-> ``cuda:LOCAL_RANK``) or ``"cuda:N"``.  Asking for CUDA on a machine without
+    it raises a RuntimeError saying so.  For CUDA the device is made current
+    (``torch.cuda.set_device``).
+    """
+    if _initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = _env_int("LOCAL_RANK", rank)
+    else:
+        world_size = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        local_rank = _env_int("LOCAL_RANK", rank)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid RANK={rank} / WORLD_SIZE={world_size} in the environment")
+    if local_rank < 0:
+        raise ValueError(f"invalid LOCAL_RANK={local_rank} in the environment")
+
+    dev = _resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+
+    if world_size > 1 and not _initialized():
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists (safe to call always, and more than once)."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Queries
+# --------------------------------------------------------------------------------------------
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the process group; 0 when there is none."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks in the process group; 1 when there is none."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (the rank that prints and writes files)."""
+    return get_rank() == 0
+
+
+def seed_for_rank(seed: int, rank: int) -> int:
+    """Per-rank seed: ``seed + 100003 * rank`` (rank 0 keeps ``seed``)."""
+    return seed + _SEED_STRIDE * rank
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives (all are no-ops / local values without a process group)
+# --------------------------------------------------------------------------------------------
+
+
+def _comm_device() -> torch.device:
+    """The device collectives must run on for the current backend (NCCL: the current GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if not _initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _reduced(t: torch.Tensor, op: str) -> torch.Tensor:
+    """A detached copy of ``t`` reduced with ``dist.ReduceOp.<op>`` across ranks, on ``t``'s device."""
+    if not _initialized():
+        return t.detach().clone()
+    buf = t.detach().to(_comm_device(), copy=True).contiguous()
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
+    return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum of ``t`` over ranks (a new tensor; ``t`` is untouched)."""
+    return _reduced(t, "SUM")
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise mean of ``t`` over ranks (a new tensor; integer inputs give floats)."""
+    return all_reduce_sum(t) / get_world_size()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over ranks (a new tensor)."""
+    return _reduced(t, "MAX")
+
+
+def all_reduce_stats(
+    stats: Mapping[str, float | torch.Tensor], *, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Mean over ranks of a dict of scalar statistics, in ONE collective.
+
+    Values may be Python numbers or one-element tensors (on any device).  They are stacked in
+    sorted-key order into one float64 tensor on ``device`` (default: the backend's device, i.e.
+    CPU for gloo and the current GPU for NCCL), averaged, and returned as plain floats with the
+    input's key order.  Every rank must pass the same keys.  One host sync in total.
+    """
+    keys = sorted(stats)
+    if not keys:
+        return {}
+    if device is None:
+        device = _comm_device() if _initialized() else torch.device("cpu")
+    values = []
+    for k in keys:
+        v = stats[k]
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"all_reduce_stats: {k!r} has {v.numel()} elements, expected a scalar")
+            values.append(v.detach().reshape(()).to(device=device, dtype=torch.float64))
+        else:
+            values.append(torch.tensor(float(v), dtype=torch.float64, device=device))
+    stacked = torch.stack(values)  # (K,)
+    if _initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= get_world_size()
+    reduced = dict(zip(keys, stacked.tolist()))
+    return {k: reduced[k] for k in stats}
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0, in rank order (all shapes must match)."""
+    if not _initialized():
+        return t.detach().clone()
+    buf = t.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(get_world_size())]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts, dim=0).to(t.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (any picklable object) on every rank; other ranks' ``obj`` is ignored."""
+    if not _initialized():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on at least one rank (so all ranks stop together)."""
+    if not _initialized():
+        return bool(flag)
+    buf = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return bool(buf.item())

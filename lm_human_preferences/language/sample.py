@@ -1,0 +1,74 @@
+"""Small pure sampling functions: temperature sampling with a KV cache.
+
+The model is used through one call, `model(tokens, pad_token=..., cache=..., logits=...)`
+(see `language/gpt.py`), so any module with that signature can be sampled from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_from_logits(logits: torch.Tensor, *, temperature: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): categorical over logits / temperature, no top-k,
+    no top-p; temperature 0 is greedy. Returns (B,) long."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p (one kernel, seedable).
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+@torch.no_grad()
+def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: float, pad_token: int | None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample exactly `length` tokens after `context` (B, Tc), which may contain pads; no stop
+    token. Returns the new tokens (B, length)."""
+    B, Tc = context.shape
+    cache = model.new_cache(B, Tc + length)
+    out = model(context, pad_token=pad_token, cache=cache, logits=False)
+    tokens = []
+    for i in range(length):
+        logits = model.lm_logits(out.hidden[:, -1])  # (B, V) fp32
+        token = sample_from_logits(logits, temperature=temperature, generator=generator)  # (B,)
+        tokens.append(token)
+        if i + 1 < length:
+            out = model(token[:, None], pad_token=pad_token, cache=cache, logits=False)
+    return torch.stack(tokens, 1)  # (B, length)
+
+
+def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: float, seed: int,
+                   num_samples: int = 1, device: str = "auto") -> list[dict]:
+    """Continuations of text prompts from a model directory (converted GPT-2, SFT or policy).
+
+    Prompts of different lengths are left-padded with the pad token, which the model masks out
+    (positions start at each prompt's first real token), so each continuation is exactly what
+    the prompt alone would give.
+    """
+    from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
+    from lm_human_preferences.language.encodings import get_encoding
+    from lm_human_preferences.language.gpt import GPT
+
+    weights = load_weights(model)
+    if weights.meta.get("kind") == "reward":
+        raise CheckpointError(f"{model}: is a reward model; sample from a policy or a language model")
+    gpt = GPT(weights.config)
+    trunk = {k: v.float() for k, v in weights.trunk.items()}
+    check_state_dict(gpt, trunk, model)
+    gpt.load_state_dict(trunk)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    gpt = gpt.to(dev).eval()
+    enc = get_encoding(weights.meta.get("encoding", "gpt2"))
+    encoded = [enc.encode(p) for p in prompts for _ in range(num_samples)]
+    if any(not e for e in encoded):
+        raise ValueError("empty prompt: give at least one token of text")
+    width = max(len(e) for e in encoded)
+    context = torch.tensor([[enc.padding_token] * (width - len(e)) + e for e in encoded], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = sample_sequence(gpt, context, length=length, temperature=temperature,
+                          pad_token=enc.padding_token, generator=gen)
+    return [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "continuation": enc.decode(row)}
+            for i, row in enumerate(out.tolist())]

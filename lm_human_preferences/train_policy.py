@@ -1,0 +1,358 @@
+"""PPO against a reward model with a KL penalty (the original's `train_policy.py`), SPEC §4, §6.
+
+    python launch.py train_policy sentiment my_policy --rewards.trained_model=runs/my_rm
+
+One update (`PPOTrainer.step`) reads like the paper:
+  1. queries from the task's dataset (this rank's share of `ppo.batch_size`);
+  2. sample responses from the policy with the KV cache, at the task temperature;
+  3. analyze: logprobs and values of the policy, logprobs of the frozen reference policy
+     (full forward passes, the same computation as in training, so the first ratio is 1);
+  4. score: truncate the responses, score them (the reward model, or any `ScoreFn`), and
+     give responses without a truncation token the penalty;
+  5. rewards: -kl_coef * (logp - ref_logp) per token, plus the score on the last token;
+  6. train: `noptepochs` epochs of shuffled minibatches (each split into micro-batches for
+     gradient accumulation); per minibatch whiten rewards, GAE, whiten advantages;
+  7. the KL controller updates β from the all-reduced `objective/kl`, on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lm_human_preferences import distributed, lm_tasks, ppo
+from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
+from lm_human_preferences.language.gpt import GPT
+from lm_human_preferences.logs import print0, progress, summary_line
+from lm_human_preferences.optim import TFAdam
+from lm_human_preferences.policy import Analysis, Policy
+from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.train_reward import RewardTrainingHParams
+
+# A score function: raw queries (B, Lq) and truncated responses (B, Lr) -> scores (B,) fp32.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AdaptiveKLParams(HParams):
+    target: float = 6.0
+    horizon: int = 10000  # in episodes
+
+    def _validate(self):
+        if self.horizon <= 0:
+            raise HParamsError("must be > 0", key="horizon")
+
+
+@dataclass
+class RewardsHParams(HParams):
+    kl_coef: float = 0.2
+    adaptive_kl: Optional[AdaptiveKLParams] = None
+    trained_model: Optional[str] = None  # a reward model directory (train_reward output)
+    train_new_model: Optional[RewardTrainingHParams] = None  # train one first, into <run>/reward_model
+
+
+@dataclass
+class PPOHParams(HParams):
+    total_episodes: int = 2_000_000
+    batch_size: int = 64  # episodes per update, across all ranks
+    nminibatches: int = 1
+    noptepochs: int = 4
+    micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
+    lr: float = 5e-6
+    vf_coef: float = 0.1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = True
+    # Whitening statistics over the minibatch of every rank together (the original: each rank alone).
+    whiten_across_ranks: bool = False
+
+    def _validate(self):
+        for key in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
+            if getattr(self, key) < 1:
+                raise HParamsError("must be >= 1", key=key)
+        if self.total_episodes < self.batch_size:
+            raise HParamsError(f"fewer episodes than one batch ({self.batch_size})", key="total_episodes")
+
+
+@dataclass
+class TrainPolicyHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    rewards: RewardsHParams = field(default_factory=RewardsHParams)
+    ppo: PPOHParams = field(default_factory=PPOHParams)
+    num_logged_samples: int = 4  # decoded query/response/score rows per log interval
+
+
+def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
+    weights = load_weights(path)
+    if weights.meta.get("kind") != "reward":
+        raise CheckpointError(f"{path}: not a reward model (kind={weights.meta.get('kind')!r}); "
+                              "train one with `launch.py train_reward`")
+    if weights.meta.get("encoding", "gpt2") != encoding.name:
+        raise CheckpointError(f"{path}: reward model uses the {weights.meta.get('encoding')!r} encoding, "
+                              f"the policy {encoding.name!r}")
+    model = RewardModel(GPT(weights.config))
+    trunk = {k: v.float() for k, v in weights.trunk.items()}
+    check_state_dict(model.gpt, trunk, path)
+    model.gpt.load_state_dict(trunk)
+    model.load_head_state(weights.heads, path)
+    return model
+
+
+def reward_model_score_fn(reward_model: RewardModel, *, pad_token: int, autocast) -> ScoreFn:
+    @torch.no_grad()
+    def score(queries, responses):
+        with autocast():
+            return reward_model(queries, responses, pad_token=pad_token).float()
+    return score
+
+
+def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`ppo.whiten` with mean and (biased) variance over every rank's elements."""
+    s = distributed.all_reduce_sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), device=x.device)]))
+    mean = s[0] / s[2]
+    var = s[1] / s[2] - mean.square()
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+class PPOTrainer:
+    def __init__(self, *, run: Run, hp: TrainPolicyHParams, policy: Policy, ref_policy: Policy,
+                 score_fn: ScoreFn, encoding, queries):
+        self.run, self.hp, self.encoding = run, hp, encoding
+        self.policy = policy.to(run.device)
+        self.ref_policy = ref_policy.to(run.device).eval().requires_grad_(False)
+        self.score_fn = score_fn
+        self.queries = queries
+        self.ddp_policy = run.ddp(self.policy)
+        self.optimizer = TFAdam(self.policy.parameters(), lr=hp.ppo.lr)
+        a = hp.rewards.adaptive_kl
+        self.kl_ctl = (ppo.AdaptiveKLController(hp.rewards.kl_coef, target=a.target, horizon=a.horizon) if a
+                       else ppo.FixedKLController(hp.rewards.kl_coef))
+        self.per_rank = run.per_rank(hp.ppo.batch_size, "ppo.batch_size")
+        if self.per_rank % hp.ppo.nminibatches:
+            raise HParamsError(f"per-rank batch {self.per_rank} is not divisible by {hp.ppo.nminibatches} minibatches",
+                               key="ppo.nminibatches")
+        self.minibatch = self.per_rank // hp.ppo.nminibatches
+        self.micro = min(hp.ppo.micro_batch_size or self.minibatch, self.minibatch)
+        if self.minibatch % self.micro:
+            raise HParamsError(f"per-rank minibatch {self.minibatch} is not a multiple of {self.micro}",
+                               key="ppo.micro_batch_size")
+        self.n_updates = hp.ppo.total_episodes // hp.ppo.batch_size
+        self.update = 0
+        self.pad = encoding.padding_token
+
+    # ---- rollout ------------------------------------------------------------------------
+    @torch.no_grad()
+    def analyze(self, policy: Policy, contexts, responses) -> Analysis:
+        """Logprobs/values/entropies in micro-batches of the training size (same kernels as training)."""
+        parts = []
+        for i in range(0, contexts.shape[0], self.micro):
+            with self.run.autocast():
+                parts.append(policy(contexts[i:i + self.micro], responses[i:i + self.micro],
+                                    temperature=self.hp.task.policy.temperature, pad_token=self.pad))
+        return Analysis(*(torch.cat([getattr(p, k) for p in parts]) for k in ("logprobs", "values", "entropies")))
+
+    @torch.no_grad()
+    def rollout(self) -> dict[str, torch.Tensor]:
+        task, dev = self.hp.task, self.run.device
+        queries = next(self.queries).to(dev)  # (B, Lq)
+        contexts = lm_tasks.policy_contexts(queries, task=task, encoding=self.encoding)  # (B, Tc)
+        with self.run.autocast():
+            responses = self.policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
+                                            pad_token=self.pad, generator=self.run.generator("sample", self.update))
+        cur = self.analyze(self.policy, contexts, responses)
+        ref = self.analyze(self.ref_policy, contexts, responses)
+        shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
+                                            truncate_after=task.truncate_after, pad_token=self.pad)
+        scores = self.score_fn(queries, shown).float()  # (B,)
+        scores = lm_tasks.apply_penalty(scores, responses, truncate_token=task.truncate_token,
+                                        truncate_after=task.truncate_after,
+                                        penalty_reward_value=task.penalty_reward_value)
+        return dict(queries=queries, contexts=contexts, responses=responses, shown=shown, logprobs=cur.logprobs,
+                    values=cur.values, entropies=cur.entropies, ref_logprobs=ref.logprobs, scores=scores)
+
+    # ---- training -----------------------------------------------------------------------
+    def advantages(self, rewards: torch.Tensor, values: torch.Tensor):
+        p = self.hp.ppo
+        if not p.whiten_across_ranks:
+            return ppo.advantages_and_returns(rewards, values, gamma=p.gamma, lam=p.lam, whiten_rewards=p.whiten_rewards)
+        if p.whiten_rewards:
+            rewards = whiten_across_ranks(rewards, shift_mean=False)
+        adv, ret = ppo.gae(rewards, values, gamma=p.gamma, lam=p.lam)
+        return whiten_across_ranks(adv).detach(), ret.detach()
+
+    def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+        p = self.hp.ppo
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        advantages, returns = self.advantages(mb["rewards"], mb["values"])
+        self.optimizer.zero_grad(set_to_none=True)
+        n_micro = self.minibatch // self.micro
+        stats: dict[str, float] = {}
+        for m in range(n_micro):
+            sl = slice(m * self.micro, (m + 1) * self.micro)
+            sync = m == n_micro - 1
+            ctx = self.ddp_policy.no_sync() if (not sync and self.run.world_size > 1) else _null()
+            with ctx:
+                with self.run.autocast():
+                    out = self.ddp_policy(mb["contexts"][sl], mb["responses"][sl],
+                                          temperature=self.hp.task.policy.temperature, pad_token=self.pad)
+                losses = ppo.ppo_losses(logprobs=out.logprobs, values=out.values, old_logprobs=mb["logprobs"][sl],
+                                        old_values=mb["values"][sl], advantages=advantages[sl], returns=returns[sl],
+                                        cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                                        entropy=out.entropies)
+                (losses["ppo/loss/total"] / n_micro).backward()
+            for k, v in losses.items():
+                stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
+        bad = [k for k in ("ppo/loss/total",) if stats[k] != stats[k] or abs(stats[k]) == float("inf")]
+        if distributed.any_rank(bool(bad)):
+            raise FloatingPointError(f"update {self.update}: non-finite {bad or 'loss on another rank'}; "
+                                     "the last good checkpoint is kept")
+        self.optimizer.step()
+        return stats
+
+    def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One PPO update; returns all-reduced stats and the rollout."""
+        t0 = time.time()
+        hp, p = self.hp, self.hp.ppo
+        data = self.rollout()
+        kl_coef = self.kl_ctl.value
+        rewards, non_score, kl = ppo.kl_penalty_rewards(data["logprobs"], data["ref_logprobs"], data["scores"],
+                                                        kl_coef=kl_coef)
+        data["rewards"] = rewards
+        t_rollout = time.time() - t0
+        lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
+        train_stats: dict[str, float] = {}
+        n_mb = 0
+        for epoch in range(p.noptepochs):
+            perm = torch.randperm(self.per_rank, generator=self.run.generator("shuffle", self.update * 1000 + epoch))
+            for start in range(0, self.per_rank, self.minibatch):
+                idx = perm[start:start + self.minibatch].to(self.run.device)
+                mb = {k: data[k][idx] for k in ("contexts", "responses", "logprobs", "values", "rewards")}
+                for k, v in self.train_minibatch(mb, lr).items():
+                    train_stats[k] = train_stats.get(k, 0.0) + v
+                n_mb += 1
+        stats = {k: v / n_mb for k, v in train_stats.items()}
+        scores = data["scores"]
+        stats.update({
+            "objective/kl": float(kl.sum(1).mean()),
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": float((-data["logprobs"]).sum(1).mean()),
+            "objective/score": float(scores.mean()),
+            "objective/score_total": float((non_score.sum(1) + scores).mean()),
+            "objective/non_score_reward": float(non_score.sum(1).mean()),
+            "objective/scores_std": float(scores.std(unbiased=False)),
+            "objective/truncated_frac": float((data["shown"] != data["responses"]).any(1).float().mean()),
+            "ppo/lr": lr,
+            "time/rollout": t_rollout,
+        })
+        stats = distributed.all_reduce_stats(stats, device=self.run.device)
+        # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
+        self.kl_ctl.update(stats["objective/kl"], p.batch_size)
+        elapsed = time.time() - t0
+        stats["elapsed/fps"] = p.batch_size * hp.task.response_length / elapsed
+        stats["elapsed/episodes_per_s"] = p.batch_size / elapsed
+        self.update += 1
+        return stats, data
+
+    def state_dict(self) -> dict:
+        return {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update = state["update"]
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.queries.load_state_dict(state["queries"])
+
+    def sample_rows(self, data, n: int) -> list[dict]:
+        dec = self.encoding.decode
+        return [{"query": dec(data["queries"][i].tolist()), "response": dec(data["shown"][i].tolist()),
+                 "score": float(data["scores"][i])} for i in range(min(n, data["queries"].shape[0]))]
+
+    def train(self, logger) -> dict[str, float]:
+        run = self.run
+        bar = progress(total=self.n_updates, desc="train_policy", enabled=run.is_main, unit="update")
+        bar.update(self.update)
+        stats: dict[str, float] = {}
+        while self.update < self.n_updates:
+            stats, data = self.step()
+            bar.update(1)
+            bar.set_postfix({"score": f"{stats['objective/score']:.3f}", "kl": f"{stats['objective/kl']:.2f}",
+                             "eps/s": f"{stats['elapsed/episodes_per_s']:.1f}"})
+            if self.update % run.hp.log_interval == 0 or self.update == self.n_updates:
+                logger.log(self.update, stats)
+                logger.log_samples(self.update, self.sample_rows(data, self.hp.num_logged_samples))
+            if run.hp.save_interval and self.update % run.hp.save_interval == 0 and self.update < self.n_updates:
+                run.save_checkpoint(self.update, self.state_dict())
+        bar.close()
+        if stats:
+            print0(summary_line(self.update, stats, ["objective/score", "objective/kl", "objective/kl_coef"]))
+        return stats
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: str) -> Path:
+    """`rewards.train_new_model`: train (or reuse, when resuming) a reward model in <run>/reward_model."""
+    from lm_human_preferences import train_reward
+
+    out = save_dir / "reward_model"
+    if (out / "config.json").is_file():
+        print0(f"reusing the reward model trained earlier in {out}")
+        return out
+    rhp = train_reward.TrainRewardHParams()
+    rhp.override_from_dict(hp.rewards.train_new_model.to_dict())
+    rhp.run = copy.deepcopy(hp.run)
+    rhp.run.save_dir = str(out)
+    rhp.task = copy.deepcopy(hp.task)
+    return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")
+
+
+def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = None) -> Path:
+    """Train a policy. `score_fn` replaces the reward model (scripted rewards, reward shaping)."""
+    hp.validate()
+    if score_fn is None and bool(hp.rewards.trained_model) == (hp.rewards.train_new_model is not None):
+        raise HParamsError("give exactly one of --rewards.trained_model=DIR and --rewards.train_new_model=on",
+                           key="rewards.trained_model")
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        encoding = initial.encoding
+        if score_fn is None:
+            rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
+            reward_model = load_reward_model(rm_dir, encoding=encoding).to(run.device).eval().requires_grad_(False)
+            score_fn = reward_model_score_fn(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
+        queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
+                                         batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
+                                         rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
+        trainer = PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)),
+                             ref_policy=Policy(initial.gpt), score_fn=score_fn, encoding=encoding, queries=queries)
+        state = run.load_checkpoint()
+        if state is not None:
+            trainer.load_state_dict(state)
+        logger = run.start(resume_step=trainer.update if state is not None else None)
+        trainer.train(logger)
+        run.finish(lambda d: save_model(d, gpt=trainer.policy.gpt, heads=trainer.policy.head_state(),
+                                        meta={"kind": "policy", "encoding": encoding.name}))
+        print0(f"policy saved to {run.save_dir}")
+        return run.save_dir
+    finally:
+        run.close()

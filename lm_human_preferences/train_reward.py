@@ -1,0 +1,282 @@
+"""Reward model training (the original's `train_reward.py`), SPEC §5.
+
+    python launch.py train_reward sentiment my_rm --labels.source=PATH_OR_URL
+
+1. read and validate the label file (before anything is written);
+2. normalize before: raw rewards of samples from the FIXED initial policy -> gain, bias;
+3. one epoch over the first `labels.num_train` labels, in a permutation shared by all ranks,
+   lr annealed linearly to 0, TF-style Adam, gradient accumulation in micro-batches;
+4. held-out loss/accuracy on the labels after `num_train`;
+5. normalize after (target mean 0, std 1), save `model.safetensors` + `config.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lm_human_preferences import distributed, label_types, labels, lm_tasks
+from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.language.checkpoints import save_model
+from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.optim import TFAdam
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModel, normalization_constants
+from lm_human_preferences.runtime import Run, RunHParams
+
+
+@dataclass
+class LabelHParams(HParams):
+    type: str = "best_of_4"
+    num_train: int = 4992
+    source: str = ""  # a path or URL; empty: the original's file for the task
+
+    def _validate(self):
+        try:
+            label_types.get_label_type(self.type)
+        except ValueError as e:
+            raise HParamsError(str(e), key="type") from None
+        if self.num_train < 1:
+            raise HParamsError("must be >= 1", key="num_train")
+
+
+@dataclass
+class RewardTrainingHParams(HParams):
+    """How a reward model is trained; also the `rewards.train_new_model` section of train_policy."""
+
+    labels: LabelHParams = field(default_factory=LabelHParams)
+    batch_size: int = 32  # labels per step, across all ranks
+    micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
+    lr: float = 5e-5
+    rollout_batch_size: int = 512  # queries sampled per normalization batch, across ranks
+    normalize_samples: int = 256  # samples used to estimate reward mean and std (0: off)
+    normalize_before: bool = True
+    normalize_after: bool = True
+    eval_batch_size: int = 64
+
+    def _validate(self):
+        for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise HParamsError("must be >= 1", key=key)
+        if self.labels.num_train % self.batch_size:
+            raise HParamsError(f"labels.num_train={self.labels.num_train} is not a multiple of "
+                               f"batch_size={self.batch_size}", key="batch_size")
+
+
+@dataclass
+class TrainRewardHParams(RewardTrainingHParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+
+
+def load_label_rows(hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, *, encoding,
+                    data_dir: str) -> tuple[label_types.LabelType, list[dict]]:
+    """Resolve, download (once, cached) and validate the label file."""
+    label_type = label_types.get_label_type(hp.labels.type)
+    if not hp.labels.source:
+        raise HParamsError("no label file; pass --labels.source=PATH_OR_URL", key="labels.source")
+    path = labels.resolve_label_source(hp.labels.source, cache_dir=Path(data_dir) / "labels")
+    rows = labels.read_labels(path, label_type=label_type, query_length=task.query_length,
+                              response_length=task.response_length, vocab_size=encoding.n_vocab,
+                              pad_token=encoding.padding_token)
+    if len(rows) < hp.labels.num_train:
+        raise labels.LabelFileError(f"{path}: {len(rows)} labels, but labels.num_train={hp.labels.num_train}")
+    return label_type, rows
+
+
+class RewardTrainer:
+    """Trains `reward_model` on label rows; `policy` is the fixed initial policy for normalization."""
+
+    def __init__(self, *, run: Run, hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, encoding,
+                 reward_model: RewardModel, policy: Policy, label_type, rows: list[dict]):
+        self.run, self.hp, self.task, self.encoding = run, hp, task, encoding
+        self.reward_model = reward_model.to(run.device)
+        self.policy = policy.to(run.device).eval().requires_grad_(False)
+        self.label_type = label_type
+        all_labels = labels.labels_to_tensors(rows, label_type=label_type)
+        n = hp.labels.num_train
+        self.train_labels = {k: v[:n] for k, v in all_labels.items()}
+        self.eval_labels = {k: v[n:] for k, v in all_labels.items()}
+        self.ddp_model = run.ddp(self.reward_model)
+        self.optimizer = TFAdam(self.reward_model.parameters(), lr=hp.lr)
+        self.per_rank = run.per_rank(hp.batch_size, "batch_size")
+        self.micro = min(hp.micro_batch_size or self.per_rank, self.per_rank)
+        if self.per_rank % self.micro:
+            raise HParamsError(f"per-rank batch {self.per_rank} is not a multiple of {self.micro}",
+                               key="micro_batch_size")
+        self.queries = lm_tasks.query_dataset(task, encoding=encoding, data_dir=run.hp.data_dir,
+                                              batch_size=run.per_rank(hp.rollout_batch_size, "rollout_batch_size"),
+                                              rank=run.rank, world_size=run.world_size, seed=run.hp.seed)
+        self.step = 0
+        self.normalized_before = False
+
+    # ---- normalization ------------------------------------------------------------------
+    @torch.no_grad()
+    def reward_moments(self, n_samples: int, *, step_seed: int) -> tuple[float, float]:
+        """Mean and population std of raw rewards of `n_samples` fresh policy samples, over all ranks."""
+        total, sq, count = 0.0, 0.0, 0
+        n_batches = -(-n_samples // self.hp.rollout_batch_size)
+        for i in range(n_batches):
+            queries = next(self.queries).to(self.run.device)  # (b, Lq)
+            gen = self.run.generator("sample", step_seed * 1000 + i)
+            with self.run.autocast():
+                responses = lm_tasks.sample_responses(self.policy, queries, task=self.task,
+                                                      encoding=self.encoding, generator=gen)
+                r = self.reward_model.raw_rewards(queries, responses, pad_token=self.encoding.padding_token)
+            total += float(r.double().sum())
+            sq += float(r.double().square().sum())
+            count += r.numel()
+        sums = distributed.all_reduce_sum(torch.tensor([total, sq, count], dtype=torch.float64, device=self.run.device))
+        mean = float(sums[0] / sums[2])
+        var = float(sums[1] / sums[2]) - mean**2
+        return mean, max(var, 0.0) ** 0.5
+
+    def normalize(self, *, target_mean: float, target_std: float, step_seed: int) -> dict:
+        self.reward_model.set_normalization(gain=1.0, bias=0.0)
+        mean, std = self.reward_moments(self.hp.normalize_samples, step_seed=step_seed)
+        if not (std > 0 and mean == mean):
+            raise RuntimeError(f"reward normalization failed: raw rewards have mean {mean}, std {std}")
+        gain, bias = normalization_constants(mean=mean, std=std, target_mean=target_mean, target_std=target_std)
+        self.reward_model.set_normalization(gain=gain, bias=bias)
+        print0(f"normalized rewards: raw {mean:.4f} +- {std:.4f} -> target {target_mean} +- {target_std} "
+               f"(gain {gain:.4f}, bias {bias:.4f})")
+        return {"mean": mean, "std": std, "gain": gain, "bias": bias}
+
+    # ---- training -----------------------------------------------------------------------
+    def reward_fn(self, model):
+        pad = self.encoding.padding_token
+        return lambda q, r: model(q.to(self.run.device), r.to(self.run.device), pad_token=pad)
+
+    def train_step(self, indices: torch.Tensor, lr: float) -> dict[str, float]:
+        """One optimizer step on this rank's `indices`, in micro-batches."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        n_micro = len(indices) // self.micro
+        for m in range(n_micro):
+            idx = indices[m * self.micro:(m + 1) * self.micro]
+            batch = {k: v[idx] for k, v in self.train_labels.items()}
+            sync = m == n_micro - 1 or self.run.world_size == 1
+            ctx = self.ddp_model.no_sync() if not sync else _nullcontext()
+            with ctx, self.run.autocast():
+                out = self.label_type.loss(self.reward_fn(self.ddp_model), batch)
+                (out["loss"] / n_micro).backward()
+            for k, v in out.items():
+                stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
+        self.optimizer.step()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on the held-out labels (this rank's share), averaged over ranks."""
+        n = len(next(iter(self.eval_labels.values())))
+        mine = torch.arange(n)[self.run.rank::self.run.world_size]
+        sums: dict[str, float] = {}
+        for start in range(0, len(mine), self.hp.eval_batch_size):
+            idx = mine[start:start + self.hp.eval_batch_size]
+            batch = {k: v[idx] for k, v in self.eval_labels.items()}
+            with self.run.autocast():
+                out = self.label_type.loss(self.reward_fn(self.reward_model), batch)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        keys = sorted(sums)
+        totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(len(mine))],
+                                                         dtype=torch.float64, device=self.run.device))
+        count = float(totals[-1])
+        return {f"eval/{k}": float(totals[i]) / count for i, k in enumerate(keys)} if count else {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "normalized_before": self.normalized_before,
+                "model": self.reward_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "queries": self.queries.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.normalized_before = state["normalized_before"]
+        self.reward_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.queries.load_state_dict(state["queries"])
+
+    def train(self, logger) -> dict[str, float]:
+        hp, run = self.hp, self.run
+        n_steps = hp.labels.num_train // hp.batch_size
+        target_mean, target_std = self.label_type.target_stats(self.train_labels)
+        if hp.normalize_before and hp.normalize_samples and not self.normalized_before:
+            norm = self.normalize(target_mean=target_mean, target_std=target_std, step_seed=0)
+            logger.log(0, {f"normalize/before/{k}": v for k, v in norm.items()})
+            self.normalized_before = True
+        perm = torch.randperm(hp.labels.num_train, generator=run.generator("shuffle", shared=True))
+        bar = progress(total=n_steps, desc="train_reward", enabled=run.is_main, unit="step")
+        bar.update(self.step)
+        last: dict[str, float] = {}
+        while self.step < n_steps:
+            start = self.step * hp.batch_size
+            ours = perm[start:start + hp.batch_size][run.rank::run.world_size]
+            lr = hp.lr * (1 - start / hp.labels.num_train)
+            stats = self.train_step(ours, lr)
+            stats = distributed.all_reduce_stats(stats, device=run.device)
+            stats["lr"] = lr
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"})
+            if self.step % run.hp.log_interval == 0 or self.step == n_steps:
+                logger.log(self.step, {f"train/{k}": v for k, v in stats.items()})
+            if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
+                run.save_checkpoint(self.step, self.state_dict())
+            last = stats
+        bar.close()
+        final = {f"train/{k}": v for k, v in last.items()}
+        final.update(self.evaluate())
+        if hp.normalize_after and hp.normalize_samples:
+            norm = self.normalize(target_mean=0.0, target_std=1.0, step_seed=1)
+            final.update({f"normalize/after/{k}": v for k, v in norm.items()})
+        logger.log(n_steps, final)
+        return final
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> RewardModel:
+    """A reward model whose trunk starts from the initial policy's weights; seeded head."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RewardModel(copy.deepcopy(initial.gpt))
+
+
+def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str):
+    return save_model(out_dir, gpt=reward_model.gpt, heads=reward_model.head_state(),
+                      meta={"kind": "reward", "encoding": encoding})
+
+
+def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
+    hp.validate()
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        encoding = initial.encoding
+        label_type, rows = load_label_rows(hp, hp.task, encoding=encoding, data_dir=hp.run.data_dir)
+        trainer = RewardTrainer(run=run, hp=hp, task=hp.task, encoding=encoding,
+                                reward_model=build_reward_model(initial, seed=hp.run.seed),
+                                policy=Policy(initial.gpt), label_type=label_type, rows=rows)
+        state = run.load_checkpoint()
+        if state is not None:
+            trainer.load_state_dict(state)
+        logger = run.start(resume_step=trainer.step if state is not None else None)
+        final = trainer.train(logger)
+        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.name))
+        print0(f"reward model saved to {run.save_dir} "
+               + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
+        return run.save_dir
+    finally:
+        run.close()

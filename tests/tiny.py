@@ -1,0 +1,64 @@
+"""Tiny components for fast end-to-end tests: a small GPT-2-shaped model with the real GPT-2
+tokenizer, a small corpus, and labels decided by a simple rule."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from lm_human_preferences.labels import write_labels
+from lm_human_preferences.label_types import get_label_type
+from lm_human_preferences.language.checkpoints import save_model
+from lm_human_preferences.language.encodings import get_encoding
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+
+WORDS = ("the cat dog sat ran on a mat far away happy sad good bad big small red blue house tree "
+         "walked jumped slept ate quickly slowly and then").split()
+
+
+def make_model(path: Path, *, seed: int = 0, n_embd: int = 16, n_layer: int = 2, n_head: int = 2,
+               n_ctx: int = 64) -> Path:
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(n_vocab=50257, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer))
+    return save_model(path, gpt=gpt, meta={"kind": "gpt", "encoding": "gpt2"})
+
+
+def make_corpus(path: Path, *, n: int = 200, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(4)]
+        lines.append(". ".join(sentences) + ".")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_best_of_4_labels(path: Path, *, n: int, query_length: int, response_length: int, target: str = " good",
+                          seed: int = 0) -> Path:
+    """Best = the sample with the most `target` tokens (ties: the first)."""
+    enc = get_encoding("gpt2")
+    tok = enc.encode(target)[0]
+    vocab = [enc.encode(" " + w)[0] for w in WORDS]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        query = [rng.choice(vocab) for _ in range(query_length)]
+        samples = []
+        for _ in range(4):
+            p = rng.random() * 0.5
+            samples.append([tok if rng.random() < p else rng.choice(vocab) for _ in range(response_length)])
+        counts = [s.count(tok) for s in samples]
+        rows.append({"query": query, **{f"sample{i}": s for i, s in enumerate(samples)},
+                     "best": counts.index(max(counts))})
+    write_labels(path, rows, label_type=get_label_type("best_of_4"), query_length=query_length,
+                 response_length=response_length, vocab_size=enc.n_vocab, pad_token=enc.padding_token)
+    return path
+
+
+def task_overrides(model: Path, corpus: Path, *, query_length: int = 8, response_length: int = 6) -> dict:
+    return {"task.query_length": query_length, "task.response_length": response_length,
+            "task.query_dataset": str(corpus), "task.start_text": ".", "task.end_text": None,
+            "task.truncate_token": None, "task.policy.temperature": 0.7,
+            "task.policy.initial_model": str(model)}
