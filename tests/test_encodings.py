@@ -73,3 +73,20 @@ def test_test_encoding():
         enc.encode("A!")
     with pytest.raises(ValueError, match="unknown encoding"):
         get_encoding("gpt7")
+
+
+def test_subset_encoding_splits_like_gpt2():
+    from lm_human_preferences.language.encodings import SubsetEncoding, encoding_from_meta
+
+    gpt2 = get_encoding("gpt2")
+    sub = SubsetEncoding.from_texts(["the cat sat on the mat.", "a happy dog."])
+    assert sub.n_vocab == len(sub.ids) + 1 and sub.padding_token == sub.n_vocab + 2
+    text = "the happy cat sat."
+    assert [sub.ids[t] for t in sub.encode(text)] == gpt2.encode(text)
+    assert sub.decode(sub.encode(text)) == text
+    assert sub.encode("zebra")[0] == sub.unk_token and "\ufffd" in sub.decode(sub.encode("the zebra"))
+    assert sub.eot_token is not None and sub.ids[sub.eot_token] == 50256
+    again = encoding_from_meta(sub.to_meta())
+    assert again.ids == sub.ids and encoding_from_meta("gpt2") is gpt2
+    with pytest.raises(EncodingError):
+        encoding_from_meta({"name": "nope"})

@@ -114,9 +114,16 @@ def _prepared_passages(name: str, *, data_dir: str | os.PathLike, split: str, se
     return PassageFile(path, seed=seed)
 
 
+def _offline_corpus(*, data_dir: str | os.PathLike, split: str, seed: int) -> Iterator[str]:
+    """The offline tasks' corpus: generated on the fly, deterministic, nothing to download."""
+    from lm_human_preferences.language.offline_corpus import iter_passages
+    return iter_passages(seed=seed, split=split)
+
+
 # name -> fn(*, data_dir, split, seed) -> Iterator[str]
 _REGISTRY: dict[str, Callable[..., Iterator[str]]] = {
-    name: functools.partial(_prepared_passages, name) for name in BUILTIN_DATASETS}
+    **{name: functools.partial(_prepared_passages, name) for name in BUILTIN_DATASETS},
+    "offline_corpus": _offline_corpus}
 
 
 def register_dataset(name: str, fn: Callable[..., Iterator[str]]) -> None:

@@ -60,6 +60,10 @@ class Encoding:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def to_meta(self) -> str | dict:
+        """What a model's config.json records so `encoding_from_meta` rebuilds this encoding."""
+        return self.name
+
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(tokens) for tokens in batch]
 
@@ -114,6 +118,66 @@ class CharEncoding(Encoding):
 
     def _decode(self, tokens: list[int]) -> str:
         return "".join(self.chars[t] for t in tokens)
+
+
+class SubsetEncoding(Encoding):
+    """GPT-2 BPE restricted to a fixed list of GPT-2 token ids, renumbered 0..K-1, plus an
+    unknown token K for anything else. Text is split exactly as GPT-2 splits it; only the model's
+    vocabulary is smaller. The offline tasks use it: a tiny model trained on a small corpus
+    with the full 50257-token vocabulary spends ~99% of its time in the embedding and LM head
+    (measured on 2 CPU cores: 2.8 s per step vs 0.015 s with a 1024-token vocabulary).
+    """
+
+    name = "gpt2-subset"
+
+    def __init__(self, gpt2_ids: Sequence[int]):
+        self.base = get_encoding("gpt2")
+        self.ids = [int(t) for t in gpt2_ids]
+        if len(set(self.ids)) != len(self.ids) or not all(0 <= t < self.base.n_vocab for t in self.ids):
+            raise EncodingError("a gpt2-subset vocabulary needs distinct GPT-2 token ids in [0, 50257)")
+        self._local = {t: i for i, t in enumerate(self.ids)}
+        self.unk_token = len(self.ids)
+        self.n_vocab = len(self.ids) + 1
+        self.eot_token = self._local.get(self.base.eot_token)
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> "SubsetEncoding":
+        """The subset of GPT-2 tokens that `texts` use (and end-of-text), in GPT-2 id order."""
+        base = get_encoding("gpt2")
+        used = {base.eot_token}
+        for tokens in base.encode_batch(list(texts)):
+            used.update(tokens)
+        return cls(sorted(used))
+
+    def encode(self, text: str) -> list[int]:
+        return [self._local.get(t, self.unk_token) for t in self.base.encode(text)]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[self._local.get(t, self.unk_token) for t in row] for row in self.base.encode_batch(texts)]
+
+    def _decode(self, tokens: list[int]) -> str:
+        pieces, run = [], []  # decode runs of known tokens together: a character may span tokens
+        for t in tokens:
+            if t == self.unk_token:
+                pieces += [self.base.decode(run), "\ufffd"]
+                run = []
+            else:
+                run.append(self.ids[t])
+        return "".join(pieces) + self.base.decode(run)
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, "ids": self.ids}
+
+
+def encoding_from_meta(meta: str | dict | None) -> Encoding:
+    """The encoding a model's config.json names: "gpt2", "test", or a gpt2-subset dict."""
+    if meta is None:
+        return get_encoding("gpt2")
+    if isinstance(meta, str):
+        return get_encoding(meta)
+    if isinstance(meta, dict) and meta.get("name") == SubsetEncoding.name and isinstance(meta.get("ids"), list):
+        return SubsetEncoding(meta["ids"])
+    raise EncodingError(f"unknown encoding description {str(meta)[:80]!r}")
 
 
 def gpt2_data_dir() -> Path:

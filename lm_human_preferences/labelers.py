@@ -1,0 +1,111 @@
+"""Scripted labelers standing in for the paper's human labelers in the offline tasks.
+
+    labeler = get_labeler("sentiment")            # or "descriptiveness"
+    labeler.score(["what a lovely day.", "the dog was sad."])   # gold scores, [0.58, -0.48]
+    labeler.best_of(samples)                      # index of the best sample (first one on ties)
+
+A labeler has a gold `score` for any text; `best_of` is the labeling decision (the "best of 4"
+label type): the argmax of the scores. The same scores serve as the gold metric when
+evaluating a policy, so the reward model's score can be compared with what it stands in for.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+import re
+from typing import Iterable
+
+from lm_human_preferences.language.offline_corpus import DESCRIPTIVE_WORDS
+
+_WORD = re.compile(r"[a-z]+")
+
+# A few common adjectives/adverbs outside the offline grammar, so that descriptive words a
+# pretrained (non-offline) model writes also count.
+EXTRA_DESCRIPTIVE_WORDS: frozenset[str] = frozenset("""
+    huge enormous large giant soft hard loud strange silver purple pink orange bare smooth rough
+    shiny fragile sharp bitter sour tender cozy elegant vivid misty foggy sunny rainy windy snowy
+    crisp fierce graceful slender massive ragged dusty muddy glossy faint pale rich sleepy wild
+    lazily eagerly loudly brightly silently swiftly calmly deeply tightly barely nearly
+""".split())
+
+
+class Labeler(abc.ABC):
+    """A deterministic scripted labeler.
+
+    `score(texts)` is the gold score of each text (higher is better). `best_of(texts)` is the
+    index of the highest-scoring text; ties go to the first maximum, so labels are fully
+    deterministic. `rng` is accepted for the interface of noisy labelers and ignored here.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def score(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def best_of(self, texts: list[str], *, rng: random.Random | None = None) -> int:
+        if not texts:
+            raise ValueError("best_of needs at least one text")
+        scores = self.score(list(texts))
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SentimentLabeler(Labeler):
+    """VADER sentiment: the `compound` polarity score of each text, in [-1, 1]."""
+
+    name = "sentiment"
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:
+            raise ImportError("the sentiment labeler needs VADER: pip install vaderSentiment") from e
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [float(self.analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+class DescriptivenessLabeler(Labeler):
+    """Counts descriptive words, penalising repeats.
+
+    Rule: lowercase the text and split it into words (runs of a-z). Of the words that are in
+    `offline_corpus.DESCRIPTIVE_WORDS` or `EXTRA_DESCRIPTIVE_WORDS` (adjectives and adverbs),
+    let `distinct` be the number of different ones and `total` the number of occurrences.
+    score = distinct - repeat_penalty * (total - distinct), with repeat_penalty = 0.5.
+
+    E.g. "the old man walked slowly" → 2.0; "the old old old man" → 1 - 0.5 * 2 = 0.0, so a
+    policy cannot gain by repeating one adjective.
+    """
+
+    name = "descriptiveness"
+
+    def __init__(self, *, repeat_penalty: float = 0.5,
+                 words: Iterable[str] = DESCRIPTIVE_WORDS | EXTRA_DESCRIPTIVE_WORDS):
+        self.repeat_penalty = repeat_penalty
+        self.words = frozenset(words)
+
+    def score(self, texts: list[str]) -> list[float]:
+        scores = []
+        for text in texts:
+            found = [w for w in _WORD.findall(text.lower()) if w in self.words]
+            distinct = len(set(found))
+            scores.append(float(distinct - self.repeat_penalty * (len(found) - distinct)))
+        return scores
+
+
+LABELERS: dict[str, type[Labeler]] = {"sentiment": SentimentLabeler,
+                                      "descriptiveness": DescriptivenessLabeler}
+
+
+def get_labeler(name: str) -> Labeler:
+    """A new labeler: "sentiment" or "descriptiveness" (an "offline_" prefix is accepted)."""
+    key = name[len("offline_"):] if name.startswith("offline_") else name
+    if key not in LABELERS:
+        names = sorted(LABELERS) + [f"offline_{n}" for n in sorted(LABELERS)]
+        raise ValueError(f"unknown labeler {name!r}; expected one of {', '.join(names)}")
+    return LABELERS[key]()
