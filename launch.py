@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Command line for lm_human_preferences.
 
+    python launch.py pipeline <task> <experiment>      # the whole offline pipeline, with a report
+    python launch.py train_sft <task> <experiment>     # pretrain / fine-tune a language model
+    python launch.py collect_labels <task> <experiment>  # best-of-4 labels from a scripted labeler
     python launch.py train_reward <task> <experiment> [--key.sub=value ...]
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
@@ -16,6 +19,7 @@ User errors (bad flags, labels, checkpoints) print one paragraph and exit with s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -30,19 +34,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (HParamsError, LabelFileError, CheckpointError, EncodingError, CheckpointCorrupt, FileNotFoundError)
 
 
-def trainer_hparams(subcommand: str, task: str, args: list[str]):
-    """Defaults -> task preset -> experiment preset -> command line."""
+# subcommand -> (module, hyperparameter class); each module has `train(hp, *, exp_name)`.
+TRAINERS = {
+    "train_sft": ("lm_human_preferences.train_sft", "TrainSFTHParams"),
+    "collect_labels": ("lm_human_preferences.collect_labels", "CollectLabelsHParams"),
+    "train_reward": ("lm_human_preferences.train_reward", "TrainRewardHParams"),
+    "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
+}
+
+
+def stage_presets(subcommand: str, task: str) -> dict:
+    """The task preset (under `task.`, for trainers that have a task) and the experiment preset."""
     from lm_human_preferences.hparams import HParamsError
 
-    if subcommand == "train_reward":
-        from lm_human_preferences.train_reward import TrainRewardHParams as cls
-    else:
-        from lm_human_preferences.train_policy import TrainPolicyHParams as cls
     if task not in params.TASKS:
         raise HParamsError(f"unknown task {task!r}; expected one of {sorted(params.TASKS)}")
-    hp = cls()
-    hp.override_from_dict({f"task.{k}": v for k, v in params.TASKS[task].items()})
-    hp.override_from_dict(params.EXPERIMENTS[subcommand].get(task, {}))
+    preset = {} if subcommand == "train_sft" else {f"task.{k}": v for k, v in params.TASKS[task].items()}
+    return {**preset, **params.EXPERIMENTS[subcommand].get(task, {})}
+
+
+def trainer_hparams(subcommand: str, task: str, args: list[str]):
+    """Defaults -> task preset -> experiment preset -> command line."""
+    module, cls = TRAINERS[subcommand]
+    hp = getattr(importlib.import_module(module), cls)()
+    hp.override_from_dict(stage_presets(subcommand, task))
     if subcommand == "train_policy" and any(a.startswith("--rewards.train_new_model") and not a.endswith("=off")
                                             for a in args):
         # Training a new reward model uses the task's train_reward preset (the run and task are shared).
@@ -66,12 +81,20 @@ def cmd_train(subcommand: str, argv: list[str]) -> None:
         for k, v in hp.flat_items().items():
             print(f"  --{k}={json.dumps(v)}")
         return
-    if subcommand == "train_reward":
-        from lm_human_preferences import train_reward
-        train_reward.train(hp, exp_name=ns.experiment)
-    else:
-        from lm_human_preferences import train_policy
-        train_policy.train(hp, exp_name=ns.experiment)
+    importlib.import_module(TRAINERS[subcommand][0]).train(hp, exp_name=ns.experiment)
+
+
+def cmd_pipeline(argv: list[str]) -> None:
+    from lm_human_preferences import pipeline
+
+    p = argparse.ArgumentParser(prog="launch.py pipeline", description=pipeline.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task")
+    p.add_argument("experiment")
+    p.add_argument("--eval_queries", type=int, default=64, help="held-out queries in the report")
+    ns, rest = p.parse_known_args(argv)
+    presets = {stage: stage_presets(stage, ns.task) for stage in pipeline.STAGES}
+    pipeline.run_pipeline(ns.task, ns.experiment, rest, presets=presets, eval_queries=ns.eval_queries)
 
 
 def cmd_sample(argv: list[str]) -> None:
@@ -86,6 +109,8 @@ def cmd_sample(argv: list[str]) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON lines {prompt, sample, continuation}")
     ns = p.parse_args(argv)
+    if any(not prompt for prompt in ns.prompt):
+        p.error("empty --prompt: give at least one character of text")
     from lm_human_preferences.language.sample import sample_prompts
     for row in sample_prompts(model=ns.model, prompts=ns.prompt, length=ns.length, temperature=ns.temperature,
                               seed=ns.seed, num_samples=ns.num_samples, device=ns.device):
@@ -93,8 +118,8 @@ def cmd_sample(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "train_reward": lambda argv: cmd_train("train_reward", argv),
-    "train_policy": lambda argv: cmd_train("train_policy", argv),
+    "pipeline": cmd_pipeline,
+    **{name: (lambda argv, name=name: cmd_train(name, argv)) for name in TRAINERS},
     "sample": cmd_sample,
 }
 

@@ -82,11 +82,11 @@ _SUMMARIZE_REWARD = {**_BOOKS_REWARD, "labels.num_train": 46000, "batch_size": 1
                      "rollout_batch_size": 128}
 _OFFLINE_REWARD = {
     "labels.type": "best_of_4",
-    "labels.num_train": 1024,
+    "labels.num_train": 7936,  # of 8192 collected; the last 256 are held out
     "batch_size": 32,
-    "lr": 1e-4,
-    "rollout_batch_size": 128,
-    "normalize_samples": 256,
+    "lr": 1e-3,
+    "rollout_batch_size": 256,
+    "normalize_samples": 512,
     "run.seed": 1,
 }
 
@@ -118,13 +118,13 @@ _SUMMARIZE_POLICY = {
 }
 _OFFLINE_POLICY = {
     "ppo.lr": 1e-4,
-    "ppo.total_episodes": 8192,
+    "ppo.total_episodes": 16384,
     "ppo.batch_size": 64,
     "ppo.nminibatches": 4,
-    "rewards.kl_coef": 0.05,
+    "rewards.kl_coef": 0.1,
     "rewards.adaptive_kl": "on",
-    "rewards.adaptive_kl.target": 3.0,
-    "rewards.adaptive_kl.horizon": 2000,
+    "rewards.adaptive_kl.target": 4.0,
+    "rewards.adaptive_kl.horizon": 1000,
     "run.seed": 1,
 }
 
@@ -137,4 +137,26 @@ TRAIN_POLICY = {
     "offline_descriptiveness": _OFFLINE_POLICY,
 }
 
-EXPERIMENTS = {"train_reward": TRAIN_REWARD, "train_policy": TRAIN_POLICY}
+_OFFLINE_SFT = {
+    "data": "offline_corpus",
+    "encoding": "gpt2-subset",
+    "model.n_layer": 2,
+    "model.n_head": 4,
+    "model.n_embd": 64,
+    "model.n_ctx": 64,
+    "seq_length": 64,
+    "batch_size": 32,
+    "steps": 600,
+    "lr": 3e-3,
+    "run.seed": 1,
+}
+
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT}
+
+COLLECT_LABELS = {
+    "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
+    "offline_descriptiveness": {"labeler": "descriptiveness", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
+}
+
+EXPERIMENTS = {"train_sft": TRAIN_SFT, "collect_labels": COLLECT_LABELS, "train_reward": TRAIN_REWARD,
+               "train_policy": TRAIN_POLICY}

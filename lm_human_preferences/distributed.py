@@ -179,6 +179,11 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (RANK), whether or not a group exists now."""
+    return _env_int("RANK", 0)
+
+
 def seed_for_rank(seed: int, rank: int) -> int:
     """Per-rank seed: ``seed + 100003 * rank`` (rank 0 keeps ``seed``)."""
     return seed + _SEED_STRIDE * rank

@@ -65,6 +65,7 @@ def progress(
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
         disable=not (enabled and distributed.is_main()),
     )
 

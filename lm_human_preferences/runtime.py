@@ -117,6 +117,10 @@ class Run:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
 
+    def no_sync(self, module: torch.nn.Module, *, sync: bool):
+        """Skip DDP's gradient all-reduce unless `sync` (the last micro-batch of a step)."""
+        return module.no_sync() if (not sync and self.world_size > 1) else contextlib.nullcontext()
+
     def per_rank(self, global_size: int, what: str) -> int:
         if global_size % self.world_size:
             raise HParamsError(f"{global_size} is not divisible by the {self.world_size} ranks", key=what)

@@ -1,0 +1,95 @@
+"""Collect best-of-n labels from a scripted labeler, in the original's label-file format.
+
+    python launch.py collect_labels offline_sentiment my_labels
+
+For each query the initial policy samples n continuations (as the paper's labelers saw them:
+truncated per the task), the labeler picks the best, and the rows are written as OpenAI's
+JSON label files are (`query`, `sample0..`, `best`) — the files `train_reward` reads.
+The sampling runs on rank 0; other ranks wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lm_human_preferences import distributed, labelers, lm_tasks
+from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.label_types import BestOfN
+from lm_human_preferences.labels import write_labels
+from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.runtime import Run, RunHParams
+
+
+@dataclass
+class CollectLabelsHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    labeler: str = "sentiment"  # see labelers.get_labeler
+    num_labels: int = 1280
+    num_responses: int = 4  # best_of_<n>
+    batch_size: int = 64  # queries per sampling batch
+
+    def _validate(self):
+        try:
+            labelers.get_labeler(self.labeler)
+        except ValueError as e:
+            raise HParamsError(str(e), key="labeler") from None
+        for key in ("num_labels", "batch_size"):
+            if getattr(self, key) < 1:
+                raise HParamsError("must be >= 1", key=key)
+        if self.num_responses < 2:
+            raise HParamsError("must be >= 2", key="num_responses")
+
+
+@torch.no_grad()
+def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, labeler) -> list[dict]:
+    n, task = hp.num_responses, hp.task
+    queries_it = lm_tasks.query_dataset(task, encoding=encoding, data_dir=hp.run.data_dir, batch_size=hp.batch_size,
+                                        rank=0, world_size=1, seed=hp.run.seed)
+    rows: list[dict] = []
+    bar = progress(total=hp.num_labels, desc="collect_labels", unit="label")
+    step = 0
+    while len(rows) < hp.num_labels:
+        queries = next(queries_it).to(run.device)  # (B, Lq)
+        with run.autocast():
+            responses = lm_tasks.sample_responses(policy, queries.repeat_interleave(n, 0), task=task, encoding=encoding,
+                                                  generator=run.generator("labels", step))  # (B*n, Lr)
+        step += 1
+        shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
+                                            truncate_after=task.truncate_after, pad_token=encoding.padding_token)
+        shown = shown.view(queries.shape[0], n, -1).cpu()
+        for query, samples in zip(queries.cpu().tolist(), shown):
+            if len(rows) == hp.num_labels:
+                break
+            texts = [encoding.decode(s.tolist()) for s in samples]
+            rows.append({"query": query, **{f"sample{i}": s.tolist() for i, s in enumerate(samples)},
+                         "best": labeler.best_of(texts)})
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
+    """Write `<save_dir>/labels.json`; returns its path."""
+    hp.validate()
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        labeler = labelers.get_labeler(hp.labeler)
+        out = run.save_dir / "labels.json"
+        run.start()
+        if run.is_main:
+            policy = Policy(initial.gpt).to(run.device).eval()
+            rows = collect(hp, run=run, policy=policy, encoding=initial.encoding, labeler=labeler)
+            write_labels(out, rows, label_type=BestOfN(hp.num_responses), query_length=hp.task.query_length,
+                         response_length=hp.task.response_length, vocab_size=initial.encoding.n_vocab,
+                         pad_token=initial.encoding.padding_token)
+            print0(f"wrote {len(rows)} labels to {out}")
+        distributed.barrier()
+        return out
+    finally:
+        run.close()

@@ -1,0 +1,231 @@
+"""The whole RLHF pipeline in one command, for the offline tasks (or any task with a labeler).
+
+    python launch.py pipeline offline_sentiment demo
+
+  1. pretrain the base language model (`train_sft`), unless it is already cached;
+  2. collect best-of-4 labels from the scripted labeler (`collect_labels`);
+  3. train the reward model on them (`train_reward`);
+  4. train the policy with PPO against the reward model (`train_policy`), logging the
+     labeler's gold score alongside the reward model's score;
+  5. evaluate the initial and final policies on fixed held-out queries and write
+     `report.md` + `curves.png` into runs/<experiment>/.
+
+Each stage writes its own run directory under runs/<experiment>/ and is skipped when its
+final output already exists, so rerunning after a crash continues where it stopped.
+Stage options: `--<stage>.<key>=value` (stage: train_sft, collect_labels, train_reward,
+train_policy); `--run.<key>` and `--task.<key>` apply to every stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+import json
+
+from lm_human_preferences import collect_labels, distributed, labelers, lm_tasks, train_policy, train_reward, train_sft
+from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.logs import print0
+from lm_human_preferences.policy import Policy
+
+STAGES = ("train_sft", "collect_labels", "train_reward", "train_policy")
+EVAL_SEED = 12345
+
+
+def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Route `--stage.key=v` to its stage; `--run.*`/`--task.*` go to every stage."""
+    per_stage: dict[str, list[str]] = {s: [] for s in STAGES}
+    pipeline_args: list[str] = []
+    for a in args:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        head = key.split(".", 1)[0]
+        if head in STAGES:
+            per_stage[head].append("--" + a[2 + len(head) + 1:])
+        elif head in ("run", "task"):
+            for s in STAGES:
+                per_stage[s].append(a)
+        else:
+            pipeline_args.append(a)
+    if pipeline_args:
+        raise HParamsError(f"unknown pipeline option {pipeline_args[0]!r}; use --<stage>.<key>=value with a stage "
+                           f"in {STAGES}, or --run.<key> / --task.<key>")
+    return per_stage, pipeline_args
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, ref_policy: Policy, *, score_fn, labeler, queries: torch.Tensor, task, encoding,
+             device, seed: int) -> dict:
+    """Reward-model score, gold score and KL(policy || reference) on fixed queries."""
+    queries = queries.to(device)
+    contexts = lm_tasks.policy_contexts(queries, task=task, encoding=encoding)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    responses = policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
+                               pad_token=encoding.padding_token, generator=gen)
+    shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
+                                        truncate_after=task.truncate_after, pad_token=encoding.padding_token)
+    scores = lm_tasks.apply_penalty(score_fn(queries, shown), responses, truncate_token=task.truncate_token,
+                                    truncate_after=task.truncate_after, penalty_reward_value=task.penalty_reward_value)
+    texts = [encoding.decode(r) for r in shown.tolist()]
+    gold = torch.tensor(labeler.score(texts))
+    kw = dict(temperature=task.policy.temperature, pad_token=encoding.padding_token)
+    kl = (policy(contexts, responses, **kw).logprobs - ref_policy(contexts, responses, **kw).logprobs).sum(1)
+    return {"score": float(scores.mean()), "gold": float(gold.mean()), "gold_std": float(gold.std()),
+            "kl": float(kl.mean()), "texts": texts, "gold_each": gold.tolist(), "scores_each": scores.tolist()}
+
+
+def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in policy_metrics.read_text().splitlines() if line.strip()]
+    rm_rows = [json.loads(line) for line in reward_metrics.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("objective/score", "reward model score"), ("objective/gold", "gold score (labeler)"),
+              ("objective/kl", "KL(policy || initial)"), ("objective/kl_coef", "KL coefficient β")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(title)
+        ax.set_xlabel("PPO update")
+    rm = [(r["step"], r["train/loss"]) for r in rm_rows if r.get("train/loss") is not None]
+    if rm:
+        inset = axes[0, 0].inset_axes([0.6, 0.08, 0.37, 0.35])
+        inset.plot(*zip(*rm), color="gray")
+        inset.set_title("reward model loss", fontsize=7)
+        inset.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_report(path: Path, *, task_name: str, before: dict, after: dict, query_texts: list[str],
+                 timings: dict[str, float], reward_eval: dict, n_samples: int = 6) -> None:
+    lines = [f"# RLHF pipeline report: {task_name}", "",
+             f"Held-out queries: {len(query_texts)}. Scores are means over one sample per query.", "",
+             "| policy | reward-model score | gold score (labeler) | KL to initial |", "|---|---|---|---|",
+             f"| initial | {before['score']:.3f} | {before['gold']:.3f} | {before['kl']:.3f} |",
+             f"| final | {after['score']:.3f} | {after['gold']:.3f} | {after['kl']:.3f} |", "",
+             f"Gold score change: **{after['gold'] - before['gold']:+.3f}**. "
+             f"Reward model held-out accuracy: {reward_eval.get('eval/accuracy', float('nan')):.3f} "
+             f"(chance {1 / 4:.2f}).", "", "![learning curves](curves.png)", "", "## Samples", "",
+             "| query | initial policy | final policy |", "|---|---|---|"]
+
+    def cell(text: str, gold: float) -> str:
+        return text.replace("|", "\\|").replace("\n", " ") + f" *({gold:+.2f})*"
+
+    for i in range(min(n_samples, len(query_texts))):
+        lines.append(f"| {cell(query_texts[i], float('nan')).rsplit(' *(', 1)[0]} | "
+                     f"{cell(before['texts'][i], before['gold_each'][i])} | {cell(after['texts'][i], after['gold_each'][i])} |")
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dict, eval_queries: int = 64) -> Path:
+    """`presets`: stage -> dotted overrides (params.PIPELINE[task]), applied before `args`."""
+    per_stage, _ = split_args(args)
+    root = Path(f"runs/{exp_name}")
+    timings: dict[str, float] = {}
+
+    def configure(stage: str, hp):
+        hp.override_from_dict(presets.get(stage, {}))
+        hp.override_from_args(per_stage[stage])
+        hp.validate()
+        return hp
+
+    policy_hp = configure("train_policy", train_policy.TrainPolicyHParams())
+    base_root = Path(policy_hp.run.save_dir or root)
+    base_model = Path(policy_hp.task.policy.initial_model)
+
+    # 1. the base language model, cached across runs
+    t = time.time()
+    if (base_model / "config.json").is_file():
+        print0(f"[1/5] base model: reusing {base_model}")
+    else:
+        print0(f"[1/5] pretraining the base model into {base_model}")
+        sft = configure("train_sft", train_sft.TrainSFTHParams())
+        sft.run.save_dir = str(base_model)
+        train_sft.train(sft, exp_name=f"{exp_name}/train_sft")
+    timings["pretrain"] = time.time() - t
+
+    # 2. labels from the scripted labeler
+    t = time.time()
+    labels_hp = configure("collect_labels", collect_labels.CollectLabelsHParams())
+    labels_hp.run.save_dir = str(base_root / "labels")
+    labels_path = Path(labels_hp.run.save_dir) / "labels.json"
+    if labels_path.is_file():
+        print0(f"[2/5] labels: reusing {labels_path}")
+    else:
+        print0("[2/5] collecting labels")
+        collect_labels.train(labels_hp, exp_name=f"{exp_name}/labels")
+    timings["collect_labels"] = time.time() - t
+
+    # 3. the reward model
+    t = time.time()
+    rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
+    rm_hp.run.save_dir = str(base_root / "reward_model")
+    rm_hp.labels.source = str(labels_path)
+    if (Path(rm_hp.run.save_dir) / "model.safetensors").is_file():
+        print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
+    else:
+        print0("[3/5] training the reward model")
+        train_reward.train(rm_hp, exp_name=f"{exp_name}/reward_model")
+    timings["train_reward"] = time.time() - t
+
+    # 4. PPO, with the labeler's gold score logged beside the reward model's
+    t = time.time()
+    labeler = labelers.get_labeler(labels_hp.labeler)
+    policy_hp.run.save_dir = str(base_root / "policy")
+    policy_hp.rewards.trained_model = rm_hp.run.save_dir
+    policy_hp.rewards.train_new_model = None
+    initial = lm_tasks.load_pretrained(policy_hp.task.policy.initial_model)
+    enc = initial.encoding
+
+    def gold_stats(queries, shown):
+        return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
+
+    if (Path(policy_hp.run.save_dir) / "model.safetensors").is_file():
+        print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
+    else:
+        print0("[4/5] training the policy with PPO")
+        train_policy.train(policy_hp, exp_name=f"{exp_name}/policy", extra_stats=gold_stats)
+    timings["train_policy"] = time.time() - t
+
+    # 5. evaluation and report, on the first process only
+    if distributed.launch_rank() != 0:
+        return base_root / "report.md"
+    t = time.time()
+    print0("[5/5] evaluating")
+    task = policy_hp.task
+    reward_model = train_policy.load_reward_model(rm_hp.run.save_dir, encoding=enc).eval()
+    score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=enc.padding_token,
+                                                  autocast=lambda: torch.autocast("cpu", enabled=False))
+    eval_task = copy.deepcopy(task)
+    queries = next(lm_tasks.query_dataset(eval_task, encoding=enc, data_dir=policy_hp.run.data_dir,
+                                          batch_size=eval_queries, rank=0, world_size=1, seed=EVAL_SEED))
+    ref = Policy(initial.gpt).eval()
+    final = Policy(lm_tasks.load_pretrained(policy_hp.run.save_dir).gpt).eval()
+    kw = dict(score_fn=score_fn, labeler=labeler, queries=queries, task=task, encoding=enc, device="cpu",
+              seed=EVAL_SEED)
+    before = evaluate(ref, ref, **kw)
+    after = evaluate(final, ref, **kw)
+    timings["evaluate"] = time.time() - t
+    plot_curves(Path(policy_hp.run.save_dir) / "metrics.jsonl", Path(rm_hp.run.save_dir) / "metrics.jsonl",
+                base_root / "curves.png")
+    rm_final = [json.loads(x) for x in (Path(rm_hp.run.save_dir) / "metrics.jsonl").read_text().splitlines() if x]
+    reward_eval = {k: v for r in rm_final for k, v in r.items() if k.startswith("eval/")}
+    report = base_root / "report.md"
+    write_report(report, task_name=task_name, before=before, after=after,
+                 query_texts=[enc.decode(q) for q in queries.tolist()], timings=timings, reward_eval=reward_eval)
+    summary = {"initial": {k: before[k] for k in ("score", "gold", "kl")},
+               "final": {k: after[k] for k in ("score", "gold", "kl")}, "seconds": timings}
+    (base_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print0(f"gold score {before['gold']:+.3f} -> {after['gold']:+.3f}, reward-model score "
+           f"{before['score']:+.3f} -> {after['score']:+.3f}, KL {after['kl']:.2f}")
+    print0(f"report: {report}")
+    return report

@@ -1,0 +1,281 @@
+"""Language-model training: pretraining on passages, or supervised fine-tuning on prompts and
+responses, with the same DDP / bf16 / checkpoint / metrics machinery as the RLHF trainers.
+
+    python launch.py train_sft offline_sentiment my_lm                     # from scratch
+    python launch.py train_sft sentiment my_sft --data=pairs.jsonl --initial_model=gpt2
+
+`data` is a dataset name or a local file. Plain passages (`.txt`, or `.jsonl` with `text`) are
+packed into rows of `seq_length + 1` tokens separated by end-of-text, and every token is
+trained on. A `.jsonl` whose rows have `prompt` and `response` is prompt/response data: one
+row per example, the loss only on response tokens (and the end-of-text after them).
+From scratch, `encoding=gpt2-subset` restricts GPT-2 BPE to the tokens the corpus uses
+(see `SubsetEncoding`), which makes tiny models on CPU practical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lm_human_preferences import distributed, lm_tasks
+from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.language.checkpoints import save_model
+from lm_human_preferences.language.datasets import get_passages
+from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.optim import TFAdam
+from lm_human_preferences.runtime import Run, RunHParams
+
+
+@dataclass
+class ModelShape(HParams):
+    """The model trained from scratch when no `initial_model` is given."""
+
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    n_ctx: int = 128
+
+
+@dataclass
+class TrainSFTHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    data: str = "offline_corpus"
+    initial_model: str = ""  # a model directory; empty: from scratch with `model` and `encoding`
+    model: ModelShape = field(default_factory=ModelShape)
+    encoding: Literal["gpt2", "gpt2-subset"] = "gpt2"
+    vocab_passages: int = 20000  # passages read to build a gpt2-subset vocabulary
+    seq_length: int = 64
+    batch_size: int = 32  # sequences per step, across all ranks
+    micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_interval: int = 100
+    eval_batches: int = 4
+
+    def _validate(self):
+        for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise HParamsError("must be >= 1", key=key)
+
+
+class PackedText:
+    """Passages -> rows of `length + 1` tokens, end-of-text between passages; resumable."""
+
+    def __init__(self, passages, *, encoding: Encoding, length: int, batch_size: int, rank: int, world_size: int):
+        self.passages, self.encoding = passages, encoding
+        self.length, self.batch_size, self.rank, self.world_size = length, batch_size, rank, world_size
+        self.buffer: list[int] = []
+        self.consumed = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        need = (self.length + 1) * self.batch_size * self.world_size
+        sep = [] if self.encoding.eot_token is None else [self.encoding.eot_token]
+        while len(self.buffer) < need:
+            self.buffer += self.encoding.encode(next(self.passages)) + sep
+            self.consumed += 1
+        rows = torch.tensor(self.buffer[:need]).view(-1, self.length + 1)[self.rank::self.world_size]
+        self.buffer = self.buffer[need:]
+        return {"tokens": rows, "mask": torch.ones(rows.shape[0], self.length, dtype=torch.bool)}
+
+    def state_dict(self) -> dict:
+        state = {"consumed": self.consumed, "buffer": torch.tensor(self.buffer, dtype=torch.long)}
+        if hasattr(self.passages, "state_dict"):
+            state["passages"] = self.passages.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "passages" in state:
+            self.passages.load_state_dict(state["passages"])
+        else:
+            for _ in range(state["consumed"]):
+                next(self.passages)
+        self.consumed, self.buffer = state["consumed"], state["buffer"].tolist()
+
+
+class PromptResponses:
+    """Rows of a prompt/response `.jsonl`, cycled in a seeded order; loss on response tokens."""
+
+    def __init__(self, path: Path, *, encoding: Encoding, length: int, batch_size: int, rank: int,
+                 world_size: int, seed: int):
+        self.examples = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+                raise HParamsError(f"{path}: line {i}: expected string fields 'prompt' and 'response'", key="data")
+            self.examples.append((encoding.encode(row["prompt"]),
+                                  encoding.encode(row["response"]) + ([] if encoding.eot_token is None
+                                                                      else [encoding.eot_token])))
+        self.encoding, self.length, self.seed = encoding, length, seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.position = 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        n = self.batch_size * self.world_size
+        picks = [self._order(p // len(self.examples))[p % len(self.examples)] for p in range(self.position, self.position + n)]
+        self.position += n
+        pad = self.encoding.padding_token
+        tokens = torch.full((n, self.length + 1), pad)
+        mask = torch.zeros(n, self.length, dtype=torch.bool)
+        for row, i in enumerate(picks):
+            prompt, response = self.examples[int(i)]
+            seq = (prompt + response)[:self.length + 1]
+            tokens[row, :len(seq)] = torch.tensor(seq)
+            mask[row, max(len(prompt) - 1, 0):len(seq) - 1] = True  # positions predicting response tokens
+        return {"tokens": tokens[self.rank::self.world_size], "mask": mask[self.rank::self.world_size]}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def is_prompt_response_file(data: str) -> bool:
+    path = Path(data)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open() as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        return {"prompt", "response"} <= set(json.loads(first))
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], *, pad_token: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked positions."""
+    tokens, mask = batch["tokens"], batch["mask"]
+    logits = model(tokens[:, :-1], pad_token=pad_token).logits  # (B, T, V) fp32
+    targets = tokens[:, 1:].masked_fill(~mask, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def initial_model(hp: TrainSFTHParams) -> tuple[GPT, Encoding]:
+    if hp.initial_model:
+        pre = lm_tasks.load_pretrained(hp.initial_model)
+        return pre.gpt, pre.encoding
+    if hp.encoding == "gpt2-subset":
+        passages = get_passages(hp.data, data_dir=hp.run.data_dir, seed=hp.run.seed)
+        encoding = SubsetEncoding.from_texts(list(itertools.islice(passages, hp.vocab_passages)))
+    else:
+        encoding = get_encoding(hp.encoding)
+    m = hp.model
+    torch.manual_seed(hp.run.seed)
+    gpt = GPT(GPTConfig(n_vocab=encoding.n_vocab, n_ctx=m.n_ctx, n_embd=m.n_embd, n_head=m.n_head, n_layer=m.n_layer))
+    return gpt, encoding
+
+
+def make_batches(hp: TrainSFTHParams, *, encoding: Encoding, run: Run, split: str, per_rank: int):
+    if is_prompt_response_file(hp.data):
+        return PromptResponses(Path(hp.data), encoding=encoding, length=hp.seq_length, batch_size=per_rank,
+                               rank=run.rank, world_size=run.world_size,
+                               seed=hp.run.seed + (0 if split == "train" else 1))
+    passages = get_passages(hp.data, data_dir=hp.run.data_dir, split=split, seed=hp.run.seed)
+    return PackedText(passages, encoding=encoding, length=hp.seq_length, batch_size=per_rank,
+                      rank=run.rank, world_size=run.world_size)
+
+
+def lr_at(hp: TrainSFTHParams, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% of `lr`."""
+    if step < hp.warmup_steps:
+        return hp.lr * (step + 1) / hp.warmup_steps
+    progress_ = (step - hp.warmup_steps) / max(1, hp.steps - hp.warmup_steps)
+    return hp.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0))))
+
+
+def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
+    hp.validate()
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        gpt, encoding = initial_model(hp)
+        if hp.seq_length > gpt.config.n_ctx:
+            raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
+        model = gpt.to(run.device)
+        ddp_model = run.ddp(model)
+        per_rank = run.per_rank(hp.batch_size, "batch_size")
+        micro = min(hp.micro_batch_size or per_rank, per_rank)
+        if per_rank % micro:
+            raise HParamsError(f"per-rank batch {per_rank} is not a multiple of {micro}", key="micro_batch_size")
+        train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
+        optimizer = TFAdam(model.parameters(), lr=hp.lr)
+        step = 0
+        state = run.load_checkpoint()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            train_data.load_state_dict(state["data"])
+            step = state["step"]
+        logger = run.start(resume_step=step if state is not None else None)
+        pad = encoding.padding_token
+        bar = progress(total=hp.steps, desc="train_sft", enabled=run.is_main, unit="step")
+        bar.update(step)
+        while step < hp.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(hp, step)
+            batch = {k: v.to(run.device) for k, v in next(train_data).items()}
+            optimizer.zero_grad(set_to_none=True)
+            n_micro, loss_sum = per_rank // micro, 0.0
+            for m in range(n_micro):
+                sl = slice(m * micro, (m + 1) * micro)
+                with run.no_sync(ddp_model, sync=m == n_micro - 1), run.autocast():
+                    loss = lm_loss(ddp_model, {k: v[sl] for k, v in batch.items()}, pad_token=pad) / n_micro
+                loss.backward()
+                loss_sum += float(loss.detach())
+            if distributed.any_rank(not math.isfinite(loss_sum)):
+                raise FloatingPointError(f"step {step}: non-finite train/loss; the last good checkpoint is kept")
+            optimizer.step()
+            step += 1
+            stats = distributed.all_reduce_stats({"train/loss": loss_sum}, device=run.device)
+            stats["train/lr"] = optimizer.param_groups[0]["lr"]
+            bar.set_postfix({"loss": f"{stats['train/loss']:.3f}"}, refresh=False)
+            bar.update(1)
+            if step % hp.eval_interval == 0 or step == hp.steps:
+                stats.update(evaluate(hp, model, encoding=encoding, run=run, per_rank=per_rank))
+            if step % run.hp.log_interval == 0 or step == hp.steps or "eval/loss" in stats:
+                logger.log(step, stats)
+            if run.hp.save_interval and step % run.hp.save_interval == 0 and step < hp.steps:
+                run.save_checkpoint(step, {"step": step, "model": model.state_dict(),
+                                           "optimizer": optimizer.state_dict(), "data": train_data.state_dict()})
+        bar.close()
+        run.finish(lambda d: save_model(d, gpt=model, meta={"kind": "gpt", "encoding": encoding.to_meta()}))
+        print0(f"language model saved to {run.save_dir}")
+        return run.save_dir
+    finally:
+        run.close()
+
+
+@torch.no_grad()
+def evaluate(hp: TrainSFTHParams, model: GPT, *, encoding: Encoding, run: Run, per_rank: int) -> dict[str, float]:
+    """Loss on the first `eval_batches` batches of the held-out split (the same batches each time)."""
+    split = "train" if is_prompt_response_file(hp.data) else "valid"
+    try:
+        data = make_batches(hp, encoding=encoding, run=run, split=split, per_rank=per_rank)
+    except FileNotFoundError:
+        return {}
+    total = 0.0
+    for _ in range(hp.eval_batches):
+        batch = {k: v.to(run.device) for k, v in next(data).items()}
+        with run.autocast():
+            total += float(lm_loss(model, batch, pad_token=encoding.padding_token))
+    return distributed.all_reduce_stats({"eval/loss": total / hp.eval_batches}, device=run.device)
