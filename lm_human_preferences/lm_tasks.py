@@ -26,7 +26,7 @@ import torch
 from lm_human_preferences.hparams import HParams, HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
 from lm_human_preferences.language.datasets import QueryDataset, get_passages
-from lm_human_preferences.language.encodings import Encoding, get_encoding
+from lm_human_preferences.language.encodings import Encoding, encoding_from_meta
 from lm_human_preferences.language.gpt import GPT, HF_NAMES
 
 
@@ -95,7 +95,7 @@ def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved
     trunk = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(gpt, trunk, path)
     gpt.load_state_dict(trunk)
-    encoding = get_encoding(weights.meta.get("encoding", "gpt2"))
+    encoding = encoding_from_meta(weights.meta.get("encoding"))
     if encoding.n_vocab != weights.config.n_vocab:
         raise CheckpointError(f"{path}: model vocab {weights.config.n_vocab} does not match the "
                               f"{encoding.name!r} encoding ({encoding.n_vocab})")
@@ -119,11 +119,13 @@ def policy_contexts(queries: torch.Tensor, *, task: TaskHParams, encoding: Encod
 
 @torch.no_grad()
 def sample_responses(policy, queries: torch.Tensor, *, task: TaskHParams, encoding: Encoding,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Raw responses (B, response_length) of `policy` (a `Policy`) to `queries` (B, Lq)."""
+                     generator: torch.Generator | None = None, shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """Raw responses (B, response_length) of `policy` (a `Policy`) to `queries` (B, Lq).
+    `shard=(rank, world_size)` with a generator shared by all ranks: a query's response does not
+    depend on the number of ranks (see `language.sample.sample_from_logits`)."""
     contexts = policy_contexts(queries, task=task, encoding=encoding)
     return policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
-                          pad_token=encoding.padding_token, generator=generator)
+                          pad_token=encoding.padding_token, generator=generator, shard=shard)
 
 
 def format_policy_queries(queries: torch.Tensor, *, prefix_tokens: list[int], suffix_tokens: list[int]) -> torch.Tensor:

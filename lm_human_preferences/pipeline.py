@@ -13,7 +13,8 @@
 Each stage writes its own run directory under runs/<experiment>/ and is skipped when its
 final output already exists, so rerunning after a crash continues where it stopped.
 Stage options: `--<stage>.<key>=value` (stage: train_sft, collect_labels, train_reward,
-train_policy); `--run.<key>` and `--task.<key>` apply to every stage.
+train_policy); `--run.<key>` applies to every stage, `--task.<key>` to every stage but
+train_sft.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ EVAL_SEED = 12345
 
 
 def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Route `--stage.key=v` to its stage; `--run.*`/`--task.*` go to every stage."""
+    """Route `--stage.key=v` to its stage; `--run.*` goes to every stage, `--task.*` to every
+    stage with a task (all but train_sft)."""
     per_stage: dict[str, list[str]] = {s: [] for s in STAGES}
     pipeline_args: list[str] = []
     for a in args:
@@ -46,7 +48,8 @@ def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
             per_stage[head].append("--" + a[2 + len(head) + 1:])
         elif head in ("run", "task"):
             for s in STAGES:
-                per_stage[s].append(a)
+                if head == "run" or s != "train_sft":
+                    per_stage[s].append(a)
         else:
             pipeline_args.append(a)
     if pipeline_args:

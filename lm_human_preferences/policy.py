@@ -39,10 +39,11 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def respond(self, contexts: torch.Tensor, *, length: int, temperature: float, pad_token: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Exactly `length` sampled tokens after each (padded) context (B, Tc) -> (B, length)."""
+                generator: torch.Generator | None = None, shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """Exactly `length` sampled tokens after each (padded) context (B, Tc) -> (B, length);
+        `shard=(rank, world_size)`: see `language.sample.sample_from_logits`."""
         return sample_sequence(self.gpt, contexts, length=length, temperature=temperature,
-                               pad_token=pad_token, generator=generator)
+                               pad_token=pad_token, generator=generator, shard=shard)
 
     def forward(self, contexts: torch.Tensor, responses: torch.Tensor, *, temperature: float,
                 pad_token: int) -> Analysis:

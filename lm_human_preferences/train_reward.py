@@ -122,10 +122,11 @@ class RewardTrainer:
         n_batches = -(-n_samples // self.hp.rollout_batch_size)
         for i in range(n_batches):
             queries = next(self.queries).to(self.run.device)  # (b, Lq)
-            gen = self.run.generator("sample", step_seed * 1000 + i)
+            # One generator for all ranks, noise drawn per global row: the same samples on any number of ranks.
+            gen = self.run.generator("sample", step_seed * 1000 + i, shared=True)
             with self.run.autocast():
-                responses = lm_tasks.sample_responses(self.policy, queries, task=self.task,
-                                                      encoding=self.encoding, generator=gen)
+                responses = lm_tasks.sample_responses(self.policy, queries, task=self.task, encoding=self.encoding,
+                                                      generator=gen, shard=(self.run.rank, self.run.world_size))
                 r = self.reward_model.raw_rewards(queries, responses, pad_token=self.encoding.padding_token)
             total += float(r.double().sum())
             sq += float(r.double().square().sum())
@@ -161,9 +162,7 @@ class RewardTrainer:
         for m in range(n_micro):
             idx = indices[m * self.micro:(m + 1) * self.micro]
             batch = {k: v[idx] for k, v in self.train_labels.items()}
-            sync = m == n_micro - 1 or self.run.world_size == 1
-            ctx = self.ddp_model.no_sync() if not sync else _nullcontext()
-            with ctx, self.run.autocast():
+            with self.run.no_sync(self.ddp_model, sync=m == n_micro - 1), self.run.autocast():
                 out = self.label_type.loss(self.reward_fn(self.ddp_model), batch)
                 (out["loss"] / n_micro).backward()
             for k, v in out.items():
@@ -184,8 +183,9 @@ class RewardTrainer:
                 out = self.label_type.loss(self.reward_fn(self.reward_model), batch)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-        keys = sorted(sums)
-        totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(len(mine))],
+        # Rank 0 has labels whenever any rank has; a rank with none must still reduce the same keys.
+        keys = distributed.broadcast_object(sorted(sums))
+        totals = distributed.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(len(mine))],
                                                          dtype=torch.float64, device=self.run.device))
         count = float(totals[-1])
         return {f"eval/{k}": float(totals[i]) / count for i, k in enumerate(keys)} if count else {}
@@ -222,8 +222,8 @@ class RewardTrainer:
             stats = distributed.all_reduce_stats(stats, device=run.device)
             stats["lr"] = lr
             self.step += 1
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"})
             if self.step % run.hp.log_interval == 0 or self.step == n_steps:
                 logger.log(self.step, {f"train/{k}": v for k, v in stats.items()})
             if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
@@ -239,14 +239,6 @@ class RewardTrainer:
         return final
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> RewardModel:
     """A reward model whose trunk starts from the initial policy's weights; seeded head."""
     with torch.random.fork_rng(devices=[]):
@@ -254,7 +246,7 @@ def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> Rewar
         return RewardModel(copy.deepcopy(initial.gpt))
 
 
-def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str):
+def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dict):
     return save_model(out_dir, gpt=reward_model.gpt, heads=reward_model.head_state(),
                       meta={"kind": "reward", "encoding": encoding})
 
@@ -274,7 +266,7 @@ def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
             trainer.load_state_dict(state)
         logger = run.start(resume_step=trainer.step if state is not None else None)
         final = trainer.train(logger)
-        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.name))
+        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.to_meta()))
         print0(f"reward model saved to {run.save_dir} "
                + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
         return run.save_dir

@@ -9,30 +9,40 @@ from __future__ import annotations
 import torch
 
 
-def sample_from_logits(logits: torch.Tensor, *, temperature: float,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None = None,
+                       shard: tuple[int, int] | None = None) -> torch.Tensor:
     """One token per row from logits (B, V): categorical over logits / temperature, no top-k,
-    no top-p; temperature 0 is greedy. Returns (B,) long."""
+    no top-p; temperature 0 is greedy. Returns (B,) long.
+
+    `shard=(rank, world_size)`: the rows are rows `rank::world_size` of a global batch (the
+    query sharding of `QueryDataset`). The noise is then drawn for the whole global batch and
+    sliced, so with a `generator` equal on every rank a row's sample does not depend on the
+    number of ranks."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p (one kernel, seedable).
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    if shard is None:
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
+    else:
+        rank, world_size = shard
+        race = probs.new_empty(probs.shape[0] * world_size, probs.shape[1])  # (B * world_size, V)
+        race = race.exponential_(1, generator=generator)[rank::world_size]  # (B, V)
     return (probs / race).argmax(-1)
 
 
 @torch.no_grad()
 def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: float, pad_token: int | None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, shard: tuple[int, int] | None = None) -> torch.Tensor:
     """Sample exactly `length` tokens after `context` (B, Tc), which may contain pads; no stop
-    token. Returns the new tokens (B, length)."""
+    token. Returns the new tokens (B, length). `shard`: see `sample_from_logits`."""
     B, Tc = context.shape
     cache = model.new_cache(B, Tc + length)
     out = model(context, pad_token=pad_token, cache=cache, logits=False)
     tokens = []
     for i in range(length):
         logits = model.lm_logits(out.hidden[:, -1])  # (B, V) fp32
-        token = sample_from_logits(logits, temperature=temperature, generator=generator)  # (B,)
+        token = sample_from_logits(logits, temperature=temperature, generator=generator, shard=shard)  # (B,)
         tokens.append(token)
         if i + 1 < length:
             out = model(token[:, None], pad_token=pad_token, cache=cache, logits=False)
@@ -48,7 +58,7 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     the prompt alone would give.
     """
     from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
-    from lm_human_preferences.language.encodings import get_encoding
+    from lm_human_preferences.language.encodings import encoding_from_meta
     from lm_human_preferences.language.gpt import GPT
 
     weights = load_weights(model)
@@ -61,7 +71,7 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     gpt = gpt.to(dev).eval()
-    enc = get_encoding(weights.meta.get("encoding", "gpt2"))
+    enc = encoding_from_meta(weights.meta.get("encoding"))
     encoded = [enc.encode(p) for p in prompts for _ in range(num_samples)]
     if any(not e for e in encoded):
         raise ValueError("empty prompt: give at least one token of text")
