@@ -6,7 +6,8 @@ One update (`PPOTrainer.step`) reads like the paper:
   1. queries from the task's dataset (this rank's share of `ppo.batch_size`);
   2. sample responses from the policy with the KV cache, at the task temperature;
   3. analyze: logprobs and values of the policy, logprobs of the frozen reference policy
-     (full forward passes, the same computation as in training, so the first ratio is 1);
+     (full forward passes on the micro-batches the first training epoch uses, so the first
+     ratio is exactly 1);
   4. score: truncate the responses, score them (the reward model, or any `ScoreFn`), and
      give responses without a truncation token the penalty;
   5. rewards: -kl_coef * (logp - ref_logp) per token, plus the score on the last token;
@@ -38,6 +39,8 @@ from lm_human_preferences.train_reward import RewardTrainingHParams
 
 # A score function: raw queries (B, Lq) and truncated responses (B, Lr) -> scores (B,) fp32.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Extra statistics to log for each rollout (e.g. a gold score): same inputs -> {name: float}.
+StatsFn = Callable[[torch.Tensor, torch.Tensor], dict]
 
 
 @dataclass
@@ -97,9 +100,9 @@ def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
     if weights.meta.get("kind") != "reward":
         raise CheckpointError(f"{path}: not a reward model (kind={weights.meta.get('kind')!r}); "
                               "train one with `launch.py train_reward`")
-    if weights.meta.get("encoding", "gpt2") != encoding.name:
-        raise CheckpointError(f"{path}: reward model uses the {weights.meta.get('encoding')!r} encoding, "
-                              f"the policy {encoding.name!r}")
+    if weights.meta.get("encoding", "gpt2") != encoding.to_meta():
+        raise CheckpointError(f"{path}: the reward model and the policy use different encodings "
+                              f"({str(weights.meta.get('encoding'))[:60]} vs {str(encoding.to_meta())[:60]})")
     model = RewardModel(GPT(weights.config))
     trunk = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(model.gpt, trunk, path)
@@ -127,11 +130,12 @@ def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float 
 
 class PPOTrainer:
     def __init__(self, *, run: Run, hp: TrainPolicyHParams, policy: Policy, ref_policy: Policy,
-                 score_fn: ScoreFn, encoding, queries):
+                 score_fn: ScoreFn, encoding, queries, extra_stats: StatsFn | None = None):
         self.run, self.hp, self.encoding = run, hp, encoding
         self.policy = policy.to(run.device)
         self.ref_policy = ref_policy.to(run.device).eval().requires_grad_(False)
         self.score_fn = score_fn
+        self.extra_stats = extra_stats
         self.queries = queries
         self.ddp_policy = run.ddp(self.policy)
         self.optimizer = TFAdam(self.policy.parameters(), lr=hp.ppo.lr)
@@ -152,26 +156,43 @@ class PPOTrainer:
         self.pad = encoding.padding_token
 
     # ---- rollout ------------------------------------------------------------------------
-    @torch.no_grad()
-    def analyze(self, policy: Policy, contexts, responses) -> Analysis:
-        """Logprobs/values/entropies in micro-batches of the training size (same kernels as training)."""
-        parts = []
-        for i in range(0, contexts.shape[0], self.micro):
-            with self.run.autocast():
-                parts.append(policy(contexts[i:i + self.micro], responses[i:i + self.micro],
-                                    temperature=self.hp.task.policy.temperature, pad_token=self.pad))
-        return Analysis(*(torch.cat([getattr(p, k) for p in parts]) for k in ("logprobs", "values", "entropies")))
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The shuffled row order (per_rank,) of one optimisation epoch of the current update."""
+        gen = self.run.generator("shuffle", self.update * 1000 + epoch)
+        return torch.randperm(self.per_rank, generator=gen).to(self.run.device)
 
     @torch.no_grad()
-    def rollout(self) -> dict[str, torch.Tensor]:
+    def analyze(self, policy: Policy, contexts, responses, order: torch.Tensor) -> Analysis:
+        """Logprobs/values/entropies, computed on the rows `order` in micro-batches of the training
+        size and returned in the original row order. With `order` = the first epoch's order, the
+        first minibatch's micro-batches are the very tensors training feeds the policy, so the first
+        PPO ratio is exactly 1 whatever kernels a batch's composition selects (e.g. SDPA's causal
+        kernel for pad-free batches, a masked one otherwise)."""
+        parts = []
+        for i in range(0, contexts.shape[0], self.micro):
+            rows = order[i:i + self.micro]
+            with self.run.autocast():
+                parts.append(policy(contexts[rows], responses[rows], temperature=self.hp.task.policy.temperature,
+                                    pad_token=self.pad))
+        inverse = torch.argsort(order)
+        return Analysis(*(torch.cat([getattr(p, k) for p in parts])[inverse]
+                          for k in ("logprobs", "values", "entropies")))
+
+    @torch.no_grad()
+    def rollout(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sample, analyze (in `order`, see `analyze`) and score one batch of this rank's queries."""
         task, dev = self.hp.task, self.run.device
         queries = next(self.queries).to(dev)  # (B, Lq)
         contexts = lm_tasks.policy_contexts(queries, task=task, encoding=self.encoding)  # (B, Tc)
+        # The sampling noise is drawn for the global batch from a generator every rank shares and sliced
+        # to this rank's rows, so a query's response does not depend on the number of ranks.
+        gen = self.run.generator("sample", self.update, shared=True)
         with self.run.autocast():
             responses = self.policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
-                                            pad_token=self.pad, generator=self.run.generator("sample", self.update))
-        cur = self.analyze(self.policy, contexts, responses)
-        ref = self.analyze(self.ref_policy, contexts, responses)
+                                            pad_token=self.pad, generator=gen,
+                                            shard=(self.run.rank, self.run.world_size))  # (B, Lr)
+        cur = self.analyze(self.policy, contexts, responses, order)
+        ref = self.analyze(self.ref_policy, contexts, responses, order)
         shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
                                             truncate_after=task.truncate_after, pad_token=self.pad)
         scores = self.score_fn(queries, shown).float()  # (B,)
@@ -201,9 +222,7 @@ class PPOTrainer:
         stats: dict[str, float] = {}
         for m in range(n_micro):
             sl = slice(m * self.micro, (m + 1) * self.micro)
-            sync = m == n_micro - 1
-            ctx = self.ddp_policy.no_sync() if (not sync and self.run.world_size > 1) else _null()
-            with ctx:
+            with self.run.no_sync(self.ddp_policy, sync=m == n_micro - 1):
                 with self.run.autocast():
                     out = self.ddp_policy(mb["contexts"][sl], mb["responses"][sl],
                                           temperature=self.hp.task.policy.temperature, pad_token=self.pad)
@@ -225,7 +244,8 @@ class PPOTrainer:
         """One PPO update; returns all-reduced stats and the rollout."""
         t0 = time.time()
         hp, p = self.hp, self.hp.ppo
-        data = self.rollout()
+        orders = [self.epoch_order(epoch) for epoch in range(p.noptepochs)]
+        data = self.rollout(orders[0])
         kl_coef = self.kl_ctl.value
         rewards, non_score, kl = ppo.kl_penalty_rewards(data["logprobs"], data["ref_logprobs"], data["scores"],
                                                         kl_coef=kl_coef)
@@ -234,10 +254,9 @@ class PPOTrainer:
         lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
         train_stats: dict[str, float] = {}
         n_mb = 0
-        for epoch in range(p.noptepochs):
-            perm = torch.randperm(self.per_rank, generator=self.run.generator("shuffle", self.update * 1000 + epoch))
+        for order in orders:
             for start in range(0, self.per_rank, self.minibatch):
-                idx = perm[start:start + self.minibatch].to(self.run.device)
+                idx = order[start:start + self.minibatch]
                 mb = {k: data[k][idx] for k in ("contexts", "responses", "logprobs", "values", "rewards")}
                 for k, v in self.train_minibatch(mb, lr).items():
                     train_stats[k] = train_stats.get(k, 0.0) + v
@@ -256,6 +275,8 @@ class PPOTrainer:
             "ppo/lr": lr,
             "time/rollout": t_rollout,
         })
+        if self.extra_stats is not None:
+            stats.update(self.extra_stats(data["queries"], data["shown"]))
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
         # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
         self.kl_ctl.update(stats["objective/kl"], p.batch_size)
@@ -288,9 +309,9 @@ class PPOTrainer:
         stats: dict[str, float] = {}
         while self.update < self.n_updates:
             stats, data = self.step()
-            bar.update(1)
             bar.set_postfix({"score": f"{stats['objective/score']:.3f}", "kl": f"{stats['objective/kl']:.2f}",
-                             "eps/s": f"{stats['elapsed/episodes_per_s']:.1f}"})
+                             "eps/s": f"{stats['elapsed/episodes_per_s']:.1f}"}, refresh=False)
+            bar.update(1)
             if self.update % run.hp.log_interval == 0 or self.update == self.n_updates:
                 logger.log(self.update, stats)
                 logger.log_samples(self.update, self.sample_rows(data, self.hp.num_logged_samples))
@@ -300,14 +321,6 @@ class PPOTrainer:
         if stats:
             print0(summary_line(self.update, stats, ["objective/score", "objective/kl", "objective/kl_coef"]))
         return stats
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: str) -> Path:
@@ -326,8 +339,10 @@ def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: 
     return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")
 
 
-def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = None) -> Path:
-    """Train a policy. `score_fn` replaces the reward model (scripted rewards, reward shaping)."""
+def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = None,
+          extra_stats: StatsFn | None = None) -> Path:
+    """Train a policy. `score_fn` replaces the reward model (scripted rewards, reward shaping);
+    `extra_stats` adds statistics of each rollout to the metrics (all-reduced like the rest)."""
     hp.validate()
     if score_fn is None and bool(hp.rewards.trained_model) == (hp.rewards.train_new_model is not None):
         raise HParamsError("give exactly one of --rewards.trained_model=DIR and --rewards.train_new_model=on",
@@ -344,14 +359,15 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
                                          batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
                                          rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
         trainer = PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)),
-                             ref_policy=Policy(initial.gpt), score_fn=score_fn, encoding=encoding, queries=queries)
+                             ref_policy=Policy(initial.gpt), score_fn=score_fn, encoding=encoding, queries=queries,
+                             extra_stats=extra_stats)
         state = run.load_checkpoint()
         if state is not None:
             trainer.load_state_dict(state)
         logger = run.start(resume_step=trainer.update if state is not None else None)
         trainer.train(logger)
         run.finish(lambda d: save_model(d, gpt=trainer.policy.gpt, heads=trainer.policy.head_state(),
-                                        meta={"kind": "policy", "encoding": encoding.name}))
+                                        meta={"kind": "policy", "encoding": encoding.to_meta()}))
         print0(f"policy saved to {run.save_dir}")
         return run.save_dir
     finally:

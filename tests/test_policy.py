@@ -1,0 +1,157 @@
+"""Policy = GPT + LM head + value head (SPEC §4, §6): zero value head, exact-length sampling with
+the KV cache and temperature, logprobs under logits / temperature."""
+
+import pytest
+import torch
+
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.language.sample import sample_from_logits
+from lm_human_preferences.policy import Policy
+
+V = 40  # vocabulary of the test model
+PAD = V + 2  # outside the vocabulary, as GPT-2's 50259
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    OpenMP workers make them an order of magnitude slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_policy(seed: int = 0) -> Policy:
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(n_vocab=V, n_ctx=32, n_embd=16, n_head=2, n_layer=2))
+    with torch.no_grad():  # a peaked next-token distribution, so temperature visibly matters
+        gpt.wte.weight.normal_(std=0.3)
+    return Policy(gpt).eval()
+
+
+def contexts_with_pads() -> torch.Tensor:
+    return torch.tensor([[5, 6, 7, 8, 9],
+                         [PAD, PAD, 3, 4, 5],  # left padding
+                         [1, 2, PAD, PAD, PAD],  # right padding
+                         [11, PAD, 12, PAD, 13]])  # (4, 5)
+
+
+def reference_sample(gpt: GPT, contexts, *, length: int, temperature: float, generator) -> torch.Tensor:
+    """Sampling without a KV cache: a full forward pass over everything so far for each token."""
+    tokens = contexts
+    for _ in range(length):
+        logits = gpt(tokens, pad_token=PAD).logits[:, -1]  # (B, V)
+        token = sample_from_logits(logits, temperature=temperature, generator=generator)
+        tokens = torch.cat([tokens, token[:, None]], 1)
+    return tokens[:, contexts.shape[1]:]
+
+
+def test_value_head_is_zero_initialised():
+    policy = make_policy()
+    assert torch.count_nonzero(policy.value_head.weight) == 0
+    assert torch.count_nonzero(policy.value_head.bias) == 0
+    out = policy(contexts_with_pads(), torch.randint(0, V, (4, 3)), temperature=0.7, pad_token=PAD)
+    assert out.values.shape == (4, 3) and out.values.dtype == torch.float32
+    assert torch.count_nonzero(out.values) == 0
+    assert set(policy.head_state()) == {"value.weight", "value.bias"}
+
+
+@pytest.mark.parametrize("length", [1, 7])
+def test_respond_returns_exactly_length_tokens(length):
+    policy = make_policy()
+    contexts = contexts_with_pads()
+    responses = policy.respond(contexts, length=length, temperature=0.7, pad_token=PAD,
+                               generator=torch.Generator().manual_seed(0))
+    assert responses.shape == (4, length) and responses.dtype == torch.long
+    assert ((responses >= 0) & (responses < V)).all()  # never a pad, never outside the vocabulary
+    assert torch.equal(contexts, contexts_with_pads())  # input untouched
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_forward_logprobs_are_log_softmax_of_tempered_logits(temperature):
+    policy = make_policy()
+    contexts = contexts_with_pads()
+    responses = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(1))
+    out = policy(contexts, responses, temperature=temperature, pad_token=PAD)
+
+    full = policy.gpt(torch.cat([contexts, responses], 1), pad_token=PAD)
+    logits = full.logits[:, contexts.shape[1] - 1:-1] / temperature  # predicts each response token (4, 6, V)
+    logp = torch.log_softmax(logits, -1)
+    want = logp.gather(-1, responses[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.entropies, -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.values, policy.value_head(full.hidden[:, contexts.shape[1] - 1:-1]).squeeze(-1))
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == (4, 6)
+
+    untempered = torch.log_softmax(full.logits[:, contexts.shape[1] - 1:-1], -1).gather(-1, responses[..., None])
+    if temperature != 1.0:
+        assert (out.logprobs - untempered.squeeze(-1)).abs().max() > 0.1
+
+
+def test_forward_under_bf16_autocast_gives_fp32_logprobs():
+    policy = make_policy()
+    contexts, responses = contexts_with_pads(), torch.randint(0, V, (4, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = policy(contexts, responses, temperature=0.7, pad_token=PAD)
+    assert out.logprobs.dtype == out.values.dtype == out.entropies.dtype == torch.float32
+    ref = policy(contexts, responses, temperature=0.7, pad_token=PAD)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0, atol=0.1)
+
+
+def test_respond_uses_the_kv_cache():
+    policy = make_policy()
+    calls = []
+    forward = policy.gpt.forward
+
+    def spy(tokens, **kw):
+        calls.append((tuple(tokens.shape), kw.get("cache")))
+        return forward(tokens, **kw)
+
+    policy.gpt.forward = spy
+    policy.respond(contexts_with_pads(), length=5, temperature=0.7, pad_token=PAD,
+                   generator=torch.Generator().manual_seed(0))
+    # one pass over the contexts, then one token per call, all into the same cache
+    assert [shape for shape, _ in calls] == [(4, 5)] + [(4, 1)] * 4
+    cache = calls[0][1]
+    assert cache is not None and all(c is cache for _, c in calls)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_cached_sampling_equals_full_forward_sampling(temperature):
+    policy = make_policy()
+    contexts = contexts_with_pads()
+    got = policy.respond(contexts, length=8, temperature=temperature, pad_token=PAD,
+                         generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference_sample(policy.gpt, contexts, length=8, temperature=temperature,
+                                generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+
+
+def test_sampling_is_seeded():
+    policy = make_policy()
+    contexts = contexts_with_pads().repeat(4, 1)  # (16, 5)
+
+    def sample(seed):
+        return policy.respond(contexts, length=6, temperature=0.7, pad_token=PAD,
+                              generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+def test_sampling_follows_the_tempered_distribution():
+    policy = make_policy()
+    context = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        logits = policy.gpt(context).logits[0, -1]  # (V,)
+    n = 20000
+    for temperature in (1.0, 0.5):
+        tokens = policy.respond(context.expand(n, -1), length=1, temperature=temperature, pad_token=PAD,
+                                generator=torch.Generator().manual_seed(0))[:, 0]
+        freq = torch.bincount(tokens, minlength=V).float() / n
+        want = torch.softmax(logits / temperature, -1)
+        other = torch.softmax(logits / (1.5 - temperature), -1)  # the other temperature's distribution
+        assert 0.5 * (freq - want).abs().sum() < 0.03  # total variation distance
+        assert 0.5 * (freq - other).abs().sum() > 0.1
