@@ -118,7 +118,7 @@ _SUMMARIZE_POLICY = {
 }
 _OFFLINE_POLICY = {
     "ppo.lr": 1e-4,
-    "ppo.total_episodes": 16384,
+    "ppo.total_episodes": 8192,
     "ppo.batch_size": 64,
     "ppo.nminibatches": 4,
     "rewards.kl_coef": 0.1,

@@ -5,13 +5,13 @@ import json
 
 import launch
 
-TINY = [
-    "--train_sft.steps=150", "--train_sft.batch_size=16", "--train_sft.seq_length=32", "--train_sft.eval_interval=150",
-    "--train_sft.model.n_embd=32", "--train_sft.model.n_layer=1", "--train_sft.lr=1e-2", "--train_sft.vocab_passages=2000",
-    "--collect_labels.num_labels=256",
-    "--train_reward.labels.num_train=224", "--train_reward.batch_size=16", "--train_reward.lr=3e-4",
+TINY = [  # the offline presets, scaled down; robust over seeds 1-4 (gold +0.33 to +0.64)
+    "--train_sft.steps=300", "--train_sft.batch_size=16", "--train_sft.seq_length=32", "--train_sft.eval_interval=300",
+    "--train_sft.lr=5e-3", "--train_sft.vocab_passages=2000",
+    "--collect_labels.num_labels=4096",
+    "--train_reward.labels.num_train=3968", "--train_reward.batch_size=32", "--train_reward.lr=1e-3",
     "--train_reward.rollout_batch_size=64", "--train_reward.normalize_samples=128",
-    "--train_policy.ppo.total_episodes=1024", "--train_policy.ppo.batch_size=64", "--train_policy.ppo.lr=1e-3",
+    "--train_policy.ppo.total_episodes=4096", "--train_policy.ppo.batch_size=64", "--train_policy.ppo.lr=1e-3",
     "--task.response_length=8", "--task.query_length=8", "--run.wandb=off",
 ]
 
@@ -27,7 +27,7 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
         assert (root / name).is_file(), name
     assert (tmp_path / "base" / "config.json").is_file()
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["final"]["gold"] > summary["initial"]["gold"], summary
+    assert summary["final"]["gold"] > summary["initial"]["gold"] + 0.1, summary
     assert summary["final"]["kl"] > 0
     report = (root / "report.md").read_text()
     assert "| initial |" in report and "| final |" in report
