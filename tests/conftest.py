@@ -8,3 +8,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Tiny models gain nothing from a second thread, and OpenMP threads spinning against a busy
+# machine made them up to 10x slower; subprocesses (CLI tests) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
