@@ -12,8 +12,9 @@
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
 --run.save_dir is given). `python launch.py <subcommand> <task> x --help` lists every key with
 its value. Several processes: `torchrun --nproc_per_node N launch.py ...`.
-User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2;
-`--debug` shows the traceback.
+User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
+non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; `--debug` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lm_human_preferences.labels import LabelFileError
     from lm_human_preferences.language.checkpoints import CheckpointError
     from lm_human_preferences.language.encodings import EncodingError
-    from lm_human_preferences.runtime import CheckpointCorrupt
-    return (HParamsError, LabelFileError, CheckpointError, EncodingError, CheckpointCorrupt, FileNotFoundError)
+    return (HParamsError, LabelFileError, CheckpointError, EncodingError, FileNotFoundError)
 
 
 # subcommand -> (module, hyperparameter class); each module has `train(hp, *, exp_name)`.
@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite loss or gradient stopped training
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

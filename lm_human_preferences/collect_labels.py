@@ -79,6 +79,7 @@ def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        lm_tasks.check_task_fits(hp.task, initial)
         labeler = labelers.get_labeler(hp.labeler)
         out = run.save_dir / "labels.json"
         run.start()

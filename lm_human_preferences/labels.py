@@ -11,7 +11,6 @@ what was expected and what was found.
 
 import http.client
 import json
-import math
 import os
 import sys
 import urllib.parse
@@ -30,6 +29,9 @@ DEFAULT_LABEL_FILES = {
     "cnndm": "cnndm/online_45k.json",
     "tldr": "tldr/online_45k.json",
 }
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class LabelFileError(ValueError):
@@ -63,7 +65,11 @@ def _is_int(value) -> bool:
 
 
 def _is_finite_number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    """An int or float that a float32 tensor holds as a finite number."""
+    try:
+        return type(value) in (int, float) and abs(float(value)) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _validate(rows, *, where: str, label_type: LabelType, query_length: int, response_length: int,
@@ -113,7 +119,7 @@ def _check_value(value, *, kind, shape, field, label_type, vocab_size, pad_token
         return None
     if kind == "float":
         if not _is_finite_number(value):
-            return f"expected a finite number, got {_describe(value)}"
+            return f"expected a finite number (within float32 range), got {_describe(value)}"
         return None
     raise ValueError(f"unknown schema kind {kind!r} for field {field!r}")
 
@@ -138,6 +144,8 @@ def read_labels(path, *, label_type: LabelType, query_length: int, response_leng
         raise LabelFileError(
             f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated or corrupt file?)"
         ) from e
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits, absurd nesting
+        raise LabelFileError(f"{path}: unreadable JSON: {' '.join(str(e).split())[:200]}") from e
     _validate(rows, where=str(path), label_type=label_type, query_length=query_length,
               response_length=response_length, vocab_size=vocab_size, pad_token=pad_token)
     return rows

@@ -102,10 +102,23 @@ def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved
     return PretrainedModel(gpt=gpt, encoding=encoding, path=path)
 
 
+def check_task_fits(task: TaskHParams, model: PretrainedModel) -> None:
+    """The policy's context (prefix ‖ query ‖ suffix) and the response must fit the model's n_ctx."""
+    enc = model.encoding
+    need = len(enc.encode(task.query_prefix)) + task.query_length + len(enc.encode(task.query_suffix)) \
+        + task.response_length
+    if need > model.gpt.config.n_ctx:
+        raise HParamsError(f"query, prefix, suffix and response take {need} tokens, more than the context of "
+                           f"{model.path} ({model.gpt.config.n_ctx})", key="task.response_length")
+
+
 def query_dataset(task: TaskHParams, *, encoding: Encoding, data_dir: str, batch_size: int, rank: int,
                   world_size: int, seed: int) -> QueryDataset:
     """This rank's stream of (batch_size, query_length) query batches for the task."""
-    passages = get_passages(task.query_dataset, data_dir=data_dir, seed=seed)
+    try:
+        passages = get_passages(task.query_dataset, data_dir=data_dir, seed=seed)
+    except ValueError as e:  # not a .txt/.jsonl file nor a registered dataset
+        raise HParamsError(str(e), key="task.query_dataset") from None
     return QueryDataset(passages, encoding=encoding, query_length=task.query_length,
                         start_text=task.start_text or None, end_text=task.end_text or None,
                         batch_size=batch_size, rank=rank, world_size=world_size)

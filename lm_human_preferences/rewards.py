@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
+from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.language.gpt import GPT
 
 
@@ -49,10 +50,15 @@ class RewardModel(nn.Module):
                 "reward.gain": self.reward_gain, "reward.gain_bias": self.reward_bias}
 
     def load_head_state(self, heads: dict[str, torch.Tensor], source) -> None:
-        want = ("reward.weight", "reward.bias", "reward.gain", "reward.gain_bias")
+        want = {"reward.weight": self.reward_head.weight, "reward.bias": self.reward_head.bias,
+                "reward.gain": self.reward_gain, "reward.gain_bias": self.reward_bias}
         missing = [k for k in want if k not in heads]
         if missing:
-            raise ValueError(f"{source}: not a reward model (missing heads {missing})")
+            raise CheckpointError(f"{source}: not a reward model (missing heads {missing})")
+        wrong = [f"{k}: {list(heads[k].shape)} vs {list(v.shape)}" for k, v in want.items()
+                 if heads[k].numel() != v.numel()]
+        if wrong:
+            raise CheckpointError(f"{source}: reward heads do not fit the model ({', '.join(wrong)})")
         with torch.no_grad():
             self.reward_head.weight.copy_(heads["reward.weight"].reshape(self.reward_head.weight.shape))
             self.reward_head.bias.copy_(heads["reward.bias"].reshape(1))

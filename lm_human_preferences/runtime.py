@@ -9,16 +9,25 @@ Run directory (the stable contract, see the README):
 Randomness is derived, not carried: every update draws from generators seeded by
 (seed, rank, purpose, update), so a resumed run repeats an uninterrupted one without saving
 RNG states.
+
+Before each optimizer step trainers ask `Run.finite_or_skip` whether the loss and the gradient
+norm are finite on every rank; if not, every rank stops with a FloatingPointError naming the
+step and the statistic, or with `run.skip_nonfinite` skips that batch and counts it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
+import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,9 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line
 from lm_human_preferences.logs import Logger, print0
 
 PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 
 
 @dataclass
@@ -43,8 +54,10 @@ class RunHParams(HParams):
     log_interval: int = 1
     save_interval: int = 0  # updates between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | never | PATH to a checkpoint file
+    resume: str = "auto"  # auto | never (start over, dropping old checkpoints) | PATH to a checkpoint file
     data_dir: str = "datasets"  # prepared query datasets and the label cache
+    skip_nonfinite: bool = False  # skip a batch with a non-finite loss or gradient instead of stopping
+    timeout_s: float = 600.0  # how long a collective waits for the other ranks before failing
 
     def _validate(self):
         for key in ("log_interval", "keep_checkpoints"):
@@ -52,10 +65,18 @@ class RunHParams(HParams):
                 raise HParamsError("must be >= 1", key=key)
         if self.save_interval < 0:
             raise HParamsError("must be >= 0", key="save_interval")
+        if not self.timeout_s > 0:
+            raise HParamsError("must be > 0", key="timeout_s")
+        try:
+            device = torch.device(self.device) if self.device != "auto" else None
+        except RuntimeError:
+            raise HParamsError("expected auto, cpu, cuda or cuda:N", key="device") from None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise HParamsError("CUDA is not available on this machine; use cpu or auto", key="device")
 
 
-class CheckpointCorrupt(RuntimeError):
-    pass
+class CheckpointCorrupt(CheckpointError):
+    """A training checkpoint that is missing, truncated, unverifiable or unreadable."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -76,20 +97,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def load_verified(path: Path) -> dict:
     """A checkpoint whose sha256 matches the one recorded beside it (weights_only: no pickle)."""
     sidecar = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        raise CheckpointCorrupt(f"{path}: no such checkpoint file")
     if not sidecar.is_file():
         raise CheckpointCorrupt(f"{path}: no {sidecar.name} beside it (an interrupted write?)")
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+    if hashlib.sha256(data).hexdigest() != sidecar.read_text(errors="replace").strip():
         raise CheckpointCorrupt(f"{path}: contents do not match {sidecar.name} (truncated or corrupt)")
-    import io
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or a pickle payload weights_only refused
+        raise CheckpointCorrupt(f"{path}: not a readable checkpoint ({load_failure(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointCorrupt(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict)")
+    return state
 
 
 class Run:
     def __init__(self, hp: RunHParams, *, exp_name: str, config: HParams):
         self.hp, self.config = hp, config
         self._owns_group = distributed.get_world_size() == 1  # else a caller's group is reused
-        self.dist = distributed.init(hp.device)
+        self.dist = distributed.init(hp.device, timeout_s=hp.timeout_s)
         self.device = self.dist.device
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
         self.save_dir = Path(hp.save_dir or f"runs/{exp_name}")
@@ -98,6 +126,8 @@ class Run:
         self.bf16 = dtype == "bf16"
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
         self.logger: Logger | None = None
+        self.resumed_from: Path | None = None
+        self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
 
     # ---- randomness -------------------------------------------------------------------
     def generator(self, purpose: str, step: int = 0, *, shared: bool = False) -> torch.Generator:
@@ -126,6 +156,29 @@ class Run:
             raise HParamsError(f"{global_size} is not divisible by the {self.world_size} ranks", key=what)
         return global_size // self.world_size
 
+    # ---- numerical guard ----------------------------------------------------------------
+    def finite_or_skip(self, step: int, *, losses: dict[str, float],
+                       parameters: Iterable[torch.nn.Parameter]) -> bool:
+        """Call between backward and the optimizer step: True when `losses` and the gradient norm
+        of `parameters` are finite on every rank. Otherwise, on every rank alike, False with
+        `run.skip_nonfinite` (skip the optimizer step; counted in `skipped_batches`), else a
+        FloatingPointError naming the step (as metrics.jsonl counts them) and the statistic."""
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        grads = [p.grad.detach() for p in parameters if p.grad is not None]
+        if grads and not bad:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if not math.isfinite(float(norm)):
+                bad.append("gradient norm")
+        if not distributed.any_rank(bool(bad)):
+            return True
+        what = f"non-finite {' and '.join(bad)}" + (f" on rank {self.rank}" if bad else " on another rank")
+        if self.hp.skip_nonfinite:
+            self.skipped_batches += 1
+            print0(f"warning: step {step}: {what}; batch skipped ({self.skipped_batches} so far)", file=sys.stderr)
+            return False
+        raise FloatingPointError(f"step {step}: {what}; the run stopped and kept its checkpoints "
+                                 f"(rerun to resume, or pass --run.skip_nonfinite=true to skip such batches)")
+
     # ---- run directory ----------------------------------------------------------------
     def start(self, *, resume_step: int | None = None) -> Logger:
         """Create the run directory and the logger; call once inputs are validated."""
@@ -133,6 +186,7 @@ class Run:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.save_dir / "hparams.json",
                                (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+            self._drop_checkpoints_after(-1 if resume_step is None else resume_step)
         distributed.barrier()
         self.logger = Logger(self.save_dir, enabled=self.is_main, wandb=self.hp.wandb,
                              run_name=self.exp_name, config=self.config.flat_items(), resume_step=resume_step)
@@ -149,36 +203,74 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.save_dir / "checkpoints"
 
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every `checkpoints/step_*.pt`, oldest first."""
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.glob("step_*.pt")
+                 if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+        return sorted(found)
+
+    @staticmethod
+    def _remove_checkpoint(path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+    def _drop_checkpoints_after(self, step: int) -> None:
+        """A run starting at `step` abandons later checkpoints (an earlier run's, a corrupt one)
+        and the temporary files of writes a crash interrupted."""
+        for s, path in self.checkpoints():
+            if s > step:
+                self._remove_checkpoint(path)
+        for tmp in self.checkpoint_dir.glob(".step_*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
     def save_checkpoint(self, step: int, state: dict) -> None:
-        """Rank 0 writes `checkpoints/step_{step:06d}.pt` and its sha256, then prunes old ones."""
+        """Rank 0 writes `checkpoints/step_{step:06d}.pt` and its sha256 (each to a temporary file,
+        then renamed), then keeps only the newest `run.keep_checkpoints`."""
         if self.is_main:
-            import io
             buf = io.BytesIO()
             torch.save(state, buf)
             data = buf.getvalue()
             path = self.checkpoint_dir / f"step_{step:06d}.pt"
             atomic_write_bytes(path, data)
             atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-            for old in sorted(self.checkpoint_dir.glob("step_*.pt"))[:-self.hp.keep_checkpoints]:
-                old.unlink()
-                old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+            for _, old in self.checkpoints()[:-self.hp.keep_checkpoints]:
+                self._remove_checkpoint(old)
         distributed.barrier()
 
     def load_checkpoint(self) -> dict | None:
-        """The newest good checkpoint per `run.resume` (auto | never | PATH), or None."""
+        """The newest good checkpoint per `run.resume` (auto | never | PATH), or None; its path
+        goes to `resumed_from`. In auto mode a bad checkpoint is reported and an older one used."""
         if self.hp.resume == "never":
             return None
-        if self.hp.resume != "auto":
-            return load_verified(Path(self.hp.resume))
-        for path in sorted(self.checkpoint_dir.glob("step_*.pt"), reverse=True):
+        candidates = ([Path(self.hp.resume)] if self.hp.resume != "auto"
+                      else [path for _, path in reversed(self.checkpoints())])
+        for path in candidates:
             try:
                 state = load_verified(path)
             except CheckpointCorrupt as e:
-                print0(f"warning: skipping {e}")
+                if self.hp.resume != "auto":
+                    raise CheckpointCorrupt(f"--run.resume: {e}") from None
+                print0(f"warning: skipping bad checkpoint {e}", file=sys.stderr)
                 continue
             print0(f"resuming from {path}")
+            self.resumed_from = path
             return state
         return None
+
+    def resume(self, load_state_dict: Callable[[dict], None]) -> bool:
+        """Load the checkpoint `load_checkpoint` picks with `load_state_dict`; False if none.
+        A checkpoint that does not fit the trainer (another model, another config) is a
+        CheckpointError naming it."""
+        state = self.load_checkpoint()
+        if state is None:
+            return False
+        try:
+            load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{self.resumed_from}: does not fit this run ({type(e).__name__}: {one_line(e)}); "
+                                  "pass --run.resume=PATH to another checkpoint, or --run.resume=never to start "
+                                  "over") from None
+        return True
 
     def finish(self, write_final) -> None:
         """Rank 0 runs `write_final(save_dir)`; then checkpoints are no longer needed."""

@@ -84,6 +84,11 @@ class PPOHParams(HParams):
                 raise HParamsError("must be >= 1", key=key)
         if self.total_episodes < self.batch_size:
             raise HParamsError(f"fewer episodes than one batch ({self.batch_size})", key="total_episodes")
+        if self.batch_size % self.nminibatches:
+            raise HParamsError(f"batch_size={self.batch_size} is not divisible by nminibatches={self.nminibatches}",
+                               key="nminibatches")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
 
 
 @dataclass
@@ -212,7 +217,8 @@ class PPOTrainer:
         adv, ret = ppo.gae(rewards, values, gamma=p.gamma, lam=p.lam)
         return whiten_across_ranks(adv).detach(), ret.detach()
 
-    def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+    def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float] | None:
+        """One optimizer step on a minibatch, in micro-batches; None if it was skipped (non-finite)."""
         p = self.hp.ppo
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -233,10 +239,9 @@ class PPOTrainer:
                 (losses["ppo/loss/total"] / n_micro).backward()
             for k, v in losses.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
-        bad = [k for k in ("ppo/loss/total",) if stats[k] != stats[k] or abs(stats[k]) == float("inf")]
-        if distributed.any_rank(bool(bad)):
-            raise FloatingPointError(f"update {self.update}: non-finite {bad or 'loss on another rank'}; "
-                                     "the last good checkpoint is kept")
+        if not self.run.finite_or_skip(self.update + 1, losses={"ppo/loss/total": stats["ppo/loss/total"]},
+                                       parameters=self.policy.parameters()):
+            return None
         self.optimizer.step()
         return stats
 
@@ -258,7 +263,9 @@ class PPOTrainer:
             for start in range(0, self.per_rank, self.minibatch):
                 idx = order[start:start + self.minibatch]
                 mb = {k: data[k][idx] for k in ("contexts", "responses", "logprobs", "values", "rewards")}
-                for k, v in self.train_minibatch(mb, lr).items():
+                if (mb_stats := self.train_minibatch(mb, lr)) is None:
+                    continue
+                for k, v in mb_stats.items():
                     train_stats[k] = train_stats.get(k, 0.0) + v
                 n_mb += 1
         stats = {k: v / n_mb for k, v in train_stats.items()}
@@ -278,6 +285,8 @@ class PPOTrainer:
         if self.extra_stats is not None:
             stats.update(self.extra_stats(data["queries"], data["shown"]))
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
+        if self.run.hp.skip_nonfinite:
+            stats["run/skipped_batches"] = self.run.skipped_batches
         # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
         self.kl_ctl.update(stats["objective/kl"], p.batch_size)
         elapsed = time.time() - t0
@@ -288,10 +297,12 @@ class PPOTrainer:
 
     def state_dict(self) -> dict:
         return {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict()}
+                "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict(),
+                "skipped_batches": self.run.skipped_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.update = state["update"]
+        self.run.skipped_batches = state.get("skipped_batches", 0)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -304,20 +315,19 @@ class PPOTrainer:
 
     def train(self, logger) -> dict[str, float]:
         run = self.run
-        bar = progress(total=self.n_updates, desc="train_policy", enabled=run.is_main, unit="update")
-        bar.update(self.update)
-        stats: dict[str, float] = {}
-        while self.update < self.n_updates:
-            stats, data = self.step()
-            bar.set_postfix({"score": f"{stats['objective/score']:.3f}", "kl": f"{stats['objective/kl']:.2f}",
-                             "eps/s": f"{stats['elapsed/episodes_per_s']:.1f}"}, refresh=False)
-            bar.update(1)
-            if self.update % run.hp.log_interval == 0 or self.update == self.n_updates:
-                logger.log(self.update, stats)
-                logger.log_samples(self.update, self.sample_rows(data, self.hp.num_logged_samples))
-            if run.hp.save_interval and self.update % run.hp.save_interval == 0 and self.update < self.n_updates:
-                run.save_checkpoint(self.update, self.state_dict())
-        bar.close()
+        with progress(total=self.n_updates, desc="train_policy", enabled=run.is_main, unit="update") as bar:
+            bar.update(self.update)
+            stats: dict[str, float] = {}
+            while self.update < self.n_updates:
+                stats, data = self.step()
+                bar.set_postfix({"score": f"{stats['objective/score']:.3f}", "kl": f"{stats['objective/kl']:.2f}",
+                                 "eps/s": f"{stats['elapsed/episodes_per_s']:.1f}"}, refresh=False)
+                bar.update(1)
+                if self.update % run.hp.log_interval == 0 or self.update == self.n_updates:
+                    logger.log(self.update, stats)
+                    logger.log_samples(self.update, self.sample_rows(data, self.hp.num_logged_samples))
+                if run.hp.save_interval and self.update % run.hp.save_interval == 0 and self.update < self.n_updates:
+                    run.save_checkpoint(self.update, self.state_dict())
         if stats:
             print0(summary_line(self.update, stats, ["objective/score", "objective/kl", "objective/kl_coef"]))
         return stats
@@ -350,6 +360,7 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        lm_tasks.check_task_fits(hp.task, initial)
         encoding = initial.encoding
         if score_fn is None:
             rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
@@ -361,10 +372,8 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
         trainer = PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)),
                              ref_policy=Policy(initial.gpt), score_fn=score_fn, encoding=encoding, queries=queries,
                              extra_stats=extra_stats)
-        state = run.load_checkpoint()
-        if state is not None:
-            trainer.load_state_dict(state)
-        logger = run.start(resume_step=trainer.update if state is not None else None)
+        resumed = run.resume(trainer.load_state_dict)
+        logger = run.start(resume_step=trainer.update if resumed else None)
         trainer.train(logger)
         run.finish(lambda d: save_model(d, gpt=trainer.policy.gpt, heads=trainer.policy.head_state(),
                                         meta={"kind": "policy", "encoding": encoding.to_meta()}))

@@ -62,6 +62,10 @@ class RewardTrainingHParams(HParams):
         for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise HParamsError("must be >= 1", key=key)
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        if self.normalize_samples < 0:
+            raise HParamsError("must be >= 0 (0: no normalization)", key="normalize_samples")
         if self.labels.num_train % self.batch_size:
             raise HParamsError(f"labels.num_train={self.labels.num_train} is not a multiple of "
                                f"batch_size={self.batch_size}", key="batch_size")
@@ -152,8 +156,9 @@ class RewardTrainer:
         pad = self.encoding.padding_token
         return lambda q, r: model(q.to(self.run.device), r.to(self.run.device), pad_token=pad)
 
-    def train_step(self, indices: torch.Tensor, lr: float) -> dict[str, float]:
-        """One optimizer step on this rank's `indices`, in micro-batches."""
+    def train_step(self, indices: torch.Tensor, lr: float) -> dict[str, float] | None:
+        """One optimizer step on this rank's `indices`, in micro-batches; None if it was skipped
+        (a non-finite loss or gradient with `run.skip_nonfinite`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,6 +172,9 @@ class RewardTrainer:
                 (out["loss"] / n_micro).backward()
             for k, v in out.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
+        if not self.run.finite_or_skip(self.step + 1, losses={"train/loss": stats["loss"]},
+                                       parameters=self.reward_model.parameters()):
+            return None
         self.optimizer.step()
         return stats
 
@@ -193,10 +201,11 @@ class RewardTrainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "normalized_before": self.normalized_before,
                 "model": self.reward_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "queries": self.queries.state_dict()}
+                "queries": self.queries.state_dict(), "skipped_batches": self.run.skipped_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.run.skipped_batches = state.get("skipped_batches", 0)
         self.normalized_before = state["normalized_before"]
         self.reward_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -211,25 +220,24 @@ class RewardTrainer:
             logger.log(0, {f"normalize/before/{k}": v for k, v in norm.items()})
             self.normalized_before = True
         perm = torch.randperm(hp.labels.num_train, generator=run.generator("shuffle", shared=True))
-        bar = progress(total=n_steps, desc="train_reward", enabled=run.is_main, unit="step")
-        bar.update(self.step)
-        last: dict[str, float] = {}
-        while self.step < n_steps:
-            start = self.step * hp.batch_size
-            ours = perm[start:start + hp.batch_size][run.rank::run.world_size]
-            lr = hp.lr * (1 - start / hp.labels.num_train)
-            stats = self.train_step(ours, lr)
-            stats = distributed.all_reduce_stats(stats, device=run.device)
-            stats["lr"] = lr
-            self.step += 1
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
-            bar.update(1)
-            if self.step % run.hp.log_interval == 0 or self.step == n_steps:
-                logger.log(self.step, {f"train/{k}": v for k, v in stats.items()})
-            if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
-                run.save_checkpoint(self.step, self.state_dict())
-            last = stats
-        bar.close()
+        with progress(total=n_steps, desc="train_reward", enabled=run.is_main, unit="step") as bar:
+            bar.update(self.step)
+            last: dict[str, float] = {}
+            while self.step < n_steps:
+                start = self.step * hp.batch_size
+                ours = perm[start:start + hp.batch_size][run.rank::run.world_size]
+                lr = hp.lr * (1 - start / hp.labels.num_train)
+                stats = distributed.all_reduce_stats(self.train_step(ours, lr) or {}, device=run.device)
+                stats["lr"] = lr
+                self.step += 1
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
+                bar.update(1)
+                if self.step % run.hp.log_interval == 0 or self.step == n_steps:
+                    skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
+                    logger.log(self.step, {**{f"train/{k}": v for k, v in stats.items()}, **skipped})
+                if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
+                    run.save_checkpoint(self.step, self.state_dict())
+                last = stats
         final = {f"train/{k}": v for k, v in last.items()}
         final.update(self.evaluate())
         if hp.normalize_after and hp.normalize_samples:
@@ -256,15 +264,14 @@ def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+        lm_tasks.check_task_fits(hp.task, initial)
         encoding = initial.encoding
         label_type, rows = load_label_rows(hp, hp.task, encoding=encoding, data_dir=hp.run.data_dir)
         trainer = RewardTrainer(run=run, hp=hp, task=hp.task, encoding=encoding,
                                 reward_model=build_reward_model(initial, seed=hp.run.seed),
                                 policy=Policy(initial.gpt), label_type=label_type, rows=rows)
-        state = run.load_checkpoint()
-        if state is not None:
-            trainer.load_state_dict(state)
-        logger = run.start(resume_step=trainer.step if state is not None else None)
+        resumed = run.resume(trainer.load_state_dict)
+        logger = run.start(resume_step=trainer.step if resumed else None)
         final = trainer.train(logger)
         run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.to_meta()))
         print0(f"reward model saved to {run.save_dir} "

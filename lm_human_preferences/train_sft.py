@@ -66,6 +66,8 @@ class TrainSFTHParams(HParams):
         for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches"):
             if getattr(self, key) < 1:
                 raise HParamsError("must be >= 1", key=key)
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
 
 
 class PackedText:
@@ -114,8 +116,12 @@ class PromptResponses:
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise HParamsError(f"{path}: line {i}: invalid JSON ({e})", key="data") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("response"), str):
                 raise HParamsError(f"{path}: line {i}: expected string fields 'prompt' and 'response'", key="data")
             self.examples.append((encoding.encode(row["prompt"]),
                                   encoding.encode(row["response"]) + ([] if encoding.eot_token is None
@@ -171,13 +177,19 @@ def lm_loss(model, batch: dict[str, torch.Tensor], *, pad_token: int) -> torch.T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def read_passages(hp: TrainSFTHParams, *, split: str = "train"):
+    try:
+        return get_passages(hp.data, data_dir=hp.run.data_dir, split=split, seed=hp.run.seed)
+    except ValueError as e:  # not a .txt/.jsonl file nor a registered dataset
+        raise HParamsError(str(e), key="data") from None
+
+
 def initial_model(hp: TrainSFTHParams) -> tuple[GPT, Encoding]:
     if hp.initial_model:
         pre = lm_tasks.load_pretrained(hp.initial_model)
         return pre.gpt, pre.encoding
     if hp.encoding == "gpt2-subset":
-        passages = get_passages(hp.data, data_dir=hp.run.data_dir, seed=hp.run.seed)
-        encoding = SubsetEncoding.from_texts(list(itertools.islice(passages, hp.vocab_passages)))
+        encoding = SubsetEncoding.from_texts(list(itertools.islice(read_passages(hp), hp.vocab_passages)))
     else:
         encoding = get_encoding(hp.encoding)
     m = hp.model
@@ -191,8 +203,7 @@ def make_batches(hp: TrainSFTHParams, *, encoding: Encoding, run: Run, split: st
         return PromptResponses(Path(hp.data), encoding=encoding, length=hp.seq_length, batch_size=per_rank,
                                rank=run.rank, world_size=run.world_size,
                                seed=hp.run.seed + (0 if split == "train" else 1))
-    passages = get_passages(hp.data, data_dir=hp.run.data_dir, split=split, seed=hp.run.seed)
-    return PackedText(passages, encoding=encoding, length=hp.seq_length, batch_size=per_rank,
+    return PackedText(read_passages(hp, split=split), encoding=encoding, length=hp.seq_length, batch_size=per_rank,
                       rank=run.rank, world_size=run.world_size)
 
 
@@ -220,44 +231,50 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
         train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
         optimizer = TFAdam(model.parameters(), lr=hp.lr)
         step = 0
-        state = run.load_checkpoint()
-        if state is not None:
+
+        def load_state_dict(state: dict) -> None:
+            nonlocal step
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             train_data.load_state_dict(state["data"])
+            run.skipped_batches = state.get("skipped_batches", 0)
             step = state["step"]
-        logger = run.start(resume_step=step if state is not None else None)
+
+        resumed = run.resume(load_state_dict)
+        logger = run.start(resume_step=step if resumed else None)
         pad = encoding.padding_token
-        bar = progress(total=hp.steps, desc="train_sft", enabled=run.is_main, unit="step")
-        bar.update(step)
-        while step < hp.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(hp, step)
-            batch = {k: v.to(run.device) for k, v in next(train_data).items()}
-            optimizer.zero_grad(set_to_none=True)
-            n_micro, loss_sum = per_rank // micro, 0.0
-            for m in range(n_micro):
-                sl = slice(m * micro, (m + 1) * micro)
-                with run.no_sync(ddp_model, sync=m == n_micro - 1), run.autocast():
-                    loss = lm_loss(ddp_model, {k: v[sl] for k, v in batch.items()}, pad_token=pad) / n_micro
-                loss.backward()
-                loss_sum += float(loss.detach())
-            if distributed.any_rank(not math.isfinite(loss_sum)):
-                raise FloatingPointError(f"step {step}: non-finite train/loss; the last good checkpoint is kept")
-            optimizer.step()
-            step += 1
-            stats = distributed.all_reduce_stats({"train/loss": loss_sum}, device=run.device)
-            stats["train/lr"] = optimizer.param_groups[0]["lr"]
-            bar.set_postfix({"loss": f"{stats['train/loss']:.3f}"}, refresh=False)
-            bar.update(1)
-            if step % hp.eval_interval == 0 or step == hp.steps:
-                stats.update(evaluate(hp, model, encoding=encoding, run=run, per_rank=per_rank))
-            if step % run.hp.log_interval == 0 or step == hp.steps or "eval/loss" in stats:
-                logger.log(step, stats)
-            if run.hp.save_interval and step % run.hp.save_interval == 0 and step < hp.steps:
-                run.save_checkpoint(step, {"step": step, "model": model.state_dict(),
-                                           "optimizer": optimizer.state_dict(), "data": train_data.state_dict()})
-        bar.close()
+        with progress(total=hp.steps, desc="train_sft", enabled=run.is_main, unit="step") as bar:
+            bar.update(step)
+            while step < hp.steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(hp, step)
+                batch = {k: v.to(run.device) for k, v in next(train_data).items()}
+                optimizer.zero_grad(set_to_none=True)
+                n_micro, loss_sum = per_rank // micro, 0.0
+                for m in range(n_micro):
+                    sl = slice(m * micro, (m + 1) * micro)
+                    with run.no_sync(ddp_model, sync=m == n_micro - 1), run.autocast():
+                        loss = lm_loss(ddp_model, {k: v[sl] for k, v in batch.items()}, pad_token=pad) / n_micro
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                stepped = run.finite_or_skip(step + 1, losses={"train/loss": loss_sum}, parameters=model.parameters())
+                if stepped:
+                    optimizer.step()
+                step += 1
+                stats = distributed.all_reduce_stats({"train/loss": loss_sum} if stepped else {}, device=run.device)
+                stats["train/lr"] = optimizer.param_groups[0]["lr"]
+                if run.hp.skip_nonfinite:
+                    stats["run/skipped_batches"] = run.skipped_batches
+                bar.set_postfix({"loss": f"{stats.get('train/loss', math.nan):.3f}"}, refresh=False)
+                bar.update(1)
+                if step % hp.eval_interval == 0 or step == hp.steps:
+                    stats.update(evaluate(hp, model, encoding=encoding, run=run, per_rank=per_rank))
+                if step % run.hp.log_interval == 0 or step == hp.steps or "eval/loss" in stats:
+                    logger.log(step, stats)
+                if run.hp.save_interval and step % run.hp.save_interval == 0 and step < hp.steps:
+                    run.save_checkpoint(step, {"step": step, "model": model.state_dict(),
+                                               "optimizer": optimizer.state_dict(), "data": train_data.state_dict(),
+                                               "skipped_batches": run.skipped_batches})
         run.finish(lambda d: save_model(d, gpt=model, meta={"kind": "gpt", "encoding": encoding.to_meta()}))
         print0(f"language model saved to {run.save_dir}")
         return run.save_dir

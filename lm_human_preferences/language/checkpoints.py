@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -49,9 +50,27 @@ class LoadedWeights:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_failure(error: BaseException) -> str:
+    """Why torch.load or safetensors refused a file, in one line."""
+    if isinstance(error, pickle.UnpicklingError):
+        refused = "; ".join(line.strip() for line in str(error).splitlines()
+                            if "GLOBAL" in line or "Unsupported" in line)
+        return f"it holds objects other than tensors and plain data, which are never unpickled ({refused})"
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +80,7 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         # weights_only refuses any pickle payload that is not plain tensors.
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or a pickle payload weights_only refused
-        raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable weights file ({load_failure(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     return sd
@@ -147,6 +166,10 @@ def _load_own(folder: Path, meta: dict) -> LoadedWeights:
         cfg = GPTConfig.from_dict(meta["gpt"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad 'gpt' section ({e})") from None
+    sizes = cfg.to_dict()
+    if not all(type(v) is int and v > 0 for v in sizes.values()) or cfg.n_embd % cfg.n_head:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad 'gpt' section {sizes} (positive integers expected, "
+                              "n_embd a multiple of n_head)")
     trunk = {k: v for k, v in sd.items() if not k.startswith("heads.")}
     heads = {k.removeprefix("heads."): v for k, v in sd.items() if k.startswith("heads.")}
     return LoadedWeights(config=cfg, trunk=trunk, heads=heads,
