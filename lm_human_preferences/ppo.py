@@ -13,6 +13,8 @@ Conventions that match the OAI TensorFlow code:
 * clip fractions count strict ``>`` between the clipped and unclipped losses.
 """
 
+from typing import Callable
+
 import torch
 
 __all__ = [
@@ -99,6 +101,7 @@ def advantages_and_returns(
     gamma: float,
     lam: float,
     whiten_rewards: bool,
+    whiten_fn: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (SPEC §6).
 
@@ -110,16 +113,18 @@ def advantages_and_returns(
         values: ``(B, T)`` rollout (old) values of the minibatch.
         gamma, lam: GAE parameters.
         whiten_rewards: whether to rescale the rewards first.
+        whiten_fn: replaces ``whiten`` (same signature), e.g. with statistics over several ranks.
 
     Returns:
         ``(advantages, returns)``, ``(B, T)`` each, detached; advantages are whitened.
     """
+    whiten_fn = whiten_fn or whiten
     rewards = rewards.detach()
     values = values.detach()
     if whiten_rewards:
-        rewards = whiten(rewards, shift_mean=False)  # (B, T)
+        rewards = whiten_fn(rewards, shift_mean=False)  # (B, T)
     advantages, returns = gae(rewards, values, gamma=gamma, lam=lam)  # (B, T), (B, T)
-    advantages = whiten(advantages)  # (B, T)
+    advantages = whiten_fn(advantages)  # (B, T)
     return advantages, returns
 
 

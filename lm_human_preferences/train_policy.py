@@ -210,12 +210,8 @@ class PPOTrainer:
     # ---- training -----------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor):
         p = self.hp.ppo
-        if not p.whiten_across_ranks:
-            return ppo.advantages_and_returns(rewards, values, gamma=p.gamma, lam=p.lam, whiten_rewards=p.whiten_rewards)
-        if p.whiten_rewards:
-            rewards = whiten_across_ranks(rewards, shift_mean=False)
-        adv, ret = ppo.gae(rewards, values, gamma=p.gamma, lam=p.lam)
-        return whiten_across_ranks(adv).detach(), ret.detach()
+        return ppo.advantages_and_returns(rewards, values, gamma=p.gamma, lam=p.lam, whiten_rewards=p.whiten_rewards,
+                                          whiten_fn=whiten_across_ranks if p.whiten_across_ranks else None)
 
     def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float] | None:
         """One optimizer step on a minibatch, in micro-batches; None if it was skipped (non-finite)."""
