@@ -12,14 +12,6 @@ V = 40  # vocabulary of the test model
 PAD = V + 2  # outside the vocabulary, as GPT-2's 50259
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
-    OpenMP workers make them an order of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_policy(seed: int = 0) -> Policy:

@@ -26,13 +26,6 @@ LQ, LR = 8, 6  # query / response length of the tiny task
 SAMPLE_RESPONSES = lm_tasks.sample_responses  # the real one, while tests spy on it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes more threads much slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_task(d: Path, *, encoding=None, n_labels=96, **model_kwargs) -> dict:
