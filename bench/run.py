@@ -1,0 +1,711 @@
+#!/usr/bin/env python
+"""Benchmarks: our GPT-2 / PPO code against peers, measured in the same process.
+
+    python bench/run.py                          # everything, full sizes (~15 min on 2 CPU cores)
+    python bench/run.py --only sampling,peak     # some of: sampling, train, ppo, peak
+    python bench/run.py --quick                  # tiny sizes: a smoke check (seconds)
+
+Every comparison runs ours and the peer alternately (ABBA order, after a warm-up of each) and
+reports medians, so machine load drifts hit both sides alike. Sections:
+
+  sampling  `language.sample.sample_sequence` vs transformers `GPT2LMHeadModel.generate` on
+            identical weights, fixed length, temperature 0.7, no top-k/top-p, fp32 and bf16 autocast.
+  train     forward+backward of the PPO minibatch computation (`Policy.forward`, loss
+            logprobs.sum() + values.sum()) vs transformers forward (LM loss on all positions)
+            + backward on the same tokens; fp32 and bf16 autocast.
+  ppo       time per phase of one `train_policy.PPOTrainer` update on the offline task.
+  peak      the measured matmul peak and memory bandwidth; model FLOP/s and MFU of the
+            sections above (uses their results when they ran in the same invocation).
+
+Results are printed as tables and written as JSON: a full run (all sections, not --quick)
+writes bench/results-cpu.json; other runs write only where --json says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+SECTIONS = ("sampling", "train", "ppo", "peak", "ops")
+TEMPERATURE = 0.7
+
+
+# ---- sizes --------------------------------------------------------------------------------
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return dict(model=dict(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2), batch=4, query=8,
+                    response=4, repeats=3, peak_sizes=[128, 256], peak_repeats=3, ppo_batch=8, ppo_nminibatches=2,
+                    ppo_noptepochs=1, ppo_updates=3, bandwidth_mb=16)
+    return dict(model="124M", batch=16, query=64, response=24, repeats=5, peak_sizes=[1024, 2048, 3072], peak_repeats=8,
+                ppo_batch=None, ppo_nminibatches=None, ppo_noptepochs=None, ppo_updates=5, bandwidth_mb=512)
+
+
+def precisions():
+    return {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, run alternately: a warm-up round, then `repeats` rounds
+    whose order alternates (A B, B A, ...), so drift in machine load hits every function alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def fmt_cores(c: float | None) -> str:
+    return "n/a" if c is None else f"{c:.2f} cores busy"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class OthersCpu:
+    """CPU time spent by OTHER processes (and the hypervisor's steal) while a measurement runs, in
+    cores: 0 on a quiet machine. From /proc/stat (all CPUs) minus this process' own CPU time. On a
+    2-core machine, anything above ~0.2 means our threads were competing for a core."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def cores(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, others / (end[0] - self.start[0]))
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# ---- models: ours and transformers' on identical weights ----------------------------------------
+
+def model_config(spec):
+    from lm_human_preferences.language.gpt import GPTConfig
+    return GPTConfig.named(spec) if isinstance(spec, str) else GPTConfig(**spec)
+
+
+def build_pair(cfg, *, seed: int = 0):
+    """(ours, hf): transformers' GPT2LMHeadModel with random weights, saved with `save_pretrained`
+    and loaded into our GPT by `language.checkpoints.load_gpt` (the library's own HF loader)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from lm_human_preferences.language.checkpoints import load_gpt
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    special = cfg.n_vocab - 1  # GPT-2's <|endoftext|> is its last token
+    hcfg = GPT2Config(vocab_size=cfg.n_vocab, n_positions=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, bos_token_id=special, eos_token_id=special, pad_token_id=special,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hcfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(hcfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load_gpt(d).eval()
+    tokens = torch.randint(0, cfg.n_vocab - 1, (2, 16))
+    with torch.no_grad():
+        diff = (ours(tokens).logits - hf(tokens).logits).abs().max().item()
+    if diff > 1e-3:
+        raise RuntimeError(f"our GPT and transformers' disagree on identical weights (max |logit diff| {diff})")
+    return ours, hf
+
+
+def n_matmul_params(cfg) -> int:
+    """Weights of the per-token matmuls of the transformer blocks (12 d^2 per layer)."""
+    return 12 * cfg.n_layer * cfg.n_embd ** 2
+
+
+def forward_flops(cfg, *, batch: int, positions: list[int], head_positions: int) -> float:
+    """Model FLOPs of a forward pass of `batch` sequences: a token at position p (0-based) costs
+    2 * N_mm for the block matmuls and 4 * n_layer * d * (p + 1) for attention (q.k and a.v over
+    the p + 1 keys it may see, i.e. causal pairs only); each position where logits are computed
+    costs 2 * d * V for the LM head. Embedding lookups, layer norms, GELU and softmax are not counted."""
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.n_vocab
+    per_seq = sum(2 * n_matmul_params(cfg) + 4 * L * d * (p + 1) for p in positions) + head_positions * 2 * d * V
+    return float(batch * per_seq)
+
+
+def sampling_flops(cfg, *, batch: int, query: int, response: int) -> float:
+    """Prefill of the query (logits at its last position only), then response - 1 single-token
+    steps at positions query .. query + response - 2; `response` LM-head evaluations in all."""
+    return forward_flops(cfg, batch=batch, positions=list(range(query + response - 1)), head_positions=response)
+
+
+def train_flops(cfg, *, batch: int, length: int, head_positions: int) -> float:
+    """Forward + backward = 3 x forward (the backward costs two matmuls per forward matmul)."""
+    return 3 * forward_flops(cfg, batch=batch, positions=list(range(length)), head_positions=head_positions)
+
+
+# ---- sampling -----------------------------------------------------------------------------
+
+def bench_sampling(sz: dict) -> dict:
+    from lm_human_preferences.language.sample import sample_sequence
+
+    cfg = model_config(sz["model"])
+    ours, hf = build_pair(cfg)
+    B, Tc, L = sz["batch"], sz["query"], sz["response"]
+    pad = cfg.n_vocab + 2  # our padding token (outside the vocabulary, as the library uses it)
+    torch.manual_seed(1)
+    context = torch.randint(0, cfg.n_vocab - 1, (B, Tc))
+    gen = torch.Generator().manual_seed(0)
+    new_tokens = B * L
+    flops = sampling_flops(cfg, batch=B, query=Tc, response=L)
+    prefill_flops = forward_flops(cfg, batch=B, positions=list(range(Tc)), head_positions=1)
+    rows = {}
+    for prec, autocast in precisions().items():
+        def run_ours():
+            with autocast():
+                out = sample_sequence(ours, context, length=L, temperature=TEMPERATURE, pad_token=pad, generator=gen)
+            assert out.shape == (B, L)
+
+        def run_peer():
+            with autocast(), torch.no_grad():
+                out = hf.generate(input_ids=context, attention_mask=torch.ones_like(context), do_sample=True,
+                                  top_k=0, top_p=1.0, temperature=TEMPERATURE, min_new_tokens=L, max_new_tokens=L,
+                                  pad_token_id=hf.config.pad_token_id)
+            assert out.shape == (B, Tc + L), out.shape
+
+        @torch.no_grad()
+        def run_prefill():
+            # Our prefill alone (the context through the cache, logits at its last position): the
+            # part of sampling that is the same matmul work for every implementation.
+            with autocast():
+                cache = ours.new_cache(B, Tc + L)
+                out = ours(context, pad_token=pad, cache=cache, logits=False)
+                ours.lm_logits(out.hidden[:, -1])
+
+        watch = OthersCpu()
+        times = interleaved({"ours": run_ours, "transformers": run_peer, "ours_prefill": run_prefill},
+                            repeats=sz["repeats"])
+        others = watch.cores()
+        t_ours, t_peer, t_pre = (median(times[k]) for k in ("ours", "transformers", "ours_prefill"))
+        rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, ours_tokens_per_s=new_tokens / t_ours,
+                          peer_tokens_per_s=new_tokens / t_peer, ratio=t_peer / t_ours,
+                          ours_prefill_s=t_pre, ours_decode_s=t_ours - t_pre, ratio_bound=t_peer / t_pre,
+                          ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer,
+                          prefill_flops_per_s=prefill_flops / t_pre,
+                          times=times, load=load_average(), others_cores=others)
+        print(f"  sampling {prec}: ours {new_tokens / t_ours:8.1f} tok/s  transformers {new_tokens / t_peer:8.1f} tok/s"
+              f"  ratio {t_peer / t_ours:.2f}x  (ours: prefill {t_pre:.3f} s + {L - 1} decode steps "
+              f"{t_ours - t_pre:.3f} s; other processes {fmt_cores(others)})", flush=True)
+    return dict(config=cfg.to_dict(), batch=B, query=Tc, response=L, temperature=TEMPERATURE,
+                model_flops=flops, prefill_flops=prefill_flops, precisions=rows)
+
+
+# ---- training step -------------------------------------------------------------------------
+
+def bench_train(sz: dict) -> dict:
+    from lm_human_preferences.policy import Policy
+
+    cfg = model_config(sz["model"])
+    ours, hf = build_pair(cfg)
+    policy = Policy(ours).train()
+    hf.eval()  # no dropout: the same computation as ours (dropout is 0 anyway)
+    B, Tc, L = sz["batch"], sz["query"], sz["response"]
+    T = Tc + L
+    pad = cfg.n_vocab + 2
+    torch.manual_seed(2)
+    contexts = torch.randint(0, cfg.n_vocab - 1, (B, Tc))
+    responses = torch.randint(0, cfg.n_vocab - 1, (B, L))
+    tokens = torch.cat([contexts, responses], 1)
+    flops_ours = train_flops(cfg, batch=B, length=T, head_positions=L)
+    flops_peer = train_flops(cfg, batch=B, length=T, head_positions=T)
+    rows = {}
+    for prec, autocast in precisions().items():
+        def run_ours():
+            with autocast():
+                out = policy(contexts, responses, temperature=TEMPERATURE, pad_token=pad)
+                loss = out.logprobs.sum() + out.values.sum()
+            loss.backward()
+            policy.zero_grad(set_to_none=True)
+
+        def run_peer():
+            with autocast():
+                loss = hf(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        def run_peer_same_work():
+            # The same work as ours: logits only where responses are predicted (logits_to_keep), the
+            # log-probabilities of the response tokens under temperature.
+            with autocast():
+                logits = hf(input_ids=tokens, logits_to_keep=L + 1).logits[:, :-1].float() / TEMPERATURE
+                loss = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).sum()
+            loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        watch = OthersCpu()
+        times = interleaved({"ours": run_ours, "transformers": run_peer, "transformers_same_work": run_peer_same_work},
+                            repeats=sz["repeats"])
+        others = watch.cores()
+        t_ours, t_peer, t_same = (median(times[k]) for k in ("ours", "transformers", "transformers_same_work"))
+        rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, peer_same_work_s=t_same,
+                          ours_tokens_per_s=B * T / t_ours, peer_tokens_per_s=B * T / t_peer,
+                          peer_same_work_tokens_per_s=B * T / t_same,
+                          ratio=t_peer / t_ours, ratio_same_work=t_same / t_ours,
+                          ours_flops_per_s=flops_ours / t_ours, peer_flops_per_s=flops_peer / t_peer,
+                          peer_same_work_flops_per_s=flops_ours / t_same, times=times, load=load_average(),
+                          others_cores=others)
+        print(f"  train {prec}: ours {B * T / t_ours:8.1f} tok/s  transformers {B * T / t_peer:8.1f} tok/s"
+              f" (ratio {t_peer / t_ours:.2f}x)  transformers same work {B * T / t_same:8.1f} tok/s"
+              f" (ratio {t_same / t_ours:.2f}x; other processes {fmt_cores(others)})", flush=True)
+    return dict(config=cfg.to_dict(), batch=B, query=Tc, response=L, model_flops_ours=flops_ours,
+                model_flops_peer=flops_peer, precisions=rows)
+
+
+# ---- PPO update breakdown ------------------------------------------------------------------
+
+class _TimedQueries:
+    """Wraps the trainer's query iterator to time `next()` (query loading and tokenisation)."""
+
+    def __init__(self, inner, clock: dict):
+        self.inner, self.clock = inner, clock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.inner)
+        finally:
+            self.clock["queries"] = self.clock.get("queries", 0.0) + time.perf_counter() - t0
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+
+def _timed(fn, clock: dict, name: str):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+def _offline_setup(quick: bool):
+    """(gpt, encoding, source) for the offline task: the cached base model when it exists, else a
+    random GPT of the same shape with the offline corpus' gpt2-subset vocabulary."""
+    from lm_human_preferences import lm_tasks
+    from lm_human_preferences.language.encodings import SubsetEncoding
+    from lm_human_preferences.language.gpt import GPT, GPTConfig
+    from lm_human_preferences.language.offline_corpus import iter_passages
+
+    path = ROOT / "saved_models" / "offline-gpt"
+    if (path / "config.json").is_file():
+        pre = lm_tasks.load_pretrained(str(path))
+        return pre.gpt, pre.encoding, str(path.relative_to(ROOT))
+    encoding = SubsetEncoding.from_texts(list(itertools.islice(iter_passages(seed=1), 500 if quick else 5000)))
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_vocab=encoding.n_vocab, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
+    return gpt, encoding, "random GPT (n_layer=2, n_embd=64, n_head=4, n_ctx=64), gpt2-subset vocabulary"
+
+
+def bench_ppo(sz: dict) -> dict:
+    import params
+    from lm_human_preferences import lm_tasks, train_policy
+    from lm_human_preferences.policy import Policy
+    from lm_human_preferences.rewards import RewardModel
+    from lm_human_preferences.runtime import Run
+
+    task = "offline_sentiment"
+    gpt, encoding, source = _offline_setup(sz["ppo_batch"] is not None)
+    results = {"model": source, "config": gpt.config.to_dict(), "precisions": {}}
+    for prec in ("fp32", "bf16"):
+        hp = train_policy.TrainPolicyHParams()
+        hp.override_from_dict({f"task.{k}": v for k, v in params.TASKS[task].items()})
+        hp.override_from_dict(params.TRAIN_POLICY[task])
+        hp.override_from_dict({"task.policy.initial_model": "unused", "run.device": "cpu", "run.dtype": prec,
+                               "run.wandb": "off", "run.resume": "never"})
+        if sz["ppo_batch"] is not None:
+            hp.override_from_dict({"ppo.batch_size": sz["ppo_batch"], "ppo.nminibatches": sz["ppo_nminibatches"],
+                                   "ppo.noptepochs": sz["ppo_noptepochs"]})
+        hp.override_from_dict({"ppo.total_episodes": hp.ppo.batch_size * (sz["ppo_updates"] + 1)})
+        with tempfile.TemporaryDirectory() as tmp:
+            hp.run.save_dir = tmp
+            hp.validate()
+            run = Run(hp.run, exp_name="bench_ppo", config=hp)
+            try:
+                clock: dict[str, float] = {}
+                reward_model = RewardModel(copy.deepcopy(gpt)).to(run.device).eval().requires_grad_(False)
+                score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=encoding.padding_token,
+                                                              autocast=run.autocast)
+                queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=str(ROOT / "datasets"),
+                                                 batch_size=hp.ppo.batch_size, rank=0, world_size=1, seed=hp.run.seed)
+                trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
+                                                  ref_policy=Policy(copy.deepcopy(gpt)),
+                                                  score_fn=_timed(score_fn, clock, "score"), encoding=encoding,
+                                                  queries=_TimedQueries(queries, clock))
+                trainer.policy.respond = _timed(trainer.policy.respond, clock, "sample")
+                analyze = trainer.analyze
+
+                def timed_analyze(policy, *args, **kwargs):
+                    name = "analyze_policy" if policy is trainer.policy else "analyze_ref"
+                    return _timed(analyze, clock, name)(policy, *args, **kwargs)
+
+                trainer.analyze = timed_analyze
+                trainer.train_minibatch = _timed(trainer.train_minibatch, clock, "train")
+                steps = []
+                watch = OthersCpu()
+                for i in range(sz["ppo_updates"] + 1):  # the first update is a warm-up
+                    clock.clear()
+                    t0 = time.perf_counter()
+                    trainer.step()
+                    total = time.perf_counter() - t0
+                    if i > 0:
+                        steps.append({**clock, "total": total})
+                others = watch.cores()
+            finally:
+                run.close()
+        phases = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train"]
+        med = {k: median([s.get(k, 0.0) for s in steps]) for k in phases + ["total"]}
+        med["other"] = max(0.0, med["total"] - sum(med[k] for k in phases))
+        results["precisions"][prec] = dict(
+            batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
+            query_length=hp.task.query_length, response_length=hp.task.response_length,
+            seconds=med, share={k: med[k] / med["total"] for k in phases + ["other"]},
+            episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others)
+        print(f"  ppo {prec}: {med['total']:.3f} s/update  " +
+              "  ".join(f"{k} {med[k] / med['total']:.0%}" for k in phases + ["other"]) +
+              f"  (other processes {fmt_cores(others)})", flush=True)
+    return results
+
+
+# ---- hot spots: micro-benchmarks of the operations the profiles point at ---------------------------
+
+def bench_ops(sz: dict) -> dict:
+    """Alternatives for the costliest small pieces of sampling and training, timed side by side."""
+    import torch.nn.functional as F
+
+    from lm_human_preferences.ppo import entropy_from_logits, logprobs_from_logits
+
+    cfg = model_config(sz["model"])
+    B, L, D, V = sz["batch"], sz["response"], cfg.n_embd, cfg.n_vocab
+    torch.manual_seed(3)
+    W = torch.randn(V, D) * 0.02
+    W_bf16 = W.bfloat16()
+    h = torch.randn(B, D)
+    logits = torch.randn(B, V) * 3
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {"batch": B, "n_embd": D, "n_vocab": V}
+
+    watch = OthersCpu()
+
+    def section(name, fns):
+        times = interleaved(fns, repeats=max(5, sz["repeats"]))
+        out[name] = {k: median(v) for k, v in times.items()}
+        print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
+
+    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what both we and transformers
+    # run; the same product computed as W @ h^T lets the BLAS stream the weight once.
+    section("lm_head_step", {
+        "F.linear(h, W) fp32": lambda: F.linear(h, W),
+        "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
+        "F.linear bf16 weight": lambda: F.linear(h.bfloat16(), W_bf16),
+    })
+    probs = torch.softmax(logits / TEMPERATURE, -1)
+
+    def inverse_cdf(p):
+        cdf = p.cumsum(-1)  # (B, V)
+        u = torch.rand(B, 1, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
+
+    # Drawing one token per row: our exponential race draws V exponentials per row; inverse-CDF
+    # sampling draws one uniform per row; transformers uses torch.multinomial.
+    section("draw_token", {
+        "exponential race (ours)": lambda: (probs / torch.empty_like(probs).exponential_(1, generator=gen)).argmax(-1),
+        "inverse CDF (cumsum+searchsorted)": lambda: inverse_cdf(probs),
+        "torch.multinomial (transformers)": lambda: torch.multinomial(probs, 1, generator=gen),
+    })
+    # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
+    # accumulation allocate every step) vs filling one that exists: the difference is page faults.
+    grad_buf = torch.zeros(V, D)
+    section("embedding_sized_buffer", {
+        "torch.zeros (fresh)": lambda: torch.zeros(V, D),
+        "fill_ (reused)": lambda: grad_buf.fill_(0),
+    })
+    # Entropy of the training step's (B, L, V) logits: as Policy.forward computes it (in the autograd
+    # graph) vs from the log-softmax it already has, without a graph.
+    train_logits = (torch.randn(B, L, V) * 3).requires_grad_()
+    tokens = torch.randint(0, V, (B, L))
+
+    def entropy_as_is():
+        return logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)
+
+    def entropy_from_logp():
+        logp = torch.log_softmax(train_logits, -1)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, tokens[..., None]).squeeze(-1), ent
+
+    section("logprobs_and_entropy", {
+        "logprobs + entropy_from_logits (ours)": entropy_as_is,
+        "logprobs only": lambda: logprobs_from_logits(train_logits, tokens),
+        "entropy from log_softmax, no grad": entropy_from_logp,
+    })
+    out["others_cores"] = watch.cores()
+    return out
+
+
+# ---- limits: matmul peak and memory bandwidth ---------------------------------------------------
+
+def bench_peak(sz: dict) -> dict:
+    out = {"sizes": sz["peak_sizes"], "threads": torch.get_num_threads()}
+    watch = OthersCpu()
+    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        per_size = {}
+        for n in sz["peak_sizes"]:
+            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            c = torch.empty(n, n, dtype=dtype)
+            for _ in range(2):
+                torch.mm(a, b, out=c)
+            best = float("inf")
+            for _ in range(sz["peak_repeats"]):
+                t0 = time.perf_counter()
+                torch.mm(a, b, out=c)
+                best = min(best, time.perf_counter() - t0)
+            per_size[n] = 2 * n ** 3 / best
+        out[f"{prec}_by_size"] = per_size
+        out[f"{prec}_flops_per_s"] = max(per_size.values())
+        print(f"  peak {prec}: {max(per_size.values()) / 1e9:.1f} GFLOP/s (square matmuls, best of "
+              f"{sz['peak_repeats']} at each size: " +
+              ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in per_size.items()) + ")", flush=True)
+    # Streaming read bandwidth: what bounds single-token decoding, which reads every weight per step.
+    x = torch.ones(sz["bandwidth_mb"] * 2 ** 20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    out["read_bytes_per_s"] = x.numel() * 4 / best
+    out["others_cores"] = watch.cores()
+    print(f"  memory read bandwidth: {x.numel() * 4 / best / 1e9:.1f} GB/s (sum over {sz['bandwidth_mb']} MiB); "
+          f"other processes {fmt_cores(out['others_cores'])}", flush=True)
+    return out
+
+
+def mfu_table(results: dict) -> dict:
+    """Achieved model FLOP/s of each measured implementation as a fraction of the matmul peak."""
+    peak = results.get("peak")
+    if not peak:
+        return {}
+    rows = {}
+    for section, keys in (("sampling", ("ours", "peer", "prefill")), ("train", ("ours", "peer", "peer_same_work"))):
+        for prec, r in results.get(section, {}).get("precisions", {}).items():
+            for who in keys:
+                achieved = r[f"{who}_flops_per_s"]
+                rows[f"{section}/{prec}/{who}"] = dict(flops_per_s=achieved, peak_flops_per_s=peak[f"{prec}_flops_per_s"],
+                                                       mfu=achieved / peak[f"{prec}_flops_per_s"])
+    return rows
+
+
+def targets(results: dict) -> list[dict]:
+    """The project's performance targets, met or not, from whatever sections ran."""
+    out = []
+    for prec, r in results.get("sampling", {}).get("precisions", {}).items():
+        out.append(dict(target=f"sampling {prec} >= 3x transformers.generate", value=f"{r['ratio']:.2f}x",
+                        met=r["ratio"] >= 3))
+    for prec, r in results.get("train", {}).get("precisions", {}).items():
+        out.append(dict(target=f"training step {prec} >= 1.2x transformers fwd+bwd", value=f"{r['ratio']:.2f}x",
+                        met=r["ratio"] >= 1.2))
+    for key, r in results.get("mfu", {}).items():
+        section, prec, who = key.split("/")
+        if section == "train" and who == "ours":
+            out.append(dict(target=f"training step {prec} >= 50% of matmul peak", value=f"{r['mfu']:.0%}",
+                            met=r["mfu"] >= 0.5))
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    lines = [f"\n{title}", fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [fmt(r) for r in cells[1:]])
+
+
+def fmt_others(r: dict) -> str:
+    c = r.get("others_cores")
+    return "n/a" if c is None else f"{c:.2f}"
+
+
+def report(results: dict) -> str:
+    out = []
+    if "sampling" in results:
+        s = results["sampling"]
+        rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
+                 f"{r['ours_s']:.3f}", f"{r['peer_s']:.3f}", f"{r['ours_prefill_s']:.3f}",
+                 f"{r['ours_decode_s']:.3f}", f"{r['ratio_bound']:.2f}x", fmt_others(r)]
+                for p, r in s["precisions"].items()]
+        out.append(table(f"sampling: batch {s['batch']}, query {s['query']}, response {s['response']} "
+                         f"(new tokens/s; ratio = ours / transformers.generate; bound = transformers s / our "
+                         f"prefill s, the ratio if our decode steps cost nothing)",
+                         ["precision", "ours tok/s", "transformers tok/s", "ratio", "ours s", "transformers s",
+                          "ours prefill s", "ours decode s", "bound", "others' CPU"], rows))
+    if "train" in results:
+        s = results["train"]
+        rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
+                 f"{r['peer_same_work_tokens_per_s']:.1f}", f"{r['ratio_same_work']:.2f}x", fmt_others(r)]
+                for p, r in s["precisions"].items()]
+        out.append(table(f"training step (fwd+bwd): batch {s['batch']} x {s['query'] + s['response']} tokens "
+                         f"(tokens/s; ratio = ours / transformers)",
+                         ["precision", "ours tok/s", "transformers LM loss tok/s", "ratio",
+                          "transformers same work tok/s", "ratio", "others' CPU"], rows))
+    if "ppo" in results:
+        s = results["ppo"]
+        phases = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train", "other", "total"]
+        rows = []
+        for p, r in s["precisions"].items():
+            rows += [[p, k, f"{r['seconds'][k]:.3f}", f"{r['share'][k]:.1%}" if k != "total" else "100%"]
+                     for k in phases]
+        first = next(iter(s["precisions"].values()))
+        for p, r in s["precisions"].items():
+            rows.append([p, "(other processes' CPU)", fmt_others(r), ""])
+        out.append(table(f"PPO update breakdown ({s['model']}; batch {first['batch_size']}, "
+                         f"{first['nminibatches']} minibatches x {first['noptepochs']} epochs, "
+                         f"query {first['query_length']}, response {first['response_length']})",
+                         ["precision", "phase", "seconds", "share"], rows))
+    if "peak" in results:
+        p = results["peak"]
+        rows = [["fp32 matmul", f"{p['fp32_flops_per_s'] / 1e9:.1f} GFLOP/s"],
+                ["bf16 matmul", f"{p['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s"],
+                ["memory read", f"{p['read_bytes_per_s'] / 1e9:.1f} GB/s"]]
+        out.append(table(f"machine limits (best square matmul of sizes {p['sizes']}, {p['threads']} threads; "
+                         f"other processes' CPU {fmt_others(p)})", ["what", "measured"], rows))
+        if results.get("mfu"):
+            rows = [[k, f"{r['flops_per_s'] / 1e9:.1f}", f"{r['peak_flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}"]
+                    for k, r in results["mfu"].items()]
+            out.append(table("model FLOP/s utilisation (MFU = achieved model FLOP/s / measured matmul peak)",
+                             ["section/precision/implementation", "GFLOP/s", "peak GFLOP/s", "MFU"], rows))
+    if results.get("targets"):
+        out.append(table("targets", ["target", "measured", "met"],
+                         [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in results["targets"]]))
+    if "ops" in results:
+        o = results["ops"]
+        rows = [[name, k, f"{v * 1e3:.2f}"] for name, r in o.items() if isinstance(r, dict) for k, v in r.items()]
+        rows.append(["(other processes' CPU during these)", "", fmt_others(o)])
+        out.append(table(f"hot spots (batch {o['batch']}, n_embd {o['n_embd']}, vocab {o['n_vocab']}; median ms)",
+                         ["operation", "variant", "ms"], rows))
+    return "\n".join(out)
+
+
+def machine_info() -> dict:
+    import transformers
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check, not a measurement")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5; quick 3)")
+    ap.add_argument("--update", action="store_true",
+                    help="merge the sections run into the existing JSON file instead of replacing it (to re-measure "
+                         "a section that other processes disturbed)")
+    ap.add_argument("--json", default=None, help="where to write results (default: bench/results-cpu.json "
+                                                 "for a full run, none otherwise)")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown sections {unknown}; expected some of {list(SECTIONS)}")
+    sz = sizes(args.quick)
+    if args.quick:
+        torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
+    if args.repeats is not None:
+        sz["repeats"] = sz["ppo_updates"] = args.repeats
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads, "
+          f"{info['cpu_capability']}), transformers {info['transformers']}; load average {load_average()}", flush=True)
+    results: dict = {"machine": info, "quick": args.quick, "argv": sys.argv[1:], "load_start": load_average()}
+    t_start = time.perf_counter()
+    torch.set_grad_enabled(True)
+    for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train), ("ppo", bench_ppo),
+                     ("ops", bench_ops)):
+        if name in only:
+            print(f"[{name}]", flush=True)
+            results[name] = fn(sz)
+    results["load_end"] = load_average()
+    results["wall_s"] = time.perf_counter() - t_start
+    full = not args.quick and set(only) == set(SECTIONS)
+    path = args.json or (str(ROOT / "bench" / "results-cpu.json") if full or args.update else None)
+    if args.update and path and Path(path).is_file():
+        merged = json.loads(Path(path).read_text())
+        merged.setdefault("updates", []).append({k: results[k] for k in ("argv", "load_start", "load_end", "wall_s")})
+        merged.update({k: results[k] for k in only})
+        results = merged
+    results["mfu"] = mfu_table(results)
+    results["targets"] = targets(results)
+    print(report(results))
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nresults written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
