@@ -1,24 +1,29 @@
 #!/usr/bin/env python
 """Benchmarks: our GPT-2 / PPO code against peers, measured in the same process.
 
-    python bench/run.py                          # everything, full sizes (~15 min on 2 CPU cores)
-    python bench/run.py --only sampling,peak     # some of: sampling, train, ppo, peak
-    python bench/run.py --quick                  # tiny sizes: a smoke check (seconds)
+    python bench/run.py                          # every section, full sizes (~5 min on 2 idle cores)
+    python bench/run.py --only sampling,train    # some of: sampling, train, ppo, peak, ops
+    python bench/run.py --only train --update    # re-measure one section into bench/results-cpu.json
+    python bench/run.py --quick                  # tiny sizes: a smoke check (seconds), no JSON
 
-Every comparison runs ours and the peer alternately (ABBA order, after a warm-up of each) and
-reports medians, so machine load drifts hit both sides alike. Sections:
+Every comparison runs ours and the peer alternately (a warm-up round, then rounds in ABBA order)
+and reports medians, so drift in machine speed hits both sides alike; each measurement also
+records how much CPU other processes used meanwhile (`others_cores`; ~0 on a quiet machine).
 
   sampling  `language.sample.sample_sequence` vs transformers `GPT2LMHeadModel.generate` on
-            identical weights, fixed length, temperature 0.7, no top-k/top-p, fp32 and bf16 autocast.
+            identical weights: fixed length, temperature 0.7, no top-k/top-p, fp32 and bf16
+            autocast; plus our prefill alone (the same matmul work for any implementation).
   train     forward+backward of the PPO minibatch computation (`Policy.forward`, loss
-            logprobs.sum() + values.sum()) vs transformers forward (LM loss on all positions)
-            + backward on the same tokens; fp32 and bf16 autocast.
-  ppo       time per phase of one `train_policy.PPOTrainer` update on the offline task.
-  peak      the measured matmul peak and memory bandwidth; model FLOP/s and MFU of the
-            sections above (uses their results when they ran in the same invocation).
+            logprobs.sum() + values.sum()) vs transformers forward with the LM loss on all
+            positions + backward, and vs transformers doing our work (logits of the response
+            positions only); fp32 and bf16 autocast.
+  ppo       seconds per phase of `train_policy.PPOTrainer.step` on the offline task.
+  peak      the machine's matmul peak (best square matmul) and streaming read bandwidth; with
+            the sections above, achieved model FLOP/s and MFU (= achieved / peak).
+  ops       micro-benchmarks of the hot spots the profiles point at, beside alternatives.
 
-Results are printed as tables and written as JSON: a full run (all sections, not --quick)
-writes bench/results-cpu.json; other runs write only where --json says.
+Results are printed as tables and written as JSON: a full run (every section, not --quick)
+writes bench/results-cpu.json; other runs write only where --json / --update say.
 """
 
 from __future__ import annotations
@@ -673,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown sections {unknown}; expected some of {list(SECTIONS)}")
+    if args.update:
+        target = Path(args.json or ROOT / "bench" / "results-cpu.json")
+        if target.is_file() and json.loads(target.read_text()).get("quick") != args.quick:
+            ap.error(f"--update: {target} holds {'full-size' if args.quick else 'quick'} results; do not mix sizes")
     sz = sizes(args.quick)
     if args.quick:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
