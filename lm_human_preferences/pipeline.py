@@ -173,7 +173,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
     rm_hp.run.save_dir = str(base_root / "reward_model")
     rm_hp.labels.source = str(labels_path)
-    if (Path(rm_hp.run.save_dir) / "model.safetensors").is_file():
+    if (Path(rm_hp.run.save_dir) / "config.json").is_file():
         print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
     else:
         print0("[3/5] training the reward model")
@@ -192,7 +192,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     def gold_stats(queries, shown):
         return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
 
-    if (Path(policy_hp.run.save_dir) / "model.safetensors").is_file():
+    if (Path(policy_hp.run.save_dir) / "config.json").is_file():
         print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
     else:
         print0("[4/5] training the policy with PPO")
