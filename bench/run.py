@@ -434,6 +434,7 @@ def bench_ops(sz: dict) -> dict:
     """Alternatives for the costliest small pieces of sampling and training, timed side by side."""
     import torch.nn.functional as F
 
+    from lm_human_preferences.language.sample import sample_from_logits
     from lm_human_preferences.ppo import entropy_from_logits, logprobs_from_logits
 
     cfg = model_config(sz["model"])
@@ -453,26 +454,29 @@ def bench_ops(sz: dict) -> dict:
         out[name] = {k: median(v) for k, v in times.items()}
         print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
 
-    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what both we and transformers
-    # run; the same product computed as W @ h^T lets the BLAS stream the weight once.
+    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what transformers runs;
+    # ours (GPT.lm_logits with few rows on CPU) computes the same product as W @ h^T.
     section("lm_head_step", {
         "F.linear(h, W) fp32": lambda: F.linear(h, W),
         "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
         "F.linear bf16 weight": lambda: F.linear(h.bfloat16(), W_bf16),
     })
-    probs = torch.softmax(logits / TEMPERATURE, -1)
-
-    def inverse_cdf(p):
+    def inverse_cdf_fp32(p):
         cdf = p.cumsum(-1)  # (B, V)
         u = torch.rand(B, 1, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
         return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
 
-    # Drawing one token per row: our exponential race draws V exponentials per row; inverse-CDF
-    # sampling draws one uniform per row; transformers uses torch.multinomial.
+    # Drawing one token per row (softmax included): ours is inverse-CDF sampling with float64 sums
+    # (one uniform per row); the exponential race draws V exponentials per row; transformers uses
+    # torch.multinomial.
     section("draw_token", {
-        "exponential race (ours)": lambda: (probs / torch.empty_like(probs).exponential_(1, generator=gen)).argmax(-1),
-        "inverse CDF (cumsum+searchsorted)": lambda: inverse_cdf(probs),
-        "torch.multinomial (transformers)": lambda: torch.multinomial(probs, 1, generator=gen),
+        "sample_from_logits (ours: inverse CDF, float64)": lambda: sample_from_logits(
+            logits, temperature=TEMPERATURE, generator=gen),
+        "inverse CDF, float32": lambda: inverse_cdf_fp32(torch.softmax(logits / TEMPERATURE, -1)),
+        "exponential race": lambda: (torch.softmax(logits / TEMPERATURE, -1)
+                                     / torch.empty_like(logits).exponential_(1, generator=gen)).argmax(-1),
+        "torch.multinomial (transformers)": lambda: torch.multinomial(
+            torch.softmax(logits / TEMPERATURE, -1), 1, generator=gen),
     })
     # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
     # accumulation allocate every step) vs filling one that exists: the difference is page faults.

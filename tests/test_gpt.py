@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.language.gpt import GPT, GPTConfig, linear
 
 PAD = 53  # outside the tiny vocab, like 50259 for GPT-2
 
@@ -99,3 +99,20 @@ def test_bf16_autocast_gives_fp32_logits_close_to_fp32():
         out = model(tokens, pad_token=PAD)
     assert out.logits.dtype == torch.float32
     assert (out.logits - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_linear_layout_equals_the_layer(rows):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(rows, 1, 24, requires_grad=True)
+    got, want = linear(layer, x), layer(x)
+    assert got.shape == want.shape == (rows, 1, 40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    want.sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(layer, x).dtype == layer(x).dtype == torch.bfloat16

@@ -147,3 +147,21 @@ def test_sampling_follows_the_tempered_distribution():
         other = torch.softmax(logits / (1.5 - temperature), -1)  # the other temperature's distribution
         assert 0.5 * (freq - want).abs().sum() < 0.03  # total variation distance
         assert 0.5 * (freq - other).abs().sum() > 0.1
+
+
+def test_sharded_draws_are_rows_of_the_global_draw():
+    logits = torch.randn(12, V, generator=torch.Generator().manual_seed(2)) * 3
+    full = sample_from_logits(logits, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    for world_size in (2, 3):
+        for rank in range(world_size):
+            got = sample_from_logits(logits[rank::world_size], temperature=0.7, shard=(rank, world_size),
+                                     generator=torch.Generator().manual_seed(5))
+            assert torch.equal(got, full[rank::world_size])
+
+
+def test_zero_probability_tokens_are_never_drawn():
+    logits = torch.full((4000, V), -1e4)
+    logits[:, [0, 7, V - 2]] = torch.tensor([0.0, 1.0, 2.0])  # every other token underflows to 0
+    tokens = sample_from_logits(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 7, V - 2}
+    assert sample_from_logits(logits[:3], temperature=0, generator=None).tolist() == [V - 2] * 3

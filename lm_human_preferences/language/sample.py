@@ -21,14 +21,14 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: t
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p (one kernel, seedable).
-    if shard is None:
-        race = torch.empty_like(probs).exponential_(1, generator=generator)
-    else:
-        rank, world_size = shard
-        race = probs.new_empty(probs.shape[0] * world_size, probs.shape[1])  # (B * world_size, V)
-        race = race.exponential_(1, generator=generator)[rank::world_size]  # (B, V)
-    return (probs / race).argmax(-1)
+    # Inverse CDF: one uniform per row picks the first token whose cumulative probability
+    # exceeds it (a zero-probability token never does). float64 sums keep the tail exact enough.
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+    rank, world_size = shard or (0, 1)
+    u = torch.rand(probs.shape[0] * world_size, 1, dtype=torch.float64, device=probs.device,
+                   generator=generator)[rank::world_size]  # (B, 1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    return token.squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 @torch.no_grad()
