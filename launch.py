@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print(f"\nsubcommands: {', '.join(COMMANDS)}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from lm_human_preferences.runtime import keep_freed_memory
+
+    keep_freed_memory()  # faster CPU training steps; see its docstring
     try:
         COMMANDS[argv[0]](argv[1:])
     except user_errors() as e:
