@@ -50,6 +50,7 @@ class RunHParams(HParams):
     save_dir: str = ""  # default runs/<experiment>
     device: str = "auto"  # auto | cpu | cuda
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    tf32: bool = True  # bf16 on CUDA: fp32 matmuls (the LM head) use TF32 tensor cores, fp32 outputs
     wandb: Literal["auto", "on", "off"] = "auto"
     log_interval: int = 1
     save_interval: int = 0  # updates between checkpoints (0: only at the end)
@@ -146,6 +147,10 @@ class Run:
         self.exp_name = exp_name
         dtype = hp.dtype if hp.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.bf16 = dtype == "bf16"
+        if self.bf16 and self.device.type == "cuda" and hp.tf32:
+            # The LM head stays fp32 for exact-enough logprobs (see language/gpt.py); TF32 rounds
+            # its inputs to 10 mantissa bits (bf16 has 7) but keeps fp32 sums and outputs.
+            torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
         self.logger: Logger | None = None
         self.resumed_from: Path | None = None
