@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Benchmarks: our GPT-2 / PPO code against peers, measured in the same process.
 
-    python bench/run.py                          # every section, full sizes (~5 min on 2 idle cores)
-    python bench/run.py --only sampling,train    # some of: sampling, train, ppo, peak, ops
-    python bench/run.py --only train --update    # re-measure one section into bench/results-cpu.json
+    python bench/run.py                          # the default sections, full sizes (~5 min on 2 idle cores)
+    python bench/run.py --device cuda            # on a GPU: every section, GPU sizes -> bench/results-cuda.json
+    python bench/run.py --only sampling,train    # some of: sampling, train, ppo, peak, ops, ppo_scale
+    python bench/run.py --only train --update    # re-measure one section into bench/results-<device>.json
     python bench/run.py --quick                  # tiny sizes: a smoke check (seconds), no JSON
+    python bench/run.py --quick --only ppo_scale # the sentiment-scale PPO update at tiny sizes
 
 Every comparison runs ours and the peer alternately (a warm-up round, then rounds in ABBA order)
 and reports medians, so drift in machine speed hits both sides alike; each measurement also
@@ -21,9 +23,22 @@ records how much CPU other processes used meanwhile (`others_cores`; ~0 on a qui
   peak      the machine's matmul peak (best square matmul) and streaming read bandwidth; with
             the sections above, achieved model FLOP/s and MFU (= achieved / peak).
   ops       micro-benchmarks of the hot spots the profiles point at, beside alternatives.
+  ppo_scale the PPO update at the sentiment task's scale (the project's throughput target:
+            124M, batch 512, query 64, response 24, bf16, >= 550 episodes/s on one GPU): a
+            random-weight 124M GPT-2 (vocab 50257) as policy, reference and reward-model trunk,
+            random-token queries (nothing is downloaded), the sentiment presets of params.py;
+            episodes/s, the phases as in `ppo`, and the peak GPU memory. Default on cuda only:
+            on a CPU one update at this size takes many minutes (--only ppo_scale runs it anyway;
+            with --quick it runs in seconds at tiny sizes).
 
-Results are printed as tables and written as JSON: a full run (every section, not --quick)
-writes bench/results-cpu.json; other runs write only where --json / --update say.
+--device cuda moves models and inputs to the GPU; every timed call then ends with
+torch.cuda.synchronize() (kernels run asynchronously), autocast is CUDA's, fp32 is what torch
+runs by default (no TF32 for matmuls, recorded in the JSON), and `peak` measures the GPU. GPU
+sizes: sampling batch 512 (the sentiment rollout batch) and 16, training step on 128 rows (a
+quarter of a 512 batch), query 64, response 24. On cpu: batch 16 for both.
+
+Results are printed as tables and written as JSON: a full run (the default sections, not
+--quick) writes bench/results-<device>.json; other runs write only where --json / --update say.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import itertools
 import json
 import os
@@ -52,28 +68,58 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-SECTIONS = ("sampling", "train", "ppo", "peak", "ops")
+SECTIONS = ("sampling", "train", "ppo", "peak", "ops", "ppo_scale")
 TEMPERATURE = 0.7
+PPO_SCALE_TARGET = 550  # episodes/s on one GPU
+
+
+def default_sections(dev: torch.device) -> tuple[str, ...]:
+    """Every section on a GPU; on a CPU all but ppo_scale (many minutes per update there)."""
+    return SECTIONS if dev.type == "cuda" else tuple(s for s in SECTIONS if s != "ppo_scale")
 
 
 # ---- sizes --------------------------------------------------------------------------------
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool, dev: torch.device) -> dict:
+    """`batch`: sampling (and ops); `more_batches`: sampling again at these; `train_batch`: the
+    training step; `ppo_*`: the offline task's PPO update (None: its presets); `scale`: ppo_scale."""
     if quick:
-        return dict(model=dict(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2), batch=4, query=8,
-                    response=4, repeats=3, peak_sizes=[128, 256], peak_repeats=3, ppo_batch=8, ppo_nminibatches=2,
-                    ppo_noptepochs=1, ppo_updates=3, bandwidth_mb=16)
-    return dict(model="124M", batch=16, query=64, response=24, repeats=5, peak_sizes=[1024, 2048, 3072], peak_repeats=8,
-                ppo_batch=None, ppo_nminibatches=None, ppo_noptepochs=None, ppo_updates=5, bandwidth_mb=512)
+        tiny = dict(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+        return dict(model=tiny, batch=4, more_batches=[], train_batch=4, query=8, response=4, repeats=3,
+                    peak_sizes=[128, 256], peak_repeats=3, ppo_batch=8, ppo_nminibatches=2, ppo_noptepochs=1,
+                    ppo_updates=3, bandwidth_mb=16, scale=dict(model=tiny, batch=8, query=8, response=4))
+    full = dict(model="124M", query=64, response=24, repeats=5, ppo_batch=None, ppo_nminibatches=None,
+                ppo_noptepochs=None, ppo_updates=5, scale=dict(model="124M", batch=512, query=64, response=24))
+    if dev.type == "cuda":
+        # Sampling at the sentiment rollout batch, and at 16 (latency-bound: launch overheads); the
+        # training step on a quarter of it; matmuls big enough to fill a GPU.
+        return dict(full, batch=512, more_batches=[16], train_batch=128, peak_sizes=[4096, 8192], peak_repeats=8,
+                    bandwidth_mb=2048)
+    return dict(full, batch=16, more_batches=[], train_batch=16, peak_sizes=[1024, 2048, 3072], peak_repeats=8,
+                bandwidth_mb=512)
 
 
-def precisions():
-    return {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+def precisions(dev: torch.device):
+    return {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast(dev.type, dtype=torch.bfloat16)}
+
+
+def describe(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 # ---- timing -------------------------------------------------------------------------------
 
-def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def now(dev: torch.device) -> float:
+    """time.perf_counter() once `dev` has finished the work queued so far: CUDA kernels run
+    asynchronously, so without the synchronize a timed call would measure only their launch
+    (and the next one would pay for it). Every timing in this file reads the clock through this."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, dev: torch.device, repeats: int,
+                warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each function, run alternately: a warm-up round, then `repeats` rounds
     whose order alternates (A B, B A, ...), so drift in machine load hits every function alike."""
     for _ in range(warmup):
@@ -83,9 +129,9 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
     names = list(fns)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t0 = now(dev)
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now(dev) - t0)
     return times
 
 
@@ -137,9 +183,10 @@ def model_config(spec):
     return GPTConfig.named(spec) if isinstance(spec, str) else GPTConfig(**spec)
 
 
-def build_pair(cfg, *, seed: int = 0):
-    """(ours, hf): transformers' GPT2LMHeadModel with random weights, saved with `save_pretrained`
-    and loaded into our GPT by `language.checkpoints.load_gpt` (the library's own HF loader)."""
+def build_pair(cfg, dev: torch.device, *, seed: int = 0):
+    """(ours, hf) on `dev`: transformers' GPT2LMHeadModel with random weights, saved with
+    `save_pretrained` and loaded into our GPT by `language.checkpoints.load_gpt` (the library's
+    own HF loader)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -157,7 +204,8 @@ def build_pair(cfg, *, seed: int = 0):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_gpt(d).eval()
-    tokens = torch.randint(0, cfg.n_vocab - 1, (2, 16))
+    ours, hf = ours.to(dev), hf.to(dev)
+    tokens = torch.randint(0, cfg.n_vocab - 1, (2, 16)).to(dev)
     with torch.no_grad():
         diff = (ours(tokens).logits - hf(tokens).logits).abs().max().item()
     if diff > 1e-3:
@@ -191,23 +239,44 @@ def train_flops(cfg, *, batch: int, length: int, head_positions: int) -> float:
     return 3 * forward_flops(cfg, batch=batch, positions=list(range(length)), head_positions=head_positions)
 
 
+def ppo_update_flops(cfg, *, batch: int, query: int, response: int, noptepochs: int) -> float:
+    """One PPO update: sampling; forward passes of the policy and the reference (logits at the
+    response positions) and of the reward model (no logits); `noptepochs` training passes."""
+    T = query + response
+    policy_fwd = forward_flops(cfg, batch=batch, positions=list(range(T)), head_positions=response)
+    reward_fwd = forward_flops(cfg, batch=batch, positions=list(range(T)), head_positions=0)
+    return (sampling_flops(cfg, batch=batch, query=query, response=response) + 2 * policy_fwd + reward_fwd
+            + noptepochs * 3 * policy_fwd)
+
+
 # ---- sampling -----------------------------------------------------------------------------
 
-def bench_sampling(sz: dict) -> dict:
+def bench_sampling(sz: dict, dev: torch.device) -> dict:
+    cfg = model_config(sz["model"])
+    ours, hf = build_pair(cfg, dev)
+    out = dict(config=cfg.to_dict(), query=sz["query"], response=sz["response"], temperature=TEMPERATURE,
+               **_sampling_at(ours, hf, cfg, dev, batch=sz["batch"], query=sz["query"], response=sz["response"],
+                              repeats=sz["repeats"]))
+    if sz["more_batches"]:
+        out["more_batches"] = {str(B): _sampling_at(ours, hf, cfg, dev, batch=B, query=sz["query"],
+                                                    response=sz["response"], repeats=sz["repeats"])
+                               for B in sz["more_batches"]}
+    return out
+
+
+def _sampling_at(ours, hf, cfg, dev: torch.device, *, batch: int, query: int, response: int, repeats: int) -> dict:
     from lm_human_preferences.language.sample import sample_sequence
 
-    cfg = model_config(sz["model"])
-    ours, hf = build_pair(cfg)
-    B, Tc, L = sz["batch"], sz["query"], sz["response"]
+    B, Tc, L = batch, query, response
     pad = cfg.n_vocab + 2  # our padding token (outside the vocabulary, as the library uses it)
     torch.manual_seed(1)
-    context = torch.randint(0, cfg.n_vocab - 1, (B, Tc))
-    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(0, cfg.n_vocab - 1, (B, Tc)).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)  # sample_from_logits draws on the logits' device
     new_tokens = B * L
     flops = sampling_flops(cfg, batch=B, query=Tc, response=L)
     prefill_flops = forward_flops(cfg, batch=B, positions=list(range(Tc)), head_positions=1)
     rows = {}
-    for prec, autocast in precisions().items():
+    for prec, autocast in precisions(dev).items():
         def run_ours():
             with autocast():
                 out = sample_sequence(ours, context, length=L, temperature=TEMPERATURE, pad_token=pad, generator=gen)
@@ -230,8 +299,8 @@ def bench_sampling(sz: dict) -> dict:
                 ours.lm_logits(out.hidden[:, -1])
 
         watch = OthersCpu()
-        times = interleaved({"ours": run_ours, "transformers": run_peer, "ours_prefill": run_prefill},
-                            repeats=sz["repeats"])
+        times = interleaved({"ours": run_ours, "transformers": run_peer, "ours_prefill": run_prefill}, dev=dev,
+                            repeats=repeats)
         others = watch.cores()
         t_ours, t_peer, t_pre = (median(times[k]) for k in ("ours", "transformers", "ours_prefill"))
         rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, ours_tokens_per_s=new_tokens / t_ours,
@@ -240,33 +309,32 @@ def bench_sampling(sz: dict) -> dict:
                           ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer,
                           prefill_flops_per_s=prefill_flops / t_pre,
                           times=times, load=load_average(), others_cores=others)
-        print(f"  sampling {prec}: ours {new_tokens / t_ours:8.1f} tok/s  transformers {new_tokens / t_peer:8.1f} tok/s"
-              f"  ratio {t_peer / t_ours:.2f}x  (ours: prefill {t_pre:.3f} s + {L - 1} decode steps "
-              f"{t_ours - t_pre:.3f} s; other processes {fmt_cores(others)})", flush=True)
-    return dict(config=cfg.to_dict(), batch=B, query=Tc, response=L, temperature=TEMPERATURE,
-                model_flops=flops, prefill_flops=prefill_flops, precisions=rows)
+        print(f"  sampling {prec} batch {B}: ours {new_tokens / t_ours:8.1f} tok/s  transformers "
+              f"{new_tokens / t_peer:8.1f} tok/s  ratio {t_peer / t_ours:.2f}x  (ours: prefill {t_pre:.3f} s + "
+              f"{L - 1} decode steps {t_ours - t_pre:.3f} s; other processes {fmt_cores(others)})", flush=True)
+    return dict(batch=B, model_flops=flops, prefill_flops=prefill_flops, precisions=rows)
 
 
 # ---- training step -------------------------------------------------------------------------
 
-def bench_train(sz: dict) -> dict:
+def bench_train(sz: dict, dev: torch.device) -> dict:
     from lm_human_preferences.policy import Policy
 
     cfg = model_config(sz["model"])
-    ours, hf = build_pair(cfg)
-    policy = Policy(ours).train()
+    ours, hf = build_pair(cfg, dev)
+    policy = Policy(ours).to(dev).train()  # the value head is created on the CPU
     hf.eval()  # no dropout: the same computation as ours (dropout is 0 anyway)
-    B, Tc, L = sz["batch"], sz["query"], sz["response"]
+    B, Tc, L = sz["train_batch"], sz["query"], sz["response"]
     T = Tc + L
     pad = cfg.n_vocab + 2
     torch.manual_seed(2)
-    contexts = torch.randint(0, cfg.n_vocab - 1, (B, Tc))
-    responses = torch.randint(0, cfg.n_vocab - 1, (B, L))
+    contexts = torch.randint(0, cfg.n_vocab - 1, (B, Tc)).to(dev)
+    responses = torch.randint(0, cfg.n_vocab - 1, (B, L)).to(dev)
     tokens = torch.cat([contexts, responses], 1)
     flops_ours = train_flops(cfg, batch=B, length=T, head_positions=L)
     flops_peer = train_flops(cfg, batch=B, length=T, head_positions=T)
     rows = {}
-    for prec, autocast in precisions().items():
+    for prec, autocast in precisions(dev).items():
         def run_ours():
             with autocast():
                 out = policy(contexts, responses, temperature=TEMPERATURE, pad_token=pad)
@@ -291,7 +359,7 @@ def bench_train(sz: dict) -> dict:
 
         watch = OthersCpu()
         times = interleaved({"ours": run_ours, "transformers": run_peer, "transformers_same_work": run_peer_same_work},
-                            repeats=sz["repeats"])
+                            dev=dev, repeats=sz["repeats"])
         others = watch.cores()
         t_ours, t_peer, t_same = (median(times[k]) for k in ("ours", "transformers", "transformers_same_work"))
         rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, peer_same_work_s=t_same,
@@ -310,34 +378,108 @@ def bench_train(sz: dict) -> dict:
 
 # ---- PPO update breakdown ------------------------------------------------------------------
 
+PPO_PHASES = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train"]
+
+
 class _TimedQueries:
     """Wraps the trainer's query iterator to time `next()` (query loading and tokenisation)."""
 
-    def __init__(self, inner, clock: dict):
-        self.inner, self.clock = inner, clock
+    def __init__(self, inner, clock: dict, dev: torch.device):
+        self.inner, self.clock, self.dev = inner, clock, dev
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        t0 = time.perf_counter()
+        t0 = now(self.dev)
         try:
             return next(self.inner)
         finally:
-            self.clock["queries"] = self.clock.get("queries", 0.0) + time.perf_counter() - t0
+            self.clock["queries"] = self.clock.get("queries", 0.0) + now(self.dev) - t0
 
     def state_dict(self):
         return self.inner.state_dict()
 
 
-def _timed(fn, clock: dict, name: str):
+def _timed(fn, clock: dict, name: str, dev: torch.device):
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = now(dev)
         try:
             return fn(*args, **kwargs)
         finally:
-            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
+            clock[name] = clock.get(name, 0.0) + now(dev) - t0
     return wrapper
+
+
+def _instrument(trainer, clock: dict, dev: torch.device) -> None:
+    """Make `trainer.step` add the seconds of each phase (PPO_PHASES) to `clock`: wraps
+    `policy.respond`, `analyze` (per model), the score function, `train_minibatch` and the
+    query iterator. Each phase starts and ends with a device sync, so GPU work is charged to the
+    phase that queued it."""
+    trainer.queries = _TimedQueries(trainer.queries, clock, dev)
+    trainer.score_fn = _timed(trainer.score_fn, clock, "score", dev)
+    trainer.policy.respond = _timed(trainer.policy.respond, clock, "sample", dev)
+    analyze = trainer.analyze
+
+    def timed_analyze(policy, *args, **kwargs):
+        name = "analyze_policy" if policy is trainer.policy else "analyze_ref"
+        return _timed(analyze, clock, name, dev)(policy, *args, **kwargs)
+
+    trainer.analyze = timed_analyze
+    trainer.train_minibatch = _timed(trainer.train_minibatch, clock, "train", dev)
+
+
+def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev: torch.device, label: str) -> dict:
+    """Per-phase medians of `updates` PPO updates after one warm-up update, for `train_policy.PPOTrainer`
+    built as `train_policy.train` builds it: a policy and a frozen reference from `gpt`, a reward
+    model on a copy of the same trunk, queries from `make_queries(hp)`. On cuda, also the peak
+    memory allocated."""
+    from lm_human_preferences import train_policy
+    from lm_human_preferences.policy import Policy
+    from lm_human_preferences.rewards import RewardModel
+    from lm_human_preferences.runtime import Run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hp.run.save_dir = tmp
+        hp.validate()
+        run = Run(hp.run, exp_name="bench_ppo", config=hp)
+        try:
+            reward_model = RewardModel(copy.deepcopy(gpt)).to(run.device).eval().requires_grad_(False)
+            score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=encoding.padding_token,
+                                                          autocast=run.autocast)
+            trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
+                                              ref_policy=Policy(copy.deepcopy(gpt)), score_fn=score_fn,
+                                              encoding=encoding, queries=make_queries(hp))
+            clock: dict[str, float] = {}
+            _instrument(trainer, clock, dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            steps = []
+            watch = OthersCpu()
+            for i in range(updates + 1):  # the first update is a warm-up
+                clock.clear()
+                t0 = now(dev)
+                trainer.step()
+                total = now(dev) - t0
+                if i > 0:
+                    steps.append({**clock, "total": total})
+            others = watch.cores()
+            peak_memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        finally:
+            run.close()
+    med = {k: median([s.get(k, 0.0) for s in steps]) for k in PPO_PHASES + ["total"]}
+    med["other"] = max(0.0, med["total"] - sum(med[k] for k in PPO_PHASES))
+    row = dict(batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
+               query_length=hp.task.query_length, response_length=hp.task.response_length, dtype=hp.run.dtype,
+               seconds=med, share={k: med[k] / med["total"] for k in PPO_PHASES + ["other"]},
+               episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others)
+    if peak_memory is not None:
+        row["max_memory_allocated"] = peak_memory
+    print(f"  {label}: {med['total']:.3f} s/update ({row['episodes_per_s']:.1f} episodes/s)  " +
+          "  ".join(f"{k} {med[k] / med['total']:.0%}" for k in PPO_PHASES + ["other"]) +
+          (f"  peak memory {peak_memory / 2 ** 30:.2f} GiB" if peak_memory is not None else "") +
+          f"  (other processes {fmt_cores(others)})", flush=True)
+    return row
 
 
 def _offline_setup(quick: bool):
@@ -358,79 +500,110 @@ def _offline_setup(quick: bool):
     return gpt, encoding, "random GPT (n_layer=2, n_embd=64, n_head=4, n_ctx=64), gpt2-subset vocabulary"
 
 
-def bench_ppo(sz: dict) -> dict:
+def _policy_hparams(task: str, overrides: dict):
+    """TrainPolicyHParams as `launch.py train_policy <task>` resolves them, then `overrides`."""
     import params
-    from lm_human_preferences import lm_tasks, train_policy
-    from lm_human_preferences.policy import Policy
-    from lm_human_preferences.rewards import RewardModel
-    from lm_human_preferences.runtime import Run
+    from lm_human_preferences import train_policy
 
-    task = "offline_sentiment"
+    hp = train_policy.TrainPolicyHParams()
+    hp.override_from_dict({f"task.{k}": v for k, v in params.TASKS[task].items()})
+    hp.override_from_dict(params.TRAIN_POLICY[task])
+    hp.override_from_dict({"task.policy.initial_model": "unused", "run.wandb": "off", "run.resume": "never",
+                           **overrides})
+    return hp
+
+
+def bench_ppo(sz: dict, dev: torch.device) -> dict:
+    from lm_human_preferences import lm_tasks
+
     gpt, encoding, source = _offline_setup(sz["ppo_batch"] is not None)
     results = {"model": source, "config": gpt.config.to_dict(), "precisions": {}}
     for prec in ("fp32", "bf16"):
-        hp = train_policy.TrainPolicyHParams()
-        hp.override_from_dict({f"task.{k}": v for k, v in params.TASKS[task].items()})
-        hp.override_from_dict(params.TRAIN_POLICY[task])
-        hp.override_from_dict({"task.policy.initial_model": "unused", "run.device": "cpu", "run.dtype": prec,
-                               "run.wandb": "off", "run.resume": "never"})
+        hp = _policy_hparams("offline_sentiment", {"run.device": str(dev), "run.dtype": prec})
         if sz["ppo_batch"] is not None:
             hp.override_from_dict({"ppo.batch_size": sz["ppo_batch"], "ppo.nminibatches": sz["ppo_nminibatches"],
                                    "ppo.noptepochs": sz["ppo_noptepochs"]})
         hp.override_from_dict({"ppo.total_episodes": hp.ppo.batch_size * (sz["ppo_updates"] + 1)})
-        with tempfile.TemporaryDirectory() as tmp:
-            hp.run.save_dir = tmp
-            hp.validate()
-            run = Run(hp.run, exp_name="bench_ppo", config=hp)
-            try:
-                clock: dict[str, float] = {}
-                reward_model = RewardModel(copy.deepcopy(gpt)).to(run.device).eval().requires_grad_(False)
-                score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=encoding.padding_token,
-                                                              autocast=run.autocast)
-                queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=str(ROOT / "datasets"),
-                                                 batch_size=hp.ppo.batch_size, rank=0, world_size=1, seed=hp.run.seed)
-                trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
-                                                  ref_policy=Policy(copy.deepcopy(gpt)),
-                                                  score_fn=_timed(score_fn, clock, "score"), encoding=encoding,
-                                                  queries=_TimedQueries(queries, clock))
-                trainer.policy.respond = _timed(trainer.policy.respond, clock, "sample")
-                analyze = trainer.analyze
 
-                def timed_analyze(policy, *args, **kwargs):
-                    name = "analyze_policy" if policy is trainer.policy else "analyze_ref"
-                    return _timed(analyze, clock, name)(policy, *args, **kwargs)
+        def make_queries(hp):
+            return lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=str(ROOT / "datasets"),
+                                          batch_size=hp.ppo.batch_size, rank=0, world_size=1, seed=hp.run.seed)
 
-                trainer.analyze = timed_analyze
-                trainer.train_minibatch = _timed(trainer.train_minibatch, clock, "train")
-                steps = []
-                watch = OthersCpu()
-                for i in range(sz["ppo_updates"] + 1):  # the first update is a warm-up
-                    clock.clear()
-                    t0 = time.perf_counter()
-                    trainer.step()
-                    total = time.perf_counter() - t0
-                    if i > 0:
-                        steps.append({**clock, "total": total})
-                others = watch.cores()
-            finally:
-                run.close()
-        phases = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train"]
-        med = {k: median([s.get(k, 0.0) for s in steps]) for k in phases + ["total"]}
-        med["other"] = max(0.0, med["total"] - sum(med[k] for k in phases))
-        results["precisions"][prec] = dict(
-            batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
-            query_length=hp.task.query_length, response_length=hp.task.response_length,
-            seconds=med, share={k: med[k] / med["total"] for k in phases + ["other"]},
-            episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others)
-        print(f"  ppo {prec}: {med['total']:.3f} s/update  " +
-              "  ".join(f"{k} {med[k] / med['total']:.0%}" for k in phases + ["other"]) +
-              f"  (other processes {fmt_cores(others)})", flush=True)
+        results["precisions"][prec] = _measure_ppo(hp, gpt=gpt, encoding=encoding, make_queries=make_queries,
+                                                   updates=sz["ppo_updates"], dev=dev, label=f"ppo {prec}")
     return results
+
+
+# ---- PPO update at the sentiment task's scale -------------------------------------------------
+
+class _TokenIds:
+    """The encoding of synthetic queries: token ids with the library's padding token (n_vocab + 2,
+    outside the vocabulary) and no text (the sentiment task has no query prefix or suffix)."""
+
+    def __init__(self, n_vocab: int):
+        self.n_vocab, self.padding_token = n_vocab, n_vocab + 2
+
+    def encode(self, text: str) -> list[int]:
+        if text:
+            raise ValueError(f"synthetic token-id queries cannot encode text ({text!r})")
+        return []
+
+    def decode(self, tokens) -> str:
+        return " ".join(str(int(t)) for t in tokens)
+
+
+class _RandomQueries:
+    """An endless stream of (batch, length) random token-id query batches, in place of a dataset
+    (books is a download; throughput does not depend on what the tokens say)."""
+
+    def __init__(self, *, batch: int, length: int, n_vocab: int, seed: int = 0):
+        self.shape, self.n_vocab = (batch, length), n_vocab
+        self.gen = torch.Generator().manual_seed(seed)  # on the CPU, as a dataset's batches: the trainer moves them
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        self.batches += 1
+        return torch.randint(0, self.n_vocab, self.shape, generator=self.gen)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+
+def bench_ppo_scale(sz: dict, dev: torch.device) -> dict:
+    """The PPO update of `launch.py train_policy sentiment` on one device (params.py's presets: batch
+    512, 1 minibatch x 4 epochs, query 64, response 24, temperature 0.7), bf16 on cuda, fp32 on cpu;
+    random weights and random-token queries."""
+    from lm_human_preferences.language.gpt import GPT
+
+    s = sz["scale"]
+    cfg = model_config(s["model"])
+    prec = "bf16" if dev.type == "cuda" else "fp32"
+    hp = _policy_hparams("sentiment", {"run.device": str(dev), "run.dtype": prec, "ppo.batch_size": s["batch"],
+                                       "task.query_length": s["query"], "task.response_length": s["response"]})
+    hp.task.truncate_after = min(hp.task.truncate_after, hp.task.response_length)  # 16 > the --quick response
+    torch.manual_seed(0)
+    gpt = GPT(cfg)
+    encoding = _TokenIds(cfg.n_vocab)
+
+    def make_queries(hp):
+        return _RandomQueries(batch=hp.ppo.batch_size, length=hp.task.query_length, n_vocab=cfg.n_vocab)
+
+    row = _measure_ppo(hp, gpt=gpt, encoding=encoding, make_queries=make_queries, updates=sz["ppo_updates"], dev=dev,
+                       label=f"ppo_scale {prec}")
+    flops = ppo_update_flops(cfg, batch=hp.ppo.batch_size, query=hp.task.query_length,
+                             response=hp.task.response_length, noptepochs=hp.ppo.noptepochs)
+    row.update(model_flops=flops, ours_flops_per_s=flops / row["seconds"]["total"])
+    name = s["model"] if isinstance(s["model"], str) else ", ".join(f"{k} {v}" for k, v in s["model"].items())
+    return {"model": f"random GPT-2 {name}", "config": cfg.to_dict(), "device": dev.type, "device_name": describe(dev),
+            "queries": "random token ids", "precisions": {prec: row}}
 
 
 # ---- hot spots: micro-benchmarks of the operations the profiles point at ---------------------------
 
-def bench_ops(sz: dict) -> dict:
+def bench_ops(sz: dict, dev: torch.device) -> dict:
     """Alternatives for the costliest small pieces of sampling and training, timed side by side."""
     import torch.nn.functional as F
 
@@ -440,22 +613,22 @@ def bench_ops(sz: dict) -> dict:
     cfg = model_config(sz["model"])
     B, L, D, V = sz["batch"], sz["response"], cfg.n_embd, cfg.n_vocab
     torch.manual_seed(3)
-    W = torch.randn(V, D) * 0.02
+    W = torch.randn(V, D, device=dev) * 0.02
     W_bf16 = W.bfloat16()
-    h = torch.randn(B, D)
-    logits = torch.randn(B, V) * 3
-    gen = torch.Generator().manual_seed(0)
-    out: dict = {"batch": B, "n_embd": D, "n_vocab": V}
+    h = torch.randn(B, D, device=dev)
+    logits = torch.randn(B, V, device=dev) * 3
+    gen = torch.Generator(device=dev).manual_seed(0)
+    out: dict = {"batch": B, "n_embd": D, "n_vocab": V, "device": dev.type}
 
     watch = OthersCpu()
 
     def section(name, fns):
-        times = interleaved(fns, repeats=max(5, sz["repeats"]))
+        times = interleaved(fns, dev=dev, repeats=max(5, sz["repeats"]))
         out[name] = {k: median(v) for k, v in times.items()}
         print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
 
-    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what transformers runs;
-    # ours (GPT.lm_logits with few rows on CPU) computes the same product as W @ h^T.
+    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what transformers runs (and
+    # ours on a GPU); ours (GPT.lm_logits with few rows on CPU) computes the same product as W @ h^T.
     section("lm_head_step", {
         "F.linear(h, W) fp32": lambda: F.linear(h, W),
         "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
@@ -463,7 +636,7 @@ def bench_ops(sz: dict) -> dict:
     })
     def inverse_cdf_fp32(p):
         cdf = p.cumsum(-1)  # (B, V)
-        u = torch.rand(B, 1, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
+        u = torch.rand(B, 1, device=dev, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
         return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
 
     # Drawing one token per row (softmax included): ours is inverse-CDF sampling with float64 sums
@@ -480,15 +653,15 @@ def bench_ops(sz: dict) -> dict:
     })
     # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
     # accumulation allocate every step) vs filling one that exists: the difference is page faults.
-    grad_buf = torch.zeros(V, D)
+    grad_buf = torch.zeros(V, D, device=dev)
     section("embedding_sized_buffer", {
-        "torch.zeros (fresh)": lambda: torch.zeros(V, D),
+        "torch.zeros (fresh)": lambda: torch.zeros(V, D, device=dev),
         "fill_ (reused)": lambda: grad_buf.fill_(0),
     })
     # Entropy of the training step's (B, L, V) logits: as Policy.forward computes it (in the autograd
     # graph) vs from the log-softmax it already has, without a graph.
-    train_logits = (torch.randn(B, L, V) * 3).requires_grad_()
-    tokens = torch.randint(0, V, (B, L))
+    train_logits = (torch.randn(B, L, V, device=dev) * 3).requires_grad_()
+    tokens = torch.randint(0, V, (B, L), device=dev)
 
     def entropy_as_is():
         return logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)
@@ -510,21 +683,28 @@ def bench_ops(sz: dict) -> dict:
 
 # ---- limits: matmul peak and memory bandwidth ---------------------------------------------------
 
-def bench_peak(sz: dict) -> dict:
-    out = {"sizes": sz["peak_sizes"], "threads": torch.get_num_threads()}
+def bench_peak(sz: dict, dev: torch.device) -> dict:
+    out = {"sizes": sz["peak_sizes"], "threads": torch.get_num_threads(), "device": describe(dev)}
+    if dev.type == "cuda":
+        # What "fp32" means for every cuda section: torch's default is full fp32 matmuls (no TF32).
+        out.update(float32_matmul_precision=torch.get_float32_matmul_precision(),
+                   matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    # On a GPU one kernel is short against a synchronize: time several back to back.
+    calls = 10 if dev.type == "cuda" else 1
     watch = OthersCpu()
     for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         per_size = {}
         for n in sz["peak_sizes"]:
-            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-            c = torch.empty(n, n, dtype=dtype)
+            a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+            c = torch.empty(n, n, dtype=dtype, device=dev)
             for _ in range(2):
                 torch.mm(a, b, out=c)
             best = float("inf")
             for _ in range(sz["peak_repeats"]):
-                t0 = time.perf_counter()
-                torch.mm(a, b, out=c)
-                best = min(best, time.perf_counter() - t0)
+                t0 = now(dev)
+                for _ in range(calls):
+                    torch.mm(a, b, out=c)
+                best = min(best, (now(dev) - t0) / calls)
             per_size[n] = 2 * n ** 3 / best
         out[f"{prec}_by_size"] = per_size
         out[f"{prec}_flops_per_s"] = max(per_size.values())
@@ -532,13 +712,14 @@ def bench_peak(sz: dict) -> dict:
               f"{sz['peak_repeats']} at each size: " +
               ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in per_size.items()) + ")", flush=True)
     # Streaming read bandwidth: what bounds single-token decoding, which reads every weight per step.
-    x = torch.ones(sz["bandwidth_mb"] * 2 ** 20 // 4)
+    x = torch.ones(sz["bandwidth_mb"] * 2 ** 20 // 4, device=dev)
     x.sum()
     best = float("inf")
     for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
+        t0 = now(dev)
+        for _ in range(calls):
+            x.sum()
+        best = min(best, (now(dev) - t0) / calls)
     out["read_bytes_per_s"] = x.numel() * 4 / best
     out["others_cores"] = watch.cores()
     print(f"  memory read bandwidth: {x.numel() * 4 / best / 1e9:.1f} GB/s (sum over {sz['bandwidth_mb']} MiB); "
@@ -552,7 +733,8 @@ def mfu_table(results: dict) -> dict:
     if not peak:
         return {}
     rows = {}
-    for section, keys in (("sampling", ("ours", "peer", "prefill")), ("train", ("ours", "peer", "peer_same_work"))):
+    for section, keys in (("sampling", ("ours", "peer", "prefill")), ("train", ("ours", "peer", "peer_same_work")),
+                          ("ppo_scale", ("ours",))):
         for prec, r in results.get(section, {}).get("precisions", {}).items():
             for who in keys:
                 achieved = r[f"{who}_flops_per_s"]
@@ -575,6 +757,14 @@ def targets(results: dict) -> list[dict]:
         if section == "train" and who == "ours":
             out.append(dict(target=f"training step {prec} >= 50% of matmul peak", value=f"{r['mfu']:.0%}",
                             met=r["mfu"] >= 0.5))
+    # The throughput target is for a GPU at full size: elsewhere the number is shown, not judged.
+    scale = results.get("ppo_scale", {})
+    judged = scale.get("device") == "cuda" and not results.get("quick")
+    for prec, r in scale.get("precisions", {}).items():
+        out.append(dict(target=f"ppo_scale >= {PPO_SCALE_TARGET} episodes/s", value=f"{r['episodes_per_s']:.1f}",
+                        met=r["episodes_per_s"] >= PPO_SCALE_TARGET if judged else None,
+                        why_not_judged=None if judged else ("not on a GPU" if scale.get("device") != "cuda"
+                                                            else "--quick sizes")))
     return out
 
 
@@ -593,19 +783,43 @@ def fmt_others(r: dict) -> str:
     return "n/a" if c is None else f"{c:.2f}"
 
 
+def sampling_table(s: dict, *, query: int, response: int) -> str:
+    rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
+             f"{r['ours_s']:.3f}", f"{r['peer_s']:.3f}", f"{r['ours_prefill_s']:.3f}",
+             f"{r['ours_decode_s']:.3f}", f"{r['ratio_bound']:.2f}x", fmt_others(r)]
+            for p, r in s["precisions"].items()]
+    return table(f"sampling: batch {s['batch']}, query {query}, response {response} "
+                 f"(new tokens/s; ratio = ours / transformers.generate; bound = transformers s / our "
+                 f"prefill s, the ratio if our decode steps cost nothing)",
+                 ["precision", "ours tok/s", "transformers tok/s", "ratio", "ours s", "transformers s",
+                  "ours prefill s", "ours decode s", "bound", "others' CPU"], rows)
+
+
+def ppo_table(title: str, s: dict) -> str:
+    """Seconds and share of each phase of a PPO update (`_measure_ppo` rows), per precision."""
+    rows = []
+    for p, r in s["precisions"].items():
+        rows += [[p, k, f"{r['seconds'][k]:.3f}", f"{r['share'][k]:.1%}" if k != "total" else "100%"]
+                 for k in PPO_PHASES + ["other", "total"]]
+    for p, r in s["precisions"].items():
+        rows.append([p, "(episodes/s)", f"{r['episodes_per_s']:.1f}", ""])
+        if "ours_flops_per_s" in r:
+            rows.append([p, "(model GFLOP/s, see ppo_update_flops)", f"{r['ours_flops_per_s'] / 1e9:.1f}", ""])
+        if "max_memory_allocated" in r:
+            rows.append([p, "(peak GPU memory allocated)", f"{r['max_memory_allocated'] / 2 ** 30:.2f} GiB", ""])
+        rows.append([p, "(other processes' CPU)", fmt_others(r), ""])
+    first = next(iter(s["precisions"].values()))
+    return table(f"{title} ({s['model']}; batch {first['batch_size']}, {first['nminibatches']} minibatches x "
+                 f"{first['noptepochs']} epochs, query {first['query_length']}, response {first['response_length']})",
+                 ["precision", "phase", "seconds", "share"], rows)
+
+
 def report(results: dict) -> str:
     out = []
     if "sampling" in results:
         s = results["sampling"]
-        rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
-                 f"{r['ours_s']:.3f}", f"{r['peer_s']:.3f}", f"{r['ours_prefill_s']:.3f}",
-                 f"{r['ours_decode_s']:.3f}", f"{r['ratio_bound']:.2f}x", fmt_others(r)]
-                for p, r in s["precisions"].items()]
-        out.append(table(f"sampling: batch {s['batch']}, query {s['query']}, response {s['response']} "
-                         f"(new tokens/s; ratio = ours / transformers.generate; bound = transformers s / our "
-                         f"prefill s, the ratio if our decode steps cost nothing)",
-                         ["precision", "ours tok/s", "transformers tok/s", "ratio", "ours s", "transformers s",
-                          "ours prefill s", "ours decode s", "bound", "others' CPU"], rows))
+        for r in [s] + list(s.get("more_batches", {}).values()):
+            out.append(sampling_table(r, query=s["query"], response=s["response"]))
     if "train" in results:
         s = results["train"]
         rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
@@ -616,25 +830,18 @@ def report(results: dict) -> str:
                          ["precision", "ours tok/s", "transformers LM loss tok/s", "ratio",
                           "transformers same work tok/s", "ratio", "others' CPU"], rows))
     if "ppo" in results:
-        s = results["ppo"]
-        phases = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train", "other", "total"]
-        rows = []
-        for p, r in s["precisions"].items():
-            rows += [[p, k, f"{r['seconds'][k]:.3f}", f"{r['share'][k]:.1%}" if k != "total" else "100%"]
-                     for k in phases]
-        first = next(iter(s["precisions"].values()))
-        for p, r in s["precisions"].items():
-            rows.append([p, "(other processes' CPU)", fmt_others(r), ""])
-        out.append(table(f"PPO update breakdown ({s['model']}; batch {first['batch_size']}, "
-                         f"{first['nminibatches']} minibatches x {first['noptepochs']} epochs, "
-                         f"query {first['query_length']}, response {first['response_length']})",
-                         ["precision", "phase", "seconds", "share"], rows))
+        out.append(ppo_table("PPO update breakdown", results["ppo"]))
+    if "ppo_scale" in results:
+        s = results["ppo_scale"]
+        out.append(ppo_table(f"PPO update at sentiment scale on {s['device_name']}, {s['queries']}", s))
     if "peak" in results:
         p = results["peak"]
         rows = [["fp32 matmul", f"{p['fp32_flops_per_s'] / 1e9:.1f} GFLOP/s"],
                 ["bf16 matmul", f"{p['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s"],
                 ["memory read", f"{p['read_bytes_per_s'] / 1e9:.1f} GB/s"]]
-        out.append(table(f"machine limits (best square matmul of sizes {p['sizes']}, {p['threads']} threads; "
+        where = (f"{p['threads']} threads" if p.get("device", "cpu") == "cpu"
+                 else f"{p['device']}, float32 matmul precision {p['float32_matmul_precision']}")
+        out.append(table(f"machine limits (best square matmul of sizes {p['sizes']}, {where}; "
                          f"other processes' CPU {fmt_others(p)})", ["what", "measured"], rows))
         if results.get("mfu"):
             rows = [[k, f"{r['flops_per_s'] / 1e9:.1f}", f"{r['peak_flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}"]
@@ -643,17 +850,19 @@ def report(results: dict) -> str:
                              ["section/precision/implementation", "GFLOP/s", "peak GFLOP/s", "MFU"], rows))
     if results.get("targets"):
         out.append(table("targets", ["target", "measured", "met"],
-                         [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in results["targets"]]))
+                         [[t["target"], t["value"], f"n/a ({t['why_not_judged']})" if t["met"] is None
+                           else "yes" if t["met"] else "NO"] for t in results["targets"]]))
     if "ops" in results:
         o = results["ops"]
         rows = [[name, k, f"{v * 1e3:.2f}"] for name, r in o.items() if isinstance(r, dict) for k, v in r.items()]
         rows.append(["(other processes' CPU during these)", "", fmt_others(o)])
-        out.append(table(f"hot spots (batch {o['batch']}, n_embd {o['n_embd']}, vocab {o['n_vocab']}; median ms)",
+        out.append(table(f"hot spots (batch {o['batch']}, n_embd {o['n_embd']}, vocab {o['n_vocab']}, "
+                         f"{o.get('device', 'cpu')}; median ms)",
                          ["operation", "variant", "ms"], rows))
     return "\n".join(out)
 
 
-def machine_info() -> dict:
+def machine_info(dev: torch.device) -> dict:
     import transformers
     cpu = platform.processor()
     with contextlib.suppress(OSError):
@@ -661,51 +870,84 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
+    info = dict(device=dev.type, cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability())
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info.update(gpu=torch.cuda.get_device_name(dev), gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), float32_matmul_precision=torch.get_float32_matmul_precision())
+    else:
+        info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")  # malloc settings only matter for CPU tensors
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models and inputs live")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but ppo_scale on cpu, all on "
+                         f"cuda)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check, not a measurement")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5; quick 3)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per comparison and timed PPO updates (default 5; quick 3)")
     ap.add_argument("--update", action="store_true",
                     help="merge the sections run into the existing JSON file instead of replacing it (to re-measure "
                          "a section that other processes disturbed)")
-    ap.add_argument("--json", default=None, help="where to write results (default: bench/results-cpu.json "
+    ap.add_argument("--json", default=None, help="where to write results (default: bench/results-<device>.json "
                                                  "for a full run, none otherwise)")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's malloc as it is; by default the benchmark keeps freed memory in the heap, "
+                         "as launch.py does (lm_human_preferences.runtime.keep_freed_memory)")
     args = ap.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: CUDA is not available (torch {torch.__version__}, built with CUDA "
+                 f"{torch.version.cuda or 'no'})")
+    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(default_sections(dev))
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown sections {unknown}; expected some of {list(SECTIONS)}")
+    default_json = ROOT / "bench" / f"results-{dev.type}.json"
     if args.update:
-        target = Path(args.json or ROOT / "bench" / "results-cpu.json")
-        if target.is_file() and json.loads(target.read_text()).get("quick") != args.quick:
+        target = Path(args.json or default_json)
+        old = json.loads(target.read_text()) if target.is_file() else None
+        if old is not None and old.get("quick") != args.quick:
             ap.error(f"--update: {target} holds {'full-size' if args.quick else 'quick'} results; do not mix sizes")
-    sz = sizes(args.quick)
+        if old is not None and old.get("device", "cpu") != dev.type:
+            ap.error(f"--update: {target} holds {old.get('device', 'cpu')} results; do not mix devices")
+    sz = sizes(args.quick, dev)
     if args.quick:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
     if args.repeats is not None:
         sz["repeats"] = sz["ppo_updates"] = args.repeats
-    info = machine_info()
+    from lm_human_preferences.runtime import keep_freed_memory
+
+    kept = False if args.glibc_malloc else keep_freed_memory()
+    info = machine_info(dev)
+    info["malloc"] = "heap-keeping, as launch.py" if kept else f"glibc (GLIBC_TUNABLES={info.get('glibc_tunables')})"
+    gpu = f"; {info['gpu']} (CUDA {info['cuda']})" if dev.type == "cuda" else ""
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads, "
-          f"{info['cpu_capability']}), transformers {info['transformers']}; load average {load_average()}", flush=True)
-    results: dict = {"machine": info, "quick": args.quick, "argv": sys.argv[1:], "load_start": load_average()}
+          f"{info['cpu_capability']}){gpu}, transformers {info['transformers']}, malloc {info['malloc']}; "
+          f"load average {load_average()}",
+          flush=True)
+    results: dict = {"machine": info, "device": dev.type, "quick": args.quick, "argv": sys.argv[1:],
+                     "load_start": load_average()}
     t_start = time.perf_counter()
     torch.set_grad_enabled(True)
     for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train), ("ppo", bench_ppo),
-                     ("ops", bench_ops)):
+                     ("ppo_scale", bench_ppo_scale), ("ops", bench_ops)):
         if name in only:
             print(f"[{name}]", flush=True)
-            results[name] = fn(sz)
+            results[name] = fn(sz, dev)
+            if dev.type == "cuda":  # give the next section the whole GPU (and an honest peak memory)
+                gc.collect()
+                torch.cuda.empty_cache()
     results["load_end"] = load_average()
     results["wall_s"] = time.perf_counter() - t_start
-    full = not args.quick and set(only) == set(SECTIONS)
-    path = args.json or (str(ROOT / "bench" / "results-cpu.json") if full or args.update else None)
+    full = not args.quick and set(default_sections(dev)) <= set(only)
+    path = args.json or (str(default_json) if full or args.update else None)
     if args.update and path and Path(path).is_file():
         merged = json.loads(Path(path).read_text())
         merged.setdefault("updates", []).append({k: results[k] for k in ("argv", "load_start", "load_end", "wall_s")})
