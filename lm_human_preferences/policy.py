@@ -26,7 +26,7 @@ from lm_human_preferences.ppo import entropy_from_logits, logprobs_from_logits
 class Analysis:
     logprobs: torch.Tensor  # (B, L) fp32, under logits / temperature
     values: torch.Tensor  # (B, L) fp32, value before each response token
-    entropies: torch.Tensor  # (B, L) fp32
+    entropies: torch.Tensor  # (B, L) fp32, without gradient (only logged)
 
 
 class Policy(nn.Module):
@@ -53,8 +53,9 @@ class Policy(nn.Module):
         h = h[:, Tc - 1:-1]  # the states that predict each response token (B, L, D)
         logits = self.gpt.lm_logits(h) / temperature  # (B, L, V) fp32
         values = self.value_head(h).squeeze(-1).float()  # (B, L)
-        return Analysis(logprobs=logprobs_from_logits(logits, responses), values=values,
-                        entropies=entropy_from_logits(logits))
+        with torch.no_grad():  # a logged statistic: no (B, L, V) tensors kept for the backward pass
+            entropies = entropy_from_logits(logits)
+        return Analysis(logprobs=logprobs_from_logits(logits, responses), values=values, entropies=entropies)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {f"value.{k}": v for k, v in self.value_head.state_dict().items()}

@@ -165,3 +165,10 @@ def test_zero_probability_tokens_are_never_drawn():
     tokens = sample_from_logits(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert set(tokens.tolist()) == {0, 7, V - 2}
     assert sample_from_logits(logits[:3], temperature=0, generator=None).tolist() == [V - 2] * 3
+
+
+def test_entropies_carry_no_graph_but_logprobs_and_values_do():
+    policy = make_policy()
+    out = policy(contexts_with_pads(), torch.randint(0, V, (4, 3)), temperature=0.7, pad_token=PAD)
+    assert out.logprobs.requires_grad and out.values.requires_grad
+    assert not out.entropies.requires_grad
