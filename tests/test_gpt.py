@@ -116,3 +116,21 @@ def test_linear_layout_equals_the_layer(rows):
     torch.testing.assert_close(grad, x.grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(layer, x).dtype == layer(x).dtype == torch.bfloat16
+
+
+def test_decoding_steps_never_read_tensors_on_the_host(monkeypatch):
+    """A GPU decoding loop only queues kernels if no step waits for a value (bool/int/item)."""
+    model = tiny()
+    context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
+    cache = model.new_cache(2, 8)
+    model(context, pad_token=PAD, cache=cache)
+
+    def host_read(*_):
+        raise AssertionError("a tensor was read on the host during a decoding step")
+
+    for name in ("__bool__", "__int__", "__index__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    outs = [model(torch.tensor([[6], [7]]), pad_token=PAD, cache=cache).logits for _ in range(3)]
+    monkeypatch.undo()
+    full = model(torch.tensor([[1, 2, PAD, 3, 6, 6, 6], [PAD, PAD, 4, 5, 7, 7, 7]]), pad_token=PAD).logits
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, 4:], rtol=1e-5, atol=1e-5)

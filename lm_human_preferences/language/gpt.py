@@ -102,7 +102,6 @@ class KVCache:
         self.key_real: torch.Tensor | None = None  # (B, max_length) bool
         self.n_real: torch.Tensor | None = None  # (B,) real tokens so far: the next position
         self.last_hidden: torch.Tensor | None = None  # (B, D) output at the last real token
-        self.has_pad = False
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -126,7 +125,6 @@ class KVCache:
         T = real.shape[1]
         self.key_real[:, self.length:self.length + T] = real
         self.n_real = self.n_real + real.sum(1)
-        self.has_pad = self.has_pad or not bool(real.all())
         self.last_hidden = last_hidden
         self.length += T
 
@@ -217,11 +215,13 @@ class GPT(nn.Module):
         tokens = tokens.masked_fill(~real, 0)
         prior = 0 if cache is None else cache.prior_real(tokens.device)[:, None]
         positions = prior + torch.cumsum(real, 1) - real.long()  # exclusive cumsum (B, T)
-        if int(positions.max()) >= self.config.n_ctx:
+        # No host sync on a decoding step (it would stall a GPU's queue): positions < past + T, and
+        # outputs at pads are filled below whether or not there are any.
+        if past + T > self.config.n_ctx and int(positions.max()) >= self.config.n_ctx:
             raise ValueError(f"position {int(positions.max())} exceeds n_ctx={self.config.n_ctx}")
 
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, D)
-        all_real = bool(real.all())
+        all_real = pad_token is None or (past == 0 and bool(real.all()))
         if all_real and past == 0:
             attn_mask = None  # plain causal: lets SDPA pick its fastest kernel
         else:
