@@ -134,3 +134,25 @@ def test_decoding_steps_never_read_tensors_on_the_host(monkeypatch):
     monkeypatch.undo()
     full = model(torch.tensor([[1, 2, PAD, 3, 6, 6, 6], [PAD, PAD, 4, 5, 7, 7, 7]]), pad_token=PAD).logits
     torch.testing.assert_close(torch.cat(outs, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # both `_head` layouts
+def test_bf16_autocast_head_keeps_fp32_logits_and_runs_its_backward_in_bf16(rows):
+    model = tiny(n_vocab=700)
+    h = torch.randn(rows, 24, requires_grad=True)
+    with torch.no_grad():
+        want = model.lm_logits(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.lm_logits(h)
+    assert torch.equal(logits, want)  # the forward is the fp32 product, bit for bit
+    dlogits = torch.randn_like(logits)
+    (logits * dlogits).sum().backward()
+    got_h, got_w = h.grad, model.wte.weight.grad
+    exact_h, exact_w = dlogits @ model.wte.weight.detach(), dlogits.t() @ h.detach()
+    for got, exact in ((got_h, exact_h), (got_w, exact_w)):
+        assert got.dtype == torch.float32
+        rel = ((got - exact).norm() / exact.norm()).item()
+        assert 0 < rel < 1e-2  # bf16 products: close, not exact
+    h.grad = model.wte.weight.grad = None
+    model.lm_logits(h).mul(dlogits).sum().backward()  # no autocast: the exact fp32 backward
+    torch.testing.assert_close(h.grad, exact_h, rtol=1e-4, atol=1e-4)
