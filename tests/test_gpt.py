@@ -156,3 +156,28 @@ def test_bf16_autocast_head_keeps_fp32_logits_and_runs_its_backward_in_bf16(rows
     h.grad = model.wte.weight.grad = None
     model.lm_logits(h).mul(dlogits).sum().backward()  # no autocast: the exact fp32 backward
     torch.testing.assert_close(h.grad, exact_h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_packed_decoding_equals_plain_decoding(bf16):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    model = tiny()
+    context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
+    steps = torch.tensor([[6, 7, 8], [9, PAD, 10]])
+
+    def decode(pack: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            cache = model.new_cache(2, 7)
+            if pack:
+                model.pack_for_decoding(cache)
+                assert cache.packed is not None and len(cache.packed) == 4 * 2 + 1  # 4 linears a block + head
+            model(context, pad_token=PAD, cache=cache, logits=False)
+            outs = [model(steps[:, i:i + 1], pad_token=PAD, cache=cache) for i in range(3)]
+            return torch.cat([o.logits for o in outs], 1), torch.cat([o.hidden for o in outs], 1)
+
+    (logits, hidden), (want_logits, want_hidden) = decode(True), decode(False)
+    assert logits.dtype == torch.float32
+    tol = dict(rtol=0, atol=0.05) if bf16 else dict(rtol=1e-5, atol=1e-5)  # bf16: output rounding differs
+    torch.testing.assert_close(logits, want_logits, **tol)
+    torch.testing.assert_close(hidden, want_hidden, **tol)

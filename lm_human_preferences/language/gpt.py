@@ -74,14 +74,27 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`. On CPU with few rows (decoding), computed as `(W @ x.T).T`: the same sums,
-    but MKL streams the weight matrix about 1.3x faster in that layout (BENCHMARKS.md)."""
+def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
+    """`layer(x)`. On CPU with few rows (decoding) the product streams the weight faster: with
+    `packed` weights (see `GPT.pack_for_decoding`) through oneDNN, else as `(W @ x.T).T`, which
+    MKL runs about 1.3x faster than `x @ W.T` (BENCHMARKS.md). The same sums either way."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > SMALL_ROWS:
         return layer(x)
+    if packed is not None:
+        weight, bias = packed[layer]  # in the dtype autocast would have used
+        return _onednn_linear(x.reshape(rows, -1).to(bias.dtype), weight, bias).reshape(*x.shape[:-1], -1)
     out = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(rows, -1).t())  # (out, rows)
     return out.t().reshape(*x.shape[:-1], -1)
+
+
+def _onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` (out, in) reordered by oneDNN for products with about `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -129,6 +142,7 @@ class KVCache:
         self.n_real: torch.Tensor | None = None  # (B,) real tokens so far: the next position
         self.last_hidden: torch.Tensor | None = None  # (B, D) output at the last real token
         self.length = 0
+        self.packed: dict | None = None  # oneDNN-packed weights for decoding on CPU (GPT.pack_for_decoding)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this call's keys/values (B, nh, T, hs); return all keys/values so far."""
@@ -166,13 +180,14 @@ class Attention(nn.Module):
 
     def forward(self, x, *, attn_mask, cache: KVCache | None, layer: int):
         B, T, C = x.shape
-        q, k, v = linear(self.c_attn, x).split(C, dim=2)
+        packed = None if cache is None else cache.packed
+        q, k, v = linear(self.c_attn, x, packed).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, L+T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return linear(self.c_proj, y)
+        return linear(self.c_proj, y, packed)
 
 
 class MLP(nn.Module):
@@ -181,8 +196,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x):
-        return linear(self.c_proj, gelu(linear(self.c_fc, x)))
+    def forward(self, x, packed: dict | None = None):
+        return linear(self.c_proj, gelu(linear(self.c_fc, x, packed)), packed)
 
 
 class Block(nn.Module):
@@ -195,7 +210,7 @@ class Block(nn.Module):
 
     def forward(self, x, *, attn_mask, cache, layer):
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache, layer=layer)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x), None if cache is None else cache.packed)
 
 
 @dataclass
@@ -228,6 +243,27 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(batch_size=batch_size, max_length=max_length, n_layer=self.config.n_layer)
+
+    @torch.no_grad()
+    def pack_for_decoding(self, cache: KVCache) -> None:
+        """On CPU, give `cache` oneDNN-packed copies of the linear weights (bf16 under bf16
+        autocast, as autocast would cast them) and of the fp32 LM head. Single-token steps
+        through this cache then read the weights about 3x faster than from MKL's layout, and
+        packing costs about one pass over them (BENCHMARKS.md). The copies are only valid while
+        the weights do not change: pack a new cache for each sampling call. A no-op on GPU or
+        when this torch build lacks the oneDNN ops."""
+        if self.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        rows = cache.batch_size
+        try:
+            packed: dict = {m: (_onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype))
+                            for m in self.modules() if isinstance(m, nn.Linear)}
+            packed["head"] = _onednn_pack(self.wte.weight.float(), rows)
+        except (AttributeError, RuntimeError):
+            return
+        cache.packed = packed
 
     def hidden_states(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -270,10 +306,11 @@ class GPT(nn.Module):
             cache.advance(real, h[:, -1])
         return h
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Tied LM head: (..., D) -> (..., V), always computed in fp32 (autocast off). Under bf16
         autocast only its backward runs in bf16, as every other matmul's does: the logits, and so
-        the logprobs and PPO ratios, keep fp32 precision; the gradients get autocast's."""
+        the logprobs and PPO ratios, keep fp32 precision; the gradients get autocast's. A `cache`
+        with packed weights (decoding on CPU) supplies the head's packed copy."""
         dev = hidden.device.type
         bf16_backward = (torch.is_grad_enabled() and torch.is_autocast_enabled(dev)
                          and torch.get_autocast_dtype(dev) == torch.bfloat16)
@@ -281,9 +318,12 @@ class GPT(nn.Module):
             h, w = hidden.float(), self.wte.weight.float()
             if bf16_backward and (h.requires_grad or w.requires_grad):
                 return _HeadBF16Backward.apply(h, w)
+            rows = h.numel() // h.shape[-1]
+            if cache is not None and cache.packed is not None and rows <= SMALL_ROWS:
+                return _onednn_linear(h.reshape(rows, -1), cache.packed["head"], None).reshape(*h.shape[:-1], -1)
             return _head(h, w)
 
     def forward(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                 cache: KVCache | None = None, logits: bool = True) -> GPTOutput:
         h = self.hidden_states(tokens, pad_token=pad_token, cache=cache)
-        return GPTOutput(logits=self.lm_logits(h) if logits else None, hidden=h)
+        return GPTOutput(logits=self.lm_logits(h, cache) if logits else None, hidden=h)

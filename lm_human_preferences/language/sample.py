@@ -1,7 +1,7 @@
 """Small pure sampling functions: temperature sampling with a KV cache.
 
-The model is used through one call, `model(tokens, pad_token=..., cache=..., logits=...)`
-(see `language/gpt.py`), so any module with that signature can be sampled from.
+The model is used through `new_cache`, `pack_for_decoding`, `model(tokens, pad_token=...,
+cache=..., logits=False)` and `lm_logits(hidden, cache)` (see `language/gpt.py`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: f
     token. Returns the new tokens (B, length). `shard`: see `sample_from_logits`."""
     B, Tc = context.shape
     cache = model.new_cache(B, Tc + length)
+    model.pack_for_decoding(cache)
     out = model(context, pad_token=pad_token, cache=cache, logits=False)
     tokens = []
     for i in range(length):
-        logits = model.lm_logits(out.hidden[:, -1])  # (B, V) fp32
+        logits = model.lm_logits(out.hidden[:, -1], cache)  # (B, V) fp32
         token = sample_from_logits(logits, temperature=temperature, generator=generator, shard=shard)  # (B,)
         tokens.append(token)
         if i + 1 < length:
