@@ -628,12 +628,19 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
         print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
 
     # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what transformers runs (and
-    # ours on a GPU); ours (GPT.lm_logits with few rows on CPU) computes the same product as W @ h^T.
-    section("lm_head_step", {
+    # ours on a GPU); on CPU ours decodes with oneDNN-packed weights (GPT.pack_for_decoding), or
+    # computes the same product as W @ h^T when there are none.
+    head = {
         "F.linear(h, W) fp32": lambda: F.linear(h, W),
         "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
         "F.linear bf16 weight": lambda: F.linear(h.bfloat16(), W_bf16),
-    })
+    }
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # what our decoding steps use on CPU
+        from lm_human_preferences.language.gpt import _onednn_linear, _onednn_pack
+
+        W_packed = _onednn_pack(W, B)
+        head["oneDNN-packed W fp32 (ours, decoding)"] = lambda: _onednn_linear(h, W_packed, None)
+    section("lm_head_step", head)
     def inverse_cdf_fp32(p):
         cdf = p.cumsum(-1)  # (B, V)
         u = torch.rand(B, 1, device=dev, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lm_human_preferences.language import gpt as gpt_module
 from lm_human_preferences.language.gpt import GPT, GPTConfig, linear
 
 PAD = 53  # outside the tiny vocab, like 50259 for GPT-2
@@ -159,9 +160,10 @@ def test_bf16_autocast_head_keeps_fp32_logits_and_runs_its_backward_in_bf16(rows
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_packed_decoding_equals_plain_decoding(bf16):
+def test_packed_decoding_equals_plain_decoding(bf16, monkeypatch):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(gpt_module, "PACK_MIN_BYTES", 0)  # the tiny model is below the size where packing pays
     model = tiny()
     context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
     steps = torch.tensor([[6, 7, 8], [9, PAD, 10]])
@@ -181,3 +183,10 @@ def test_packed_decoding_equals_plain_decoding(bf16):
     tol = dict(rtol=0, atol=0.05) if bf16 else dict(rtol=1e-5, atol=1e-5)  # bf16: output rounding differs
     torch.testing.assert_close(logits, want_logits, **tol)
     torch.testing.assert_close(hidden, want_hidden, **tol)
+
+
+def test_small_models_are_not_packed():
+    model = tiny()
+    cache = model.new_cache(2, 7)
+    model.pack_for_decoding(cache)
+    assert cache.packed is None

@@ -39,6 +39,7 @@ NAMED_CONFIGS = {
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 SMALL_ROWS = 256  # up to this many rows, `linear` uses the transposed product on CPU
+PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
 HF_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 
 
@@ -251,15 +252,17 @@ class GPT(nn.Module):
         through this cache then read the weights about 3x faster than from MKL's layout, and
         packing costs about one pass over them (BENCHMARKS.md). The copies are only valid while
         the weights do not change: pack a new cache for each sampling call. A no-op on GPU or
-        when this torch build lacks the oneDNN ops."""
-        if self.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        when this torch build lacks the oneDNN ops, and for models under PACK_MIN_BYTES."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
+        if (self.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+                or 4 * n_weights < PACK_MIN_BYTES):
             return
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         dtype = torch.bfloat16 if bf16 else torch.float32
         rows = cache.batch_size
         try:
-            packed: dict = {m: (_onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype))
-                            for m in self.modules() if isinstance(m, nn.Linear)}
+            packed: dict = {m: (_onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype)) for m in linears}
             packed["head"] = _onednn_pack(self.wte.weight.float(), rows)
         except (AttributeError, RuntimeError):
             return
