@@ -69,14 +69,17 @@ def test_batch_rows_with_different_padding():
 
 @torch.no_grad()
 @pytest.mark.parametrize("chunks", [[7, 1, 1, 1, 1, 1], [1] * 12, [3, 4, 5]])
-def test_kv_cache_equals_full_forward(chunks):
+@pytest.mark.parametrize("pads", [True, False])
+@pytest.mark.parametrize("spare", [0, 5])  # cache slots never written
+def test_kv_cache_equals_full_forward(chunks, pads, spare):
     model = tiny()
     tokens = torch.randint(0, 50, (3, sum(chunks)))
-    tokens[0, 2:4] = PAD
-    tokens[1, 7] = PAD
-    tokens[2, 9:11] = PAD
+    if pads:
+        tokens[0, 2:4] = PAD
+        tokens[1, 7] = PAD
+        tokens[2, 9:11] = PAD
     full = model(tokens, pad_token=PAD)
-    cache = model.new_cache(3, tokens.shape[1])
+    cache = model.new_cache(3, tokens.shape[1] + spare)
     outs, start = [], 0
     for n in chunks:
         outs.append(model(tokens[:, start:start + n], pad_token=PAD, cache=cache))

@@ -146,15 +146,18 @@ class KVCache:
         self.packed: dict | None = None  # oneDNN-packed weights for decoding on CPU (GPT.pack_for_decoding)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this call's keys/values (B, nh, T, hs); return all keys/values so far."""
+        """Store this call's keys/values (B, nh, T, hs); return the layer's whole buffers
+        (B, nh, max_length, hs). Slots not yet written hold zeros, and the attention mask
+        (see `GPT.hidden_states`) excludes them: full buffers keep every step's shapes the same
+        and its operands contiguous."""
         if self.k is None:
             shape = (self.n_layer, *k.shape[:2], self.max_length, k.shape[-1])
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
+            self.k = k.new_zeros(shape)  # zeros, not garbage: a masked NaN would still poison p @ v
+            self.v = v.new_zeros(shape)
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer], self.v[layer]
 
     def prior_real(self, device) -> torch.Tensor:
         if self.n_real is None:
@@ -168,6 +171,21 @@ class KVCache:
         self.n_real = self.n_real + real.sum(1)
         self.last_hidden = last_hidden
         self.length += T
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`scaled_dot_product_attention` (mask None: causal). With one query per row on CPU (a
+    decoding step) computed directly, in fp32: there the CPU flash kernel costs ~0.6 ms a call
+    for microseconds of arithmetic (BENCHMARKS.md)."""
+    if q.device.type == "cpu" and q.shape[-2] == 1:
+        if mask is None:  # causal, top-left aligned: the only query sees the first key alone
+            k, v = k[..., :1, :], v[..., :1, :]
+        with torch.autocast("cpu", enabled=False):
+            scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, 1, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, -math.inf)
+            return (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class Attention(nn.Module):
@@ -186,7 +204,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, L+T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        y = attention(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return linear(self.c_proj, y, packed)
 
@@ -288,13 +306,16 @@ class GPT(nn.Module):
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, D)
         all_real = pad_token is None or (past == 0 and bool(real.all()))
         if all_real and past == 0:
-            attn_mask = None  # plain causal: lets SDPA pick its fastest kernel
+            attn_mask = None  # plain causal (top-left aligned with a cache's longer buffers): SDPA's fastest kernel
         else:
-            keys_real = real if cache is None else torch.cat([cache.key_real[:, :past], real], 1)  # (B, L+T)
+            # Keys: this call's and, with a cache, all of its slots (K = max_length); slots after
+            # this call's last token are excluded by the causal condition.
+            keys_real = real if cache is None else torch.cat(
+                [cache.key_real[:, :past], real, real.new_zeros(B, cache.max_length - past - T)], 1)  # (B, K)
             q_idx = torch.arange(past, past + T, device=tokens.device)[:, None]  # (T, 1)
-            k_idx = torch.arange(past + T, device=tokens.device)[None, :]  # (1, L+T)
-            attn_mask = (k_idx <= q_idx) & (keys_real[:, None, :] | (k_idx == q_idx))  # (B, T, L+T)
-            attn_mask = attn_mask[:, None]  # (B, 1, T, L+T)
+            k_idx = torch.arange(keys_real.shape[1], device=tokens.device)[None, :]  # (1, K)
+            attn_mask = (k_idx <= q_idx) & (keys_real[:, None, :] | (k_idx == q_idx))  # (B, T, K)
+            attn_mask = attn_mask[:, None]  # (B, 1, T, K)
         for layer, block in enumerate(self.h):
             x = block(x, attn_mask=attn_mask, cache=cache, layer=layer)
         h = self.ln_f(x)
