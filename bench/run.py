@@ -291,12 +291,14 @@ def _sampling_at(ours, hf, cfg, dev: torch.device, *, batch: int, query: int, re
 
         @torch.no_grad()
         def run_prefill():
-            # Our prefill alone (the context through the cache, logits at its last position): the
-            # part of sampling that is the same matmul work for every implementation.
+            # Our prefill alone, as `sample_sequence` starts (packing the weights for decoding on CPU,
+            # the context through the cache, logits at its last position): the part of sampling
+            # that is the same matmul work for every implementation.
             with autocast():
                 cache = ours.new_cache(B, Tc + L)
+                ours.pack_for_decoding(cache)
                 out = ours(context, pad_token=pad, cache=cache, logits=False)
-                ours.lm_logits(out.hidden[:, -1])
+                ours.lm_logits(out.hidden[:, -1], cache)
 
         watch = OthersCpu()
         times = interleaved({"ours": run_ours, "transformers": run_peer, "ours_prefill": run_prefill}, dev=dev,
@@ -699,25 +701,38 @@ def bench_peak(sz: dict, dev: torch.device) -> dict:
     # On a GPU one kernel is short against a synchronize: time several back to back.
     calls = 10 if dev.type == "cuda" else 1
     watch = OthersCpu()
+    # On CPU torch.mm goes to MKL for fp32 (oneDNN for bf16), and MKL may not use the widest
+    # vector units of every CPU, so the peak is the best of torch.mm and a oneDNN-packed product.
+    onednn = dev.type == "cpu" and torch.backends.mkldnn.is_available()
     for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        per_size = {}
+        per_kernel: dict[str, dict[int, float]] = {}
         for n in sz["peak_sizes"]:
             a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
             c = torch.empty(n, n, dtype=dtype, device=dev)
-            for _ in range(2):
-                torch.mm(a, b, out=c)
-            best = float("inf")
-            for _ in range(sz["peak_repeats"]):
-                t0 = now(dev)
-                for _ in range(calls):
-                    torch.mm(a, b, out=c)
-                best = min(best, (now(dev) - t0) / calls)
-            per_size[n] = 2 * n ** 3 / best
-        out[f"{prec}_by_size"] = per_size
-        out[f"{prec}_flops_per_s"] = max(per_size.values())
-        print(f"  peak {prec}: {max(per_size.values()) / 1e9:.1f} GFLOP/s (square matmuls, best of "
+            kernels = {"torch.mm": lambda: torch.mm(a, b, out=c)}
+            if onednn:
+                from lm_human_preferences.language.gpt import _onednn_linear, _onednn_pack
+
+                packed = _onednn_pack(b, n)
+                kernels["oneDNN packed"] = lambda: _onednn_linear(a, packed, None)
+            for kernel, fn in kernels.items():
+                for _ in range(2):
+                    fn()
+                best = float("inf")
+                for _ in range(sz["peak_repeats"]):
+                    t0 = now(dev)
+                    for _ in range(calls):
+                        fn()
+                    best = min(best, (now(dev) - t0) / calls)
+                per_kernel.setdefault(kernel, {})[n] = 2 * n ** 3 / best
+        out[f"{prec}_by_size"] = per_kernel["torch.mm"]
+        out[f"{prec}_by_kernel"] = per_kernel
+        kernel, by_size = max(per_kernel.items(), key=lambda kv: max(kv[1].values()))
+        out[f"{prec}_flops_per_s"], out[f"{prec}_kernel"] = max(by_size.values()), kernel
+        print(f"  peak {prec}: {max(by_size.values()) / 1e9:.1f} GFLOP/s ({kernel}; square matmuls, best of "
               f"{sz['peak_repeats']} at each size: " +
-              ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in per_size.items()) + ")", flush=True)
+              "; ".join(f"{k} " + ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in v.items())
+                        for k, v in per_kernel.items()) + ")", flush=True)
     # Streaming read bandwidth: what bounds single-token decoding, which reads every weight per step.
     x = torch.ones(sz["bandwidth_mb"] * 2 ** 20 // 4, device=dev)
     x.sum()

@@ -80,11 +80,11 @@ def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> tor
     `packed` weights (see `GPT.pack_for_decoding`) through oneDNN, else as `(W @ x.T).T`, which
     MKL runs about 1.3x faster than `x @ W.T` (BENCHMARKS.md). The same sums either way."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > SMALL_ROWS:
-        return layer(x)
-    if packed is not None:
+    if packed is not None:  # only ever on CPU
         weight, bias = packed[layer]  # in the dtype autocast would have used
         return _onednn_linear(x.reshape(rows, -1).to(bias.dtype), weight, bias).reshape(*x.shape[:-1], -1)
+    if x.device.type != "cpu" or rows > SMALL_ROWS:
+        return layer(x)
     out = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(rows, -1).t())  # (out, rows)
     return out.t().reshape(*x.shape[:-1], -1)
 
