@@ -106,18 +106,22 @@ def test_bf16_autocast_gives_fp32_logits_close_to_fp32():
 
 
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_linear_layout_equals_the_layer(rows):
+def test_linear_equals_the_layer_with_its_gradients(rows):
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40)
     x = torch.randn(rows, 1, 24, requires_grad=True)
     got, want = linear(layer, x), layer(x)
     assert got.shape == want.shape == (rows, 1, 40)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    got.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    want.sum().backward()
-    torch.testing.assert_close(grad, x.grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(want)
+
+    def grads(y):
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        (y * dy).sum().backward()
+        return x.grad, layer.weight.grad, layer.bias.grad
+
+    for g, w in zip(grads(got), grads(want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(layer, x).dtype == layer(x).dtype == torch.bfloat16
 

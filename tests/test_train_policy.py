@@ -263,7 +263,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, files
     for one, two in zip(updates, two_ranks[0]["across"]):
         for key in ("objective/score", "objective/kl", "ppo/loss/total"):
             assert one["stats"][key] == pytest.approx(two["stats"][key], rel=1e-5, abs=1e-6), key
-        assert one["kl_coef"] == pytest.approx(two["kl_coef"], rel=1e-5)
+        # β = f(KL) with slope β·n/(horizon·target) ≈ 10 here, so the KL's 1e-6 allowance above
+        # (GEMM rounding differs with the number of rows a rank holds) allows 1e-5 in β.
+        assert one["kl_coef"] == pytest.approx(two["kl_coef"], rel=1e-5, abs=1e-5)
         assert_params_close(one["params"], two["params"], atol=1e-5)
 
 

@@ -25,6 +25,7 @@ blocks' (it decides nothing about the ratios; in fp32 it was 11% of a CPU traini
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -38,7 +39,6 @@ NAMED_CONFIGS = {
     "774M": dict(n_layer=36, n_head=20, n_embd=1280),
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-SMALL_ROWS = 256  # up to this many rows, `linear` uses the transposed product on CPU
 PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
 HF_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 
@@ -75,18 +75,14 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
-    """`layer(x)`. On CPU with few rows (decoding) the product streams the weight faster: with
-    `packed` weights (see `GPT.pack_for_decoding`) through oneDNN, else as `(W @ x.T).T`, which
-    MKL runs about 1.3x faster than `x @ W.T` (BENCHMARKS.md). The same sums either way."""
-    rows = x.numel() // x.shape[-1]
-    if packed is not None:  # only ever on CPU
-        weight, bias = packed[layer]  # in the dtype autocast would have used
-        return _onednn_linear(x.reshape(rows, -1).to(bias.dtype), weight, bias).reshape(*x.shape[:-1], -1)
-    if x.device.type != "cpu" or rows > SMALL_ROWS:
-        return layer(x)
-    out = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(rows, -1).t())  # (out, rows)
-    return out.t().reshape(*x.shape[:-1], -1)
+@functools.cache
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) @ weight (out, in)^T + bias through oneDNN; `weight` plain or packed."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -94,25 +90,51 @@ def _onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
-def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` in fp32 on CPU, forward and backward through oneDNN: torch's fp32 matmuls go to
+    MKL, which on some x86 CPUs reaches well under half of what oneDNN does (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (N, in)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # (N, out)
+        x, weight = ctx.saved_tensors
+        grad_x = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # grad @ W
+        grad_w = _onednn_linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # grad^T @ x
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
-def _head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h (..., D) @ w (V, D)^T in the inputs' dtype; with few rows on CPU as in `linear`."""
-    rows = h.numel() // h.shape[-1]
-    if h.device.type == "cpu" and rows <= SMALL_ROWS:
-        return (w @ h.reshape(rows, -1).t()).t().reshape(*h.shape[:-1], -1)
-    return F.linear(h, w)
+def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where available, else F.linear."""
+    if x.device.type != "cpu" or not onednn_available():
+        return F.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], -1)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
+    """`layer(x)`. On CPU: with `packed` weights (decoding, see `GPT.pack_for_decoding`) from
+    those; in fp32 through oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
+    if packed is not None:  # only ever on CPU
+        weight, bias = packed[layer]  # in the dtype autocast would have used
+        return _onednn_linear(x.reshape(-1, x.shape[-1]).to(bias.dtype), weight, bias).reshape(*x.shape[:-1], -1)
+    if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
+        return _fp32_linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 class _HeadBF16Backward(torch.autograd.Function):
-    """`_head` in fp32 forward, with both backward products in bf16 (fp32 results)."""
+    """The fp32 LM head product forward, with both backward products in bf16 (fp32 results)."""
 
     @staticmethod
     def forward(ctx, h, w):
         ctx.save_for_backward(h, w)
-        return _head(h, w)
+        return _fp32_linear(h, w, None)
 
     @staticmethod
     def backward(ctx, grad):
@@ -273,7 +295,7 @@ class GPT(nn.Module):
         when this torch build lacks the oneDNN ops, and for models under PACK_MIN_BYTES."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
         n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
-        if (self.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+        if (self.wte.weight.device.type != "cpu" or not onednn_available()
                 or 4 * n_weights < PACK_MIN_BYTES):
             return
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -342,10 +364,9 @@ class GPT(nn.Module):
             h, w = hidden.float(), self.wte.weight.float()
             if bf16_backward and (h.requires_grad or w.requires_grad):
                 return _HeadBF16Backward.apply(h, w)
-            rows = h.numel() // h.shape[-1]
-            if cache is not None and cache.packed is not None and rows <= SMALL_ROWS:
-                return _onednn_linear(h.reshape(rows, -1), cache.packed["head"], None).reshape(*h.shape[:-1], -1)
-            return _head(h, w)
+            if cache is not None and cache.packed is not None:
+                return _onednn_linear(h.reshape(-1, h.shape[-1]), cache.packed["head"], None).reshape(*h.shape[:-1], -1)
+            return _fp32_linear(h, w, None)
 
     def forward(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                 cache: KVCache | None = None, logits: bool = True) -> GPTOutput:
