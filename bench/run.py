@@ -629,9 +629,9 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
         out[name] = {k: median(v) for k, v in times.items()}
         print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
 
-    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear is what transformers runs (and
-    # ours on a GPU); on CPU ours decodes with oneDNN-packed weights (GPT.pack_for_decoding), or
-    # computes the same product as W @ h^T when there are none.
+    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear (MKL) is what transformers
+    # runs; W @ h^T is the same product in the layout MKL handles better; on CPU ours decodes with
+    # oneDNN-packed weights (GPT.pack_for_decoding).
     head = {
         "F.linear(h, W) fp32": lambda: F.linear(h, W),
         "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
