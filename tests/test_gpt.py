@@ -126,6 +126,16 @@ def test_linear_equals_the_layer_with_its_gradients(rows):
         assert linear(layer, x).dtype == layer(x).dtype == torch.bfloat16
 
 
+def test_linear_on_empty_inputs():
+    layer = torch.nn.Linear(24, 40)
+    for shape in ((0, 24), (2, 0, 24)):
+        x = torch.zeros(shape, requires_grad=True)
+        y = linear(layer, x)
+        assert y.shape == (*shape[:-1], 40)
+        y.sum().backward()
+        assert x.grad.shape == shape
+
+
 def test_decoding_steps_never_read_tensors_on_the_host(monkeypatch):
     """A GPU decoding loop only queues kernels if no step waits for a value (bool/int/item)."""
     model = tiny()

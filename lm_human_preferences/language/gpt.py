@@ -111,17 +111,18 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where available, else F.linear."""
-    if x.device.type != "cpu" or not onednn_available():
+    if x.device.type != "cpu" or not x.numel() or not onednn_available():
         return F.linear(x, weight, bias)
-    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], -1)
+    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
     """`layer(x)`. On CPU: with `packed` weights (decoding, see `GPT.pack_for_decoding`) from
     those; in fp32 through oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
-    if packed is not None:  # only ever on CPU
+    if packed is not None and x.numel():  # only ever on CPU
         weight, bias = packed[layer]  # in the dtype autocast would have used
-        return _onednn_linear(x.reshape(-1, x.shape[-1]).to(bias.dtype), weight, bias).reshape(*x.shape[:-1], -1)
+        out = _onednn_linear(x.reshape(-1, x.shape[-1]).to(bias.dtype), weight, bias)
+        return out.reshape(*x.shape[:-1], bias.shape[0])
     if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
         return _fp32_linear(x, layer.weight, layer.bias)
@@ -364,8 +365,9 @@ class GPT(nn.Module):
             h, w = hidden.float(), self.wte.weight.float()
             if bf16_backward and (h.requires_grad or w.requires_grad):
                 return _HeadBF16Backward.apply(h, w)
-            if cache is not None and cache.packed is not None:
-                return _onednn_linear(h.reshape(-1, h.shape[-1]), cache.packed["head"], None).reshape(*h.shape[:-1], -1)
+            if cache is not None and cache.packed is not None and h.numel():
+                out = _onednn_linear(h.reshape(-1, h.shape[-1]), cache.packed["head"], None)
+                return out.reshape(*h.shape[:-1], self.config.n_vocab)
             return _fp32_linear(h, w, None)
 
     def forward(self, tokens: torch.Tensor, *, pad_token: int | None = None,
