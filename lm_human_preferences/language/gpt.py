@@ -21,6 +21,9 @@ Precision: under autocast the blocks run in bf16 with an fp32 residual stream; t
 runs in fp32 (bf16 logits are quantised to ~0.25 near magnitude 50, which would make logprob
 ratios noisy), so `logits` are always fp32. Only the head's backward runs in bf16, like the
 blocks' (it decides nothing about the ratios; in fp32 it was 11% of a CPU training step).
+
+CPU kernels: fp32 products go through oneDNN (`_OneDNNLinear`) rather than torch's MKL path, and
+sampling decodes from oneDNN-packed weights (`GPT.pack_for_decoding`); see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ NAMED_CONFIGS = {
     "774M": dict(n_layer=36, n_head=20, n_embd=1280),
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
 HF_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
 
 
 @dataclass
