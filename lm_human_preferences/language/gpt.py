@@ -171,11 +171,15 @@ class KVCache:
         self.length = 0
         self.packed: dict | None = None  # oneDNN-packed weights for decoding on CPU (GPT.pack_for_decoding)
 
+    def keys(self, new: int, device: torch.device) -> int:
+        """How many key slots attention reads when `new` tokens are fed: on CPU all of them
+        (contiguous operands for the one-query products, the same shapes at every step; slots not
+        yet written hold zeros and the mask excludes them), elsewhere those written so far."""
+        return self.max_length if device.type == "cpu" else self.length + new
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this call's keys/values (B, nh, T, hs); return the layer's whole buffers
-        (B, nh, max_length, hs). Slots not yet written hold zeros, and the attention mask
-        (see `GPT.hidden_states`) excludes them: full buffers keep every step's shapes the same
-        and its operands contiguous."""
+        """Store this call's keys/values (B, nh, T, hs); return the first `keys(T)` slots of the
+        layer's buffers (B, nh, K, hs)."""
         if self.k is None:
             shape = (self.n_layer, *k.shape[:2], self.max_length, k.shape[-1])
             self.k = k.new_zeros(shape)  # zeros, not garbage: a masked NaN would still poison p @ v
@@ -183,7 +187,8 @@ class KVCache:
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer], self.v[layer]
+        n = self.keys(k.shape[2], k.device)
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
     def prior_real(self, device) -> torch.Tensor:
         if self.n_real is None:
@@ -332,12 +337,13 @@ class GPT(nn.Module):
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, D)
         all_real = pad_token is None or (past == 0 and bool(real.all()))
         if all_real and past == 0:
-            attn_mask = None  # plain causal (top-left aligned with a cache's longer buffers): SDPA's fastest kernel
+            attn_mask = None  # plain causal (top-left aligned if the cache has more slots): SDPA's fastest
         else:
-            # Keys: this call's and, with a cache, all of its slots (K = max_length); slots after
-            # this call's last token are excluded by the causal condition.
+            # Keys: this call's and the cache's (see `KVCache.keys`); slots after this call's last
+            # token are excluded by the causal condition.
+            n_keys = T if cache is None else cache.keys(T, tokens.device)
             keys_real = real if cache is None else torch.cat(
-                [cache.key_real[:, :past], real, real.new_zeros(B, cache.max_length - past - T)], 1)  # (B, K)
+                [cache.key_real[:, :past], real, real.new_zeros(B, n_keys - past - T)], 1)  # (B, K)
             q_idx = torch.arange(past, past + T, device=tokens.device)[:, None]  # (T, 1)
             k_idx = torch.arange(keys_real.shape[1], device=tokens.device)[None, :]  # (1, K)
             attn_mask = (k_idx <= q_idx) & (keys_real[:, None, :] | (k_idx == q_idx))  # (B, T, K)
