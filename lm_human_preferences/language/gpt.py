@@ -297,9 +297,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def pack_for_decoding(self, cache: KVCache) -> None:
         """On CPU, give `cache` oneDNN-packed copies of the linear weights (bf16 under bf16
-        autocast, as autocast would cast them) and of the fp32 LM head. Single-token steps
-        through this cache then read the weights about 3x faster than from MKL's layout, and
-        packing costs about one pass over them (BENCHMARKS.md). The copies are only valid while
+        autocast, as autocast would cast them) and of the fp32 LM head. Every product through
+        this cache (the prefill and each single-token step) then uses them: 16-row fp32 products
+        about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The copies are only valid while
         the weights do not change: pack a new cache for each sampling call. A no-op on GPU or
         when this torch build lacks the oneDNN ops, and for models under PACK_MIN_BYTES."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
