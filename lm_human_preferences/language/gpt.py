@@ -197,8 +197,8 @@ class KVCache:
         return self.n_real
 
     def advance(self, real: torch.Tensor, last_hidden: torch.Tensor):
+        """After a call's blocks (`hidden_states` has put its `real` mask in `key_real`)."""
         T = real.shape[1]
-        self.key_real[:, self.length:self.length + T] = real
         self.n_real = self.n_real + real.sum(1)
         self.last_hidden = last_hidden
         self.length += T
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         q, k, v = linear(self.c_attn, x, packed).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, L+T, hs)
+            k, v = cache.update(layer, k, v)  # (B, nh, K, hs), see KVCache.keys
         y = attention(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return linear(self.c_proj, y, packed)
@@ -299,9 +299,9 @@ class GPT(nn.Module):
         """On CPU, give `cache` oneDNN-packed copies of the linear weights (bf16 under bf16
         autocast, as autocast would cast them) and of the fp32 LM head. Every product through
         this cache (the prefill and each single-token step) then uses them: 16-row fp32 products
-        about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The copies are only valid while
-        the weights do not change: pack a new cache for each sampling call. A no-op on GPU or
-        when this torch build lacks the oneDNN ops, and for models under PACK_MIN_BYTES."""
+        about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The
+        copies are only valid while the weights do not change: pack a new cache for each sampling
+        call. A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
         n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
         if (self.wte.weight.device.type != "cpu" or not onednn_available()
@@ -334,16 +334,16 @@ class GPT(nn.Module):
         if past + T > self.config.n_ctx and int(positions.max()) >= self.config.n_ctx:
             raise ValueError(f"position {int(positions.max())} exceeds n_ctx={self.config.n_ctx}")
 
+        if cache is not None:
+            cache.key_real[:, past:past + T] = real
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, D)
         all_real = pad_token is None or (past == 0 and bool(real.all()))
         if all_real and past == 0:
             attn_mask = None  # plain causal (top-left aligned if the cache has more slots): SDPA's fastest
         else:
-            # Keys: this call's and the cache's (see `KVCache.keys`); slots after this call's last
-            # token are excluded by the causal condition.
-            n_keys = T if cache is None else cache.keys(T, tokens.device)
-            keys_real = real if cache is None else torch.cat(
-                [cache.key_real[:, :past], real, real.new_zeros(B, n_keys - past - T)], 1)  # (B, K)
+            # Keys: this call's and the cache's (see `KVCache.keys`; slots not yet written are
+            # False), and slots after this call's last token fail the causal condition anyway.
+            keys_real = real if cache is None else cache.key_real[:, :cache.keys(T, tokens.device)]  # (B, K)
             q_idx = torch.arange(past, past + T, device=tokens.device)[:, None]  # (T, 1)
             k_idx = torch.arange(keys_real.shape[1], device=tokens.device)[None, :]  # (1, K)
             attn_mask = (k_idx <= q_idx) & (keys_real[:, None, :] | (k_idx == q_idx))  # (B, T, K)
