@@ -179,6 +179,26 @@ def test_bf16_autocast_head_keeps_fp32_logits_and_runs_its_backward_in_bf16(rows
     torch.testing.assert_close(h.grad, exact_h, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("pack", [False, True])
+def test_linear_then_gelu_equals_gelu_of_the_layer(pack, bf16):
+    if pack and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(5, 1, 24) * 3  # pre-activations well into both tails of the GELU
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    packed = {layer: (gpt_module._onednn_pack(layer.weight.to(dtype), 5), layer.bias.to(dtype))} if pack else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = linear(layer, x, packed, then_gelu=True)
+        want = gpt_module.gelu(layer(x))
+    assert got.dtype == want.dtype == dtype
+    # bf16: the fused GELU rounds once (from fp32), the unfused one twice; one bf16 step apart at most
+    tol = dict(rtol=2**-7, atol=2**-7) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_packed_decoding_equals_plain_decoding(bf16, monkeypatch):
     if not torch.backends.mkldnn.is_available():

@@ -83,9 +83,11 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (N, in) @ weight (out, in)^T + bias through oneDNN; `weight` plain or packed."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   post: tuple[str, str] = ("none", "")) -> torch.Tensor:
+    """x (N, in) @ weight (out, in)^T + bias through oneDNN; `weight` plain or packed. `post`:
+    an elementwise op oneDNN applies to the fp32 results before rounding, e.g. ("gelu", "tanh")."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
 
 
 def _onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -119,17 +121,21 @@ def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
-    """`layer(x)`. On CPU: with `packed` weights (decoding, see `GPT.pack_for_decoding`) from
-    those; in fp32 through oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
+def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
+    """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
+    see `GPT.pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
+    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
     if packed is not None and x.numel():  # only ever on CPU
         weight, bias = packed[layer]  # in the dtype autocast would have used
-        out = _onednn_linear(x.reshape(-1, x.shape[-1]).to(bias.dtype), weight, bias)
+        x2 = x.reshape(-1, x.shape[-1]).to(bias.dtype)
+        out = _onednn_linear(x2, weight, bias, ("gelu", "tanh") if then_gelu else ("none", ""))
         return out.reshape(*x.shape[:-1], bias.shape[0])
     if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
-        return _fp32_linear(x, layer.weight, layer.bias)
-    return layer(x)
+        out = _fp32_linear(x, layer.weight, layer.bias)
+    else:
+        out = layer(x)
+    return gelu(out) if then_gelu else out
 
 
 class _HeadBF16Backward(torch.autograd.Function):
@@ -247,7 +253,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, packed: dict | None = None):
-        return linear(self.c_proj, gelu(linear(self.c_fc, x, packed)), packed)
+        return linear(self.c_proj, linear(self.c_fc, x, packed, then_gelu=True), packed)
 
 
 class Block(nn.Module):
