@@ -53,22 +53,24 @@ def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, lab
     rows: list[dict] = []
     bar = progress(total=hp.num_labels, desc="collect_labels", unit="label")
     step = 0
-    while len(rows) < hp.num_labels:
-        queries = next(queries_it).to(run.device)  # (B, Lq)
-        with run.autocast():
-            responses = lm_tasks.sample_responses(policy, queries.repeat_interleave(n, 0), task=task, encoding=encoding,
-                                                  generator=run.generator("labels", step))  # (B*n, Lr)
-        step += 1
-        shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
-                                            truncate_after=task.truncate_after, pad_token=encoding.padding_token)
-        shown = shown.view(queries.shape[0], n, -1).cpu()
-        for query, samples in zip(queries.cpu().tolist(), shown):
-            if len(rows) == hp.num_labels:
-                break
-            texts = [encoding.decode(s.tolist()) for s in samples]
-            rows.append({"query": query, **{f"sample{i}": s.tolist() for i, s in enumerate(samples)},
-                         "best": labeler.best_of(texts)})
-            bar.update(1)
+    with policy.gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
+        while len(rows) < hp.num_labels:
+            queries = next(queries_it).to(run.device)  # (B, Lq)
+            with run.autocast():
+                responses = lm_tasks.sample_responses(policy, queries.repeat_interleave(n, 0), task=task,
+                                                      encoding=encoding,
+                                                      generator=run.generator("labels", step))  # (B*n, Lr)
+            step += 1
+            shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
+                                                truncate_after=task.truncate_after, pad_token=encoding.padding_token)
+            shown = shown.view(queries.shape[0], n, -1).cpu()
+            for query, samples in zip(queries.cpu().tolist(), shown):
+                if len(rows) == hp.num_labels:
+                    break
+                texts = [encoding.decode(s.tolist()) for s in samples]
+                rows.append({"query": query, **{f"sample{i}": s.tolist() for i, s in enumerate(samples)},
+                             "best": labeler.best_of(texts)})
+                bar.update(1)
     bar.close()
     return rows
 

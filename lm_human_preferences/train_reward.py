@@ -124,17 +124,18 @@ class RewardTrainer:
         """Mean and population std of raw rewards of `n_samples` fresh policy samples, over all ranks."""
         total, sq, count = 0.0, 0.0, 0
         n_batches = -(-n_samples // self.hp.rollout_batch_size)
-        for i in range(n_batches):
-            queries = next(self.queries).to(self.run.device)  # (b, Lq)
-            # One generator for all ranks, noise drawn per global row: the same samples on any number of ranks.
-            gen = self.run.generator("sample", step_seed * 1000 + i, shared=True)
-            with self.run.autocast():
-                responses = lm_tasks.sample_responses(self.policy, queries, task=self.task, encoding=self.encoding,
-                                                      generator=gen, shard=(self.run.rank, self.run.world_size))
-                r = self.reward_model.raw_rewards(queries, responses, pad_token=self.encoding.padding_token)
-            total += float(r.double().sum())
-            sq += float(r.double().square().sum())
-            count += r.numel()
+        with self.policy.gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
+            for i in range(n_batches):
+                queries = next(self.queries).to(self.run.device)  # (b, Lq)
+                # One generator for all ranks, noise drawn per global row: the same samples on any number of ranks.
+                gen = self.run.generator("sample", step_seed * 1000 + i, shared=True)
+                with self.run.autocast():
+                    responses = lm_tasks.sample_responses(self.policy, queries, task=self.task, encoding=self.encoding,
+                                                          generator=gen, shard=(self.run.rank, self.run.world_size))
+                    r = self.reward_model.raw_rewards(queries, responses, pad_token=self.encoding.padding_token)
+                total += float(r.double().sum())
+                sq += float(r.double().square().sum())
+                count += r.numel()
         sums = distributed.all_reduce_sum(torch.tensor([total, sq, count], dtype=torch.float64, device=self.run.device))
         mean = float(sums[0] / sums[2])
         var = float(sums[1] / sums[2]) - mean**2

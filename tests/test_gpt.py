@@ -230,3 +230,46 @@ def test_small_models_are_not_packed():
     cache = model.new_cache(2, 7)
     model.pack_for_decoding(cache)
     assert cache.packed is None
+
+
+def test_kept_decoding_weights_are_reused_until_the_weights_change(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    from lm_human_preferences.language.sample import sample_sequence
+
+    monkeypatch.setattr(gpt_module, "PACK_MIN_BYTES", 0)
+    model = tiny()
+    context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
+    packs = []
+    pack = gpt_module._onednn_pack
+    monkeypatch.setattr(gpt_module, "_onednn_pack", lambda w, rows: packs.append(w) or pack(w, rows))
+
+    def sample():
+        return sample_sequence(model, context, length=4, temperature=0.7, pad_token=PAD,
+                               generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def decode(packed: bool = True, bf16: bool = False):
+        """(the packed weights used, the logits of a prefill and one step)"""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            cache = model.new_cache(2, 6)
+            if packed:
+                model.pack_for_decoding(cache)
+            model(context, pad_token=PAD, cache=cache, logits=False)
+            return cache.packed, model(torch.tensor([[6], [7]]), pad_token=PAD, cache=cache).logits
+
+    plain = sample()
+    assert decode()[0] is not decode()[0]  # outside the block: packed afresh on every call
+    packs.clear()
+    with model.keep_decoding_weights():
+        first, _ = decode()
+        assert decode()[0] is first and len(packs) == 4 * 2 + 1  # packed once: 4 linears a block + head
+        assert torch.equal(sample(), plain)
+        with torch.no_grad():
+            model.h[1].mlp.c_fc.weight.mul_(0.5)  # an in-place change, as an optimizer's step makes
+        changed, logits = decode()
+        assert changed is not first
+        torch.testing.assert_close(logits, decode(packed=False)[1], rtol=1e-5, atol=1e-5)
+        assert decode(bf16=True)[0] is not changed  # another precision: other copies
+        assert decode()[0] is not changed  # and back: the kept ones were the bf16 copies
+    assert model._kept is None  # released at the end of the block

@@ -28,6 +28,7 @@ sampling decodes from oneDNN-packed weights (`GPT.pack_for_decoding`); see BENCH
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import asdict, dataclass
@@ -284,6 +285,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-5)
         self.reset_parameters()
+        self._keep_packed = 0  # depth of `keep_decoding_weights` blocks
+        self._kept: tuple | None = None  # (what was packed, its storages, packed weights) kept by them
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -307,7 +310,8 @@ class GPT(nn.Module):
         this cache (the prefill and each single-token step) then uses them: 16-row fp32 products
         about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The
         copies are only valid while the weights do not change: pack a new cache for each sampling
-        call. A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
+        call. Inside `keep_decoding_weights` the copies are reused while the weights are unchanged.
+        A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
         n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
         if (self.wte.weight.device.type != "cpu" or not onednn_available()
@@ -315,13 +319,38 @@ class GPT(nn.Module):
             return
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         dtype = torch.bfloat16 if bf16 else torch.float32
-        rows = cache.batch_size
+        # What the copies are made of: memory and version (every in-place change to a tensor
+        # bumps it). The kept copies hold on to that memory, so no other tensor can be there.
+        tensors = [t for m in linears for t in (m.weight, m.bias)] + [self.wte.weight]
+        source = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+        if self._kept is not None and self._kept[0] == source:
+            cache.packed = self._kept[2]
+            return
+        rows = cache.batch_size  # a hint: the copies work for products of any number of rows
         try:
             packed: dict = {m: (_onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype)) for m in linears}
             packed["head"] = _onednn_pack(self.wte.weight.float(), rows)
         except (AttributeError, RuntimeError):
             return
         cache.packed = packed
+        if self._keep_packed:
+            self._kept = (source, [t.untyped_storage() for t in tensors], packed)
+
+    @contextlib.contextmanager
+    def keep_decoding_weights(self):
+        """Within this block, sampling calls share their packed weights (`pack_for_decoding`)
+        for as long as the weights stay the same, instead of packing them on every call: for
+        loops that sample many batches from a fixed model (collecting labels, reward statistics,
+        evaluation). A change made in place through the tensors or an optimizer is detected (by
+        tensor version) and repacks; one made through `.data` is not: do not do that inside. The
+        copies (as large as the weights, half that in bf16) are released when the block ends."""
+        self._keep_packed += 1
+        try:
+            yield self
+        finally:
+            self._keep_packed -= 1
+            if not self._keep_packed:
+                self._kept = None
 
     def hidden_states(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
