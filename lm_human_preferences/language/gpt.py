@@ -212,18 +212,25 @@ class KVCache:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`scaled_dot_product_attention` (mask None: causal). With one query per row on CPU (a
-    decoding step) computed directly, in fp32: there the CPU flash kernel costs ~0.6 ms a call
-    for microseconds of arithmetic (BENCHMARKS.md)."""
-    if q.device.type == "cpu" and q.shape[-2] == 1:
-        if mask is None:  # causal, top-left aligned: the only query sees the first key alone
-            k, v = k[..., :1, :], v[..., :1, :]
-        with torch.autocast("cpu", enabled=False):
-            scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, 1, S)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -math.inf)
-            return (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    """`scaled_dot_product_attention` (mask None: causal, top-left aligned). On CPU, computed
+    directly for one query per row (a decoding step), where the flash kernel costs ~0.6 ms a
+    call for microseconds of arithmetic, and in bf16, where its backward took twice as long as
+    this (BENCHMARKS.md). As in the fused kernels, scores and softmax are fp32; with several
+    queries the probabilities then meet the values in the values' dtype, with one query in fp32
+    (converting the values was the faster of the two there)."""
+    T = q.shape[-2]
+    if q.device.type != "cpu" or (T > 1 and q.dtype != torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    if mask is None and T == 1:  # the only query sees the first key alone
+        k, v = k[..., :1, :], v[..., :1, :]
+    elif mask is None:
+        mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    with torch.autocast("cpu", enabled=False):
+        scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf)
+        p = torch.softmax(scores, -1)
+        return (p @ v.float()).to(q.dtype) if T == 1 else p.to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -309,9 +316,9 @@ class GPT(nn.Module):
         autocast, as autocast would cast them) and of the fp32 LM head. Every product through
         this cache (the prefill and each single-token step) then uses them: 16-row fp32 products
         about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The
-        copies are only valid while the weights do not change: pack a new cache for each sampling
-        call. Inside `keep_decoding_weights` the copies are reused while the weights are unchanged.
-        A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
+        copies are only valid while the weights do not change, so each sampling call packs
+        afresh, except inside `keep_decoding_weights`, which reuses them while the weights are
+        unchanged. A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
         n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
         if (self.wte.weight.device.type != "cpu" or not onednn_available()
@@ -340,8 +347,8 @@ class GPT(nn.Module):
     def keep_decoding_weights(self):
         """Within this block, sampling calls share their packed weights (`pack_for_decoding`)
         for as long as the weights stay the same, instead of packing them on every call: for
-        loops that sample many batches from a fixed model (collecting labels, reward statistics,
-        evaluation). A change made in place through the tensors or an optimizer is detected (by
+        loops that sample many batches from a fixed model (collecting labels, reward
+        statistics). A change made in place through the tensors or an optimizer is detected (by
         tensor version) and repacks; one made through `.data` is not: do not do that inside. The
         copies (as large as the weights, half that in bf16) are released when the block ends."""
         self._keep_packed += 1
