@@ -71,7 +71,7 @@ def test_batch_rows_with_different_padding():
 @pytest.mark.parametrize("chunks", [[7, 1, 1, 1, 1, 1], [1] * 12, [3, 4, 5]])
 @pytest.mark.parametrize("pads", [True, False])
 @pytest.mark.parametrize("spare", [0, 5])  # cache slots never written
-@pytest.mark.parametrize("slots", ["all", "written"])  # what attention reads on CPU / on other devices
+@pytest.mark.parametrize("slots", ["all", "written"])  # CPU (one-token steps read every slot) / other devices
 def test_kv_cache_equals_full_forward(chunks, pads, spare, slots, monkeypatch):
     if slots == "written":
         monkeypatch.setattr(gpt_module.KVCache, "keys", lambda self, new, device: self.length + new)

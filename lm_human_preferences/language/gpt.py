@@ -179,10 +179,11 @@ class KVCache:
         self.packed: dict | None = None  # oneDNN-packed weights for decoding on CPU (GPT.pack_for_decoding)
 
     def keys(self, new: int, device: torch.device) -> int:
-        """How many key slots attention reads when `new` tokens are fed: on CPU all of them
-        (contiguous operands for the one-query products, the same shapes at every step; slots not
-        yet written hold zeros and the mask excludes them), elsewhere those written so far."""
-        return self.max_length if device.type == "cpu" else self.length + new
+        """How many key slots attention reads when `new` tokens are fed: those written so far,
+        except for a single token on CPU, which reads all of them (contiguous operands for the
+        one-query products, the same shapes at every step; slots not yet written hold zeros and
+        the mask excludes them)."""
+        return self.max_length if device.type == "cpu" and new == 1 else self.length + new
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this call's keys/values (B, nh, T, hs); return the first `keys(T)` slots of the
