@@ -474,6 +474,8 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
             clock: dict[str, float] = {}
             _instrument(trainer, clock, dev)
             if dev.type == "cuda":
+                gc.collect()  # an earlier measurement's trainer (reference cycles) still holds GPU memory
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
             steps = []
             watch = OthersCpu()

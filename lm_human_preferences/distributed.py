@@ -83,7 +83,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+def _resolve_device(device: str | torch.device, local_rank: int, world_size: int = 1) -> torch.device:
     spec = str(device)
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -91,6 +91,11 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
         dev = torch.device(spec)
     except RuntimeError:
         raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and dev.index is not None and world_size > 1 and dev.index != local_rank:
+        raise ValueError(
+            f"device={spec!r} names one GPU, but this is one of {world_size} processes (LOCAL_RANK="
+            f"{local_rank}) and each needs its own: use device='cuda' or 'auto' (rank i takes "
+            "cuda:LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose which GPUs")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -135,7 +140,7 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> Dist
     if local_rank < 0:
         raise ValueError(f"invalid LOCAL_RANK={local_rank} in the environment")
 
-    dev = _resolve_device(device, local_rank)
+    dev = _resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 

@@ -52,7 +52,8 @@ class Policy(nn.Module):
         h = self.gpt.hidden_states(torch.cat([contexts, responses], 1), pad_token=pad_token)  # (B, Tc+L, D)
         h = h[:, Tc - 1:-1]  # the states that predict each response token (B, L, D)
         logits = self.gpt.lm_logits(h) / temperature  # (B, L, V) fp32
-        values = self.value_head(h).squeeze(-1).float()  # (B, L)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 like the LM head, not autocast's bf16
+            values = self.value_head(h.float()).squeeze(-1)  # (B, L)
         with torch.no_grad():  # a logged statistic: no (B, L, V) tensors kept for the backward pass
             entropies = entropy_from_logits(logits)
         return Analysis(logprobs=logprobs_from_logits(logits, responses), values=values, entropies=entropies)

@@ -34,7 +34,8 @@ class RewardModel(nn.Module):
     def raw_rewards(self, queries: torch.Tensor, responses: torch.Tensor, *, pad_token: int) -> torch.Tensor:
         """w . h_last + b for queries (B, Lq) and responses (B, Lr) -> (B,) fp32."""
         h = self.gpt.hidden_states(torch.cat([queries, responses], 1), pad_token=pad_token)  # (B, T, D)
-        return self.reward_head(h[:, -1]).squeeze(-1).float()  # (B,)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 like the LM head, not autocast's bf16
+            return self.reward_head(h[:, -1].float()).squeeze(-1)  # (B,)
 
     def forward(self, queries: torch.Tensor, responses: torch.Tensor, *, pad_token: int) -> torch.Tensor:
         """Normalized rewards (B,) fp32."""

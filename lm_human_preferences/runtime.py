@@ -41,6 +41,7 @@ from lm_human_preferences.language.checkpoints import CheckpointError, load_fail
 from lm_human_preferences.logs import Logger, print0
 
 PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
+SAMPLING_PURPOSES = ("sample", "labels")  # generators that `language.sample` draws from
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 
 
@@ -147,6 +148,7 @@ class Run:
         self.exp_name = exp_name
         dtype = hp.dtype if hp.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.bf16 = dtype == "bf16"
+        self._tf32_before = torch.backends.cuda.matmul.allow_tf32  # restored by `close`
         if self.bf16 and self.device.type == "cuda" and hp.tf32:
             # The LM head stays fp32 for exact-enough logprobs (see language/gpt.py); TF32 rounds
             # its inputs to 10 mantissa bits (bf16 has 7) but keeps fp32 sums and outputs.
@@ -161,7 +163,8 @@ class Run:
         """A generator for one purpose and step; `shared` ones are equal on every rank."""
         rank_seed = distributed.seed_for_rank(self.hp.seed, 0 if shared else self.rank)
         seed = (rank_seed * 1_000_003 + PURPOSES[purpose] * 7919 + step) % (2**63)
-        device = self.device if purpose == "sample" else "cpu"
+        # Sampling draws on the logits' device, which needs a generator there.
+        device = self.device if purpose in SAMPLING_PURPOSES else "cpu"
         return torch.Generator(device=device).manual_seed(seed)
 
     # ---- precision and distribution ---------------------------------------------------
@@ -220,6 +223,7 @@ class Run:
         return self.logger
 
     def close(self):
+        torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
         if self.logger is not None:
             self.logger.close()
         if self._owns_group:

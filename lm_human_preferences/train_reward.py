@@ -101,7 +101,7 @@ class RewardTrainer:
         self.reward_model = reward_model.to(run.device)
         self.policy = policy.to(run.device).eval().requires_grad_(False)
         self.label_type = label_type
-        all_labels = labels.labels_to_tensors(rows, label_type=label_type)
+        all_labels = {k: v.to(run.device) for k, v in labels.labels_to_tensors(rows, label_type=label_type).items()}
         n = hp.labels.num_train
         self.train_labels = {k: v[:n] for k, v in all_labels.items()}
         self.eval_labels = {k: v[n:] for k, v in all_labels.items()}

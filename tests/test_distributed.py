@@ -210,6 +210,14 @@ def test_init_cuda_without_cuda_is_a_clear_error(clean_env):
     assert distributed.init("auto").device == torch.device("cpu")
 
 
+def test_init_one_gpu_named_for_several_processes_is_a_clear_error(clean_env):
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="names one GPU.*LOCAL_RANK=1"):
+        distributed.init("cuda:0")  # before any process group or CUDA check
+
+
 def test_init_unknown_device(clean_env):
     with pytest.raises(ValueError, match="unknown device"):
         distributed.init("gpu")

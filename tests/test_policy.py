@@ -91,6 +91,19 @@ def test_forward_under_bf16_autocast_gives_fp32_logprobs():
     torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0, atol=0.1)
 
 
+def test_value_head_stays_fp32_under_bf16_autocast():
+    policy = make_policy()
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+        policy.value_head.bias.fill_(0.1)
+    contexts, responses = contexts_with_pads(), torch.randint(0, V, (4, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = policy(contexts, responses, temperature=0.7, pad_token=PAD)
+        h = policy.gpt.hidden_states(torch.cat([contexts, responses], 1), pad_token=PAD)[:, 4:-1]
+    want = h.float() @ policy.value_head.weight[0] + policy.value_head.bias  # fp32, outside autocast
+    torch.testing.assert_close(out.values, want, rtol=1e-6, atol=1e-6)  # bf16 would be ~1e-2 off
+
+
 def test_respond_uses_the_kv_cache():
     policy = make_policy()
     calls = []

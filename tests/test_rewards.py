@@ -42,6 +42,17 @@ def test_raw_reward_is_head_of_last_hidden_state():
     torch.testing.assert_close(raw, expected)
 
 
+def test_raw_reward_stays_fp32_under_bf16_autocast():
+    model = tiny_reward_model()
+    queries, responses = random_tokens((3, 5), 1), random_tokens((3, 4), 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.raw_rewards(queries, responses, pad_token=PAD)
+        h = model.gpt.hidden_states(torch.cat([queries, responses], 1), pad_token=PAD)[:, -1]
+    want = h.float() @ model.reward_head.weight[0].detach() + model.reward_head.bias.detach()
+    assert raw.dtype == torch.float32
+    torch.testing.assert_close(raw, want, rtol=1e-6, atol=1e-6)  # bf16 would be ~1e-2 off
+
+
 def test_forward_applies_gain_and_bias():
     model = tiny_reward_model()
     queries, responses = random_tokens((4, 5), 3), random_tokens((4, 4), 4)

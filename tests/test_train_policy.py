@@ -132,10 +132,12 @@ def assert_params_close(a: dict, b: dict, *, atol: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("layout", [{"ppo.nminibatches": 1, "ppo.micro_batch_size": 2},
                                     {"ppo.nminibatches": 2}], ids=["accumulate", "minibatches"])
-def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, updates, dtype, layout):
+def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, updates, dtype, layout, device):
     calls = []
     losses = ppo.ppo_losses
 
@@ -147,8 +149,8 @@ def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, up
 
     monkeypatch.setattr(ppo, "ppo_losses", spy)
     hp = hparams(files, tmp_path / "run", {"task.query_dataset": str(files.mixed_corpus), "task.query_length": 16,
-                                           "run.dtype": dtype, "ppo.noptepochs": 1, "ppo.total_episodes": 8,
-                                           **layout}, model="gpt2")
+                                           "run.dtype": dtype, "run.device": device, "ppo.noptepochs": 1,
+                                           "ppo.total_episodes": 8, **layout}, model="gpt2")
     train_policy.train(hp, exp_name="ratio", score_fn=token_score)
 
     padded = (updates[0]["data"]["queries"] == GPT2_PAD).any(1)
