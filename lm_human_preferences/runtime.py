@@ -99,6 +99,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def add_scalars(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor], *, divide_by: float = 1) -> None:
+    """acc[k] += new[k] / divide_by for scalar tensors, in float64 on their device: statistics
+    summed over micro-batches without reading each one back to the host (a GPU sync apiece)."""
+    for k, v in new.items():
+        term = v.detach().double() / divide_by
+        acc[k] = acc[k] + term if k in acc else term
+
+
+def to_floats(acc: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors -> Python floats with a single host read."""
+    return dict(zip(acc, torch.stack(list(acc.values())).tolist())) if acc else {}
+
+
 class CheckpointCorrupt(CheckpointError):
     """A training checkpoint that is missing, truncated, unverifiable or unreadable."""
 

@@ -34,7 +34,7 @@ from lm_human_preferences.logs import print0, progress, summary_line
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Analysis, Policy
 from lm_human_preferences.rewards import RewardModel
-from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 from lm_human_preferences.train_reward import RewardTrainingHParams
 
 # A score function: raw queries (B, Lq) and truncated responses (B, Lr) -> scores (B,) fp32.
@@ -221,7 +221,7 @@ class PPOTrainer:
         advantages, returns = self.advantages(mb["rewards"], mb["values"])
         self.optimizer.zero_grad(set_to_none=True)
         n_micro = self.minibatch // self.micro
-        stats: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for m in range(n_micro):
             sl = slice(m * self.micro, (m + 1) * self.micro)
             with self.run.no_sync(self.ddp_policy, sync=m == n_micro - 1):
@@ -233,8 +233,8 @@ class PPOTrainer:
                                         cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
                                         entropy=out.entropies)
                 (losses["ppo/loss/total"] / n_micro).backward()
-            for k, v in losses.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
+            add_scalars(sums, losses, divide_by=n_micro)
+        stats = to_floats(sums)  # one host read per minibatch
         if not self.run.finite_or_skip(self.update + 1, losses={"ppo/loss/total": stats["ppo/loss/total"]},
                                        parameters=self.policy.parameters()):
             return None

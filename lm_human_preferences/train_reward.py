@@ -26,7 +26,7 @@ from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, normalization_constants
-from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 
 
 @dataclass
@@ -163,7 +163,7 @@ class RewardTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         n_micro = len(indices) // self.micro
         for m in range(n_micro):
             idx = indices[m * self.micro:(m + 1) * self.micro]
@@ -171,8 +171,8 @@ class RewardTrainer:
             with self.run.no_sync(self.ddp_model, sync=m == n_micro - 1), self.run.autocast():
                 out = self.label_type.loss(self.reward_fn(self.ddp_model), batch)
                 (out["loss"] / n_micro).backward()
-            for k, v in out.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach()) / n_micro
+            add_scalars(sums, out, divide_by=n_micro)
+        stats = to_floats(sums)  # one host read per step
         if not self.run.finite_or_skip(self.step + 1, losses={"train/loss": stats["loss"]},
                                        parameters=self.reward_model.parameters()):
             return None

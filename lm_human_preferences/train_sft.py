@@ -32,7 +32,7 @@ from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, ge
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
-from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 
 
 @dataclass
@@ -250,13 +250,14 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
                     group["lr"] = lr_at(hp, step)
                 batch = {k: v.to(run.device) for k, v in next(train_data).items()}
                 optimizer.zero_grad(set_to_none=True)
-                n_micro, loss_sum = per_rank // micro, 0.0
+                n_micro, sums = per_rank // micro, {}
                 for m in range(n_micro):
                     sl = slice(m * micro, (m + 1) * micro)
                     with run.no_sync(ddp_model, sync=m == n_micro - 1), run.autocast():
                         loss = lm_loss(ddp_model, {k: v[sl] for k, v in batch.items()}, pad_token=pad) / n_micro
                     loss.backward()
-                    loss_sum += float(loss.detach())
+                    add_scalars(sums, {"loss": loss})
+                loss_sum = to_floats(sums)["loss"]  # one host read per step
                 stepped = run.finite_or_skip(step + 1, losses={"train/loss": loss_sum}, parameters=model.parameters())
                 if stepped:
                     optimizer.step()

@@ -41,3 +41,17 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
 def test_keep_freed_memory_leaves_explicit_malloc_tunables_alone():
     applied, _ = page_faults("on", tunables="glibc.malloc.trim_threshold=131072")
     assert not applied
+
+
+def test_scalar_sums_equal_host_float_sums():
+    import torch
+
+    from lm_human_preferences.runtime import add_scalars, to_floats
+
+    torch.manual_seed(0)
+    micro = [{"loss": torch.randn(()), "acc": torch.rand(())} for _ in range(3)]
+    sums: dict = {}
+    for m in micro:
+        add_scalars(sums, m, divide_by=3)
+    want = {k: sum(float(m[k]) / 3 for m in micro) for k in ("loss", "acc")}  # what the trainers did before
+    assert to_floats(sums) == want and to_floats({}) == {}
