@@ -73,8 +73,11 @@ def test_batch_rows_with_different_padding():
 @pytest.mark.parametrize("spare", [0, 5])  # cache slots never written
 @pytest.mark.parametrize("slots", ["all", "written"])  # CPU (one-token steps read every slot) / other devices
 def test_kv_cache_equals_full_forward(chunks, pads, spare, slots, monkeypatch):
-    if slots == "written":
+    if slots == "written":  # what a GPU runs: the written slots, and SDPA for every call
         monkeypatch.setattr(gpt_module.KVCache, "keys", lambda self, new, device: self.length + new)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(gpt_module, "attention",
+                            lambda q, k, v, mask: sdpa(q, k, v, attn_mask=mask, is_causal=mask is None))
     model = tiny()
     tokens = torch.randint(0, 50, (3, sum(chunks)))
     if pads:
