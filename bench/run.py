@@ -345,6 +345,9 @@ def bench_train(sz: dict, dev: torch.device) -> dict:
     ours, hf = build_pair(cfg, dev)
     policy = Policy(ours).to(dev).train()  # the value head is created on the CPU
     hf.eval()  # no dropout: the same computation as ours (dropout is 0 anyway)
+    if sz["compile"]:  # both compiled; the first (untimed) round of `interleaved` compiles
+        ours.compile_blocks()
+        hf = torch.compile(hf)
     B, Tc, L = sz["train_batch"], sz["query"], sz["response"]
     T = Tc + L
     pad = cfg.n_vocab + 2
@@ -465,7 +468,7 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
         hp.validate()
         run = Run(hp.run, exp_name="bench_ppo", config=hp)
         try:
-            reward_model = RewardModel(copy.deepcopy(gpt)).to(run.device).eval().requires_grad_(False)
+            reward_model = run.place(RewardModel(copy.deepcopy(gpt))).eval().requires_grad_(False)
             score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=encoding.padding_token,
                                                           autocast=run.autocast)
             trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
@@ -542,7 +545,8 @@ def bench_ppo(sz: dict, dev: torch.device) -> dict:
     gpt, encoding, source = _offline_setup(sz["ppo_batch"] is not None)
     results = {"model": source, "config": gpt.config.to_dict(), "precisions": {}}
     for prec in ("fp32", "bf16"):
-        hp = _policy_hparams("offline_sentiment", {"run.device": str(dev), "run.dtype": prec})
+        hp = _policy_hparams("offline_sentiment",
+                             {"run.device": str(dev), "run.dtype": prec, "run.compile": sz["compile"]})
         if sz["ppo_batch"] is not None:
             hp.override_from_dict({"ppo.batch_size": sz["ppo_batch"], "ppo.nminibatches": sz["ppo_nminibatches"],
                                    "ppo.noptepochs": sz["ppo_noptepochs"]})
@@ -604,8 +608,9 @@ def bench_ppo_scale(sz: dict, dev: torch.device) -> dict:
     s = sz["scale"]
     cfg = model_config(s["model"])
     prec = "bf16" if dev.type == "cuda" else "fp32"
-    hp = _policy_hparams("sentiment", {"run.device": str(dev), "run.dtype": prec, "ppo.batch_size": s["batch"],
-                                       "task.query_length": s["query"], "task.response_length": s["response"]})
+    hp = _policy_hparams("sentiment", {"run.device": str(dev), "run.dtype": prec, "run.compile": sz["compile"],
+                                       "ppo.batch_size": s["batch"], "task.query_length": s["query"],
+                                       "task.response_length": s["response"]})
     hp.task.truncate_after = min(hp.task.truncate_after, hp.task.response_length)  # 16 > the --quick response
     torch.manual_seed(0)
     gpt = GPT(cfg)
@@ -945,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave glibc's malloc as it is; by default the benchmark keeps freed memory in the heap, "
                          "as launch.py does (lm_human_preferences.runtime.keep_freed_memory)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile our full passes (run.compile) and the peer's training model; meant for GPUs "
+                         "(compiling takes minutes on a CPU); results go to bench/results-<device>-compile.json")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device cuda: CUDA is not available (torch {torch.__version__}, built with CUDA "
@@ -954,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown sections {unknown}; expected some of {list(SECTIONS)}")
-    default_json = ROOT / "bench" / f"results-{dev.type}.json"
+    default_json = ROOT / "bench" / f"results-{dev.type}{'-compile' if args.compile else ''}.json"
     if args.update:
         target = Path(args.json or default_json)
         old = json.loads(target.read_text()) if target.is_file() else None
@@ -963,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         if old is not None and old.get("device", "cpu") != dev.type:
             ap.error(f"--update: {target} holds {old.get('device', 'cpu')} results; do not mix devices")
     sz = sizes(args.quick, dev)
+    sz["compile"] = args.compile
     if args.quick:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
     if args.repeats is not None:
@@ -977,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['cpu_capability']}){gpu}, transformers {info['transformers']}, malloc {info['malloc']}; "
           f"load average {load_average()}",
           flush=True)
-    results: dict = {"machine": info, "device": dev.type, "quick": args.quick, "argv": sys.argv[1:],
+    results: dict = {"machine": info, "device": dev.type, "quick": args.quick, "compile": args.compile,
+                     "argv": sys.argv[1:],
                      "load_start": load_average()}
     t_start = time.perf_counter()
     torch.set_grad_enabled(True)

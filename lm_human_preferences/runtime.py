@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,11 +38,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line
+from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import Logger, print0
 
 PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
 SAMPLING_PURPOSES = ("sample", "labels")  # generators that `language.sample` draws from
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class RunHParams(HParams):
     device: str = "auto"  # auto | cpu | cuda
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tf32: bool = True  # bf16 on CUDA: fp32 matmuls (the LM head) use TF32 tensor cores, fp32 outputs
+    compile: bool = False  # torch.compile the transformer blocks of full passes (for GPUs; see GPT.compile_blocks)
     wandb: Literal["auto", "on", "off"] = "auto"
     log_interval: int = 1
     save_interval: int = 0  # updates between checkpoints (0: only at the end)
@@ -183,6 +186,15 @@ class Run:
     # ---- precision and distribution ---------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def place(self, module: M) -> M:
+        """`module` moved to the run's device, with its GPT trunks compiled under `compile`."""
+        module = module.to(self.device)
+        if self.hp.compile:
+            for m in module.modules():
+                if isinstance(m, GPT):
+                    m.compile_blocks()
+        return module
 
     def ddp(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:

@@ -137,8 +137,8 @@ class PPOTrainer:
     def __init__(self, *, run: Run, hp: TrainPolicyHParams, policy: Policy, ref_policy: Policy,
                  score_fn: ScoreFn, encoding, queries, extra_stats: StatsFn | None = None):
         self.run, self.hp, self.encoding = run, hp, encoding
-        self.policy = policy.to(run.device)
-        self.ref_policy = ref_policy.to(run.device).eval().requires_grad_(False)
+        self.policy = run.place(policy)
+        self.ref_policy = run.place(ref_policy).eval().requires_grad_(False)
         self.score_fn = score_fn
         self.extra_stats = extra_stats
         self.queries = queries
@@ -360,7 +360,7 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
         encoding = initial.encoding
         if score_fn is None:
             rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
-            reward_model = load_reward_model(rm_dir, encoding=encoding).to(run.device).eval().requires_grad_(False)
+            reward_model = run.place(load_reward_model(rm_dir, encoding=encoding)).eval().requires_grad_(False)
             score_fn = reward_model_score_fn(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
         queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
                                          batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),

@@ -98,8 +98,8 @@ class RewardTrainer:
     def __init__(self, *, run: Run, hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, encoding,
                  reward_model: RewardModel, policy: Policy, label_type, rows: list[dict]):
         self.run, self.hp, self.task, self.encoding = run, hp, task, encoding
-        self.reward_model = reward_model.to(run.device)
-        self.policy = policy.to(run.device).eval().requires_grad_(False)
+        self.reward_model = run.place(reward_model)
+        self.policy = run.place(policy).eval().requires_grad_(False)
         self.label_type = label_type
         all_labels = {k: v.to(run.device) for k, v in labels.labels_to_tensors(rows, label_type=label_type).items()}
         n = hp.labels.num_train

@@ -222,7 +222,7 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
         gpt, encoding = initial_model(hp)
         if hp.seq_length > gpt.config.n_ctx:
             raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
-        model = gpt.to(run.device)
+        model = run.place(gpt)
         ddp_model = run.ddp(model)
         per_rank = run.per_rank(hp.batch_size, "batch_size")
         micro = min(hp.micro_batch_size or per_rank, per_rank)

@@ -1,8 +1,9 @@
 """What only a CUDA GPU exercises (skipped without one): the whole offline pipeline on the GPU
 in its default precision (bf16 autocast, TF32 head), the KV cache reading only written slots,
-and the run's precision flags. The first-PPO-ratio test in test_train_policy.py also runs on
-cuda when a GPU is present. Run them with `python -m pytest tests/test_cuda.py
-tests/test_train_policy.py -k "cuda or ratio"`."""
+and the run's precision flags. The first-PPO-ratio test in test_train_policy.py (eager and
+with `--run.compile`) and the compiled-blocks test in test_gpt.py also run on cuda when a GPU
+is present. Run them with `python -m pytest tests/test_cuda.py
+tests/test_gpt.py tests/test_train_policy.py -k "cuda or ratio"`."""
 
 import json
 

@@ -1,5 +1,7 @@
 """GPT-2: parity with transformers, the original's padding semantics, KV-cache decoding."""
 
+import os
+
 import pytest
 import torch
 
@@ -305,3 +307,64 @@ def test_cpu_bf16_attention_matches_fp64_sdpa_with_its_gradients(case):
     assert got[0].shape == want[0].shape
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0.005, atol=0.01)  # bf16 steps are 0.008-0.016 at 1-4
+
+
+
+def _forward_backward(model, tokens, *, bf16: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(tokens, pad_token=PAD)
+    (out.logits * torch.linspace(-1, 1, out.logits.shape[-1], device=tokens.device)).sum().backward()
+    return [out.logits.detach(), out.hidden.detach().float()] + [p.grad.clone() for p in model.parameters()]
+
+
+def assert_like_eager(got: list, eager: list, fp32: list, *, bf16: bool):
+    """`got` as `eager` (results of `_forward_backward`); in bf16, where either rounds its own
+    way, as far from the fp32 results as `eager` is."""
+    for t, e, r in zip(got, eager, fp32, strict=True):
+        if bf16:
+            assert (t - r).abs().max() <= 1.5 * (e - r).abs().max() + 1e-6 * r.abs().max()
+        else:
+            torch.testing.assert_close(t, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_traced_blocks_take_plain_torch_ops_with_the_same_results(bf16, monkeypatch):
+    """What `torch.compile` traces of the blocks (`compile_blocks`) uses F.linear and SDPA, not our
+    oneDNN products and direct attention, with the same outputs and gradients to rounding."""
+    import torch.nn.functional as F
+
+    model = tiny(n_embd=48, n_head=4).train()
+    tokens = torch.randint(0, 50, (3, 12))
+    tokens[0, :3] = PAD
+    fp32 = _forward_backward(model, tokens, bf16=False)
+    eager = _forward_backward(model, tokens, bf16=bf16)
+    calls = []
+    fp32_linear, sdpa = gpt_module._fp32_linear, F.scaled_dot_product_attention
+    monkeypatch.setattr(gpt_module, "_fp32_linear", lambda *a: calls.append("ours") or fp32_linear(*a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = _forward_backward(model, tokens, bf16=bf16)
+    # Every block's attention through SDPA; our product only for the LM head (outside the blocks).
+    assert sorted(calls) == ["ours"] + ["sdpa"] * model.config.n_layer
+    assert_like_eager(got, eager, fp32, bf16=bf16)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("LMHP_TEST_COMPILE") != "1",
+                                                 reason="torch.compile warms up for minutes on a CPU; "
+                                                        "set LMHP_TEST_COMPILE=1 to run it")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_blocks_equal_eager_ones(device, bf16):
+    """`compile_blocks` for real: outputs and gradients as eager ones (to rounding in bf16), with
+    and without pads (two mask kinds), for two models sharing the compiled function."""
+    for pads in (False, True):
+        model = tiny(n_embd=48, n_head=4).train().to(device)
+        tokens = torch.randint(0, 50, (3, 12), device=device)
+        if pads:
+            tokens[0, :3] = PAD
+        fp32 = _forward_backward(model, tokens, bf16=False)
+        eager = _forward_backward(model, tokens, bf16=bf16)
+        compiled = _forward_backward(model.compile_blocks(), tokens, bf16=bf16)
+        assert_like_eager(compiled, eager, fp32, bf16=bf16)

@@ -5,6 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.runtime import Run, RunHParams
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
@@ -55,3 +62,21 @@ def test_scalar_sums_equal_host_float_sums():
         add_scalars(sums, m, divide_by=3)
     want = {k: sum(float(m[k]) / 3 for m in micro) for k in ("loss", "acc")}  # what the trainers did before
     assert to_floats(sums) == want and to_floats({}) == {}
+
+
+def test_place_marks_every_gpt_trunk_for_compiling_under_run_compile(tmp_path):
+    def trunk():
+        return GPT(GPTConfig(n_vocab=30, n_ctx=16, n_embd=8, n_head=2, n_layer=1))
+
+    for compile in (False, True):
+        hp = RunHParams()
+        hp.override_from_dict({"device": "cpu", "wandb": "off", "save_dir": str(tmp_path), "compile": compile})
+        run = Run(hp, exp_name="place", config=hp)
+        try:
+            models = [run.place(Policy(trunk())), run.place(RewardModel(trunk())), run.place(trunk())]
+        finally:
+            run.close()
+        assert [m.compiled for m in (models[0].gpt, models[1].gpt, models[2])] == [compile] * 3
+        assert all(p.device.type == "cpu" for m in models for p in m.parameters())
+    with pytest.raises(Exception, match="compile"):
+        RunHParams().override_from_dict({"compile": "maybe"})

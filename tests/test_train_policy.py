@@ -30,6 +30,7 @@ from lm_human_preferences.language.sample import sample_prompts
 from lm_human_preferences.optim import TFAdam
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILE_ON_CPU = os.environ.get("LMHP_TEST_COMPILE") == "1"  # opt in to the torch.compile cases on a CPU
 GPT2_PAD = 50259
 
 
@@ -137,7 +138,10 @@ def assert_params_close(a: dict, b: dict, *, atol: float) -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("layout", [{"ppo.nminibatches": 1, "ppo.micro_batch_size": 2},
                                     {"ppo.nminibatches": 2}], ids=["accumulate", "minibatches"])
-def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, updates, dtype, layout, device):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, updates, dtype, layout, device, compiled):
+    if compiled and device == "cpu" and not COMPILE_ON_CPU:
+        pytest.skip("torch.compile warms up for minutes on a CPU; set LMHP_TEST_COMPILE=1 to run it")
     calls = []
     losses = ppo.ppo_losses
 
@@ -149,7 +153,8 @@ def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, up
 
     monkeypatch.setattr(ppo, "ppo_losses", spy)
     hp = hparams(files, tmp_path / "run", {"task.query_dataset": str(files.mixed_corpus), "task.query_length": 16,
-                                           "run.dtype": dtype, "run.device": device, "ppo.noptepochs": 1,
+                                           "run.dtype": dtype, "run.device": device, "run.compile": compiled,
+                                           "ppo.noptepochs": 1,
                                            "ppo.total_episodes": 8, **layout}, model="gpt2")
     train_policy.train(hp, exp_name="ratio", score_fn=token_score)
 
