@@ -221,7 +221,7 @@ class Run:
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         grads = [p.grad.detach() for p in parameters if p.grad is not None]
         if grads and not bad:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # a few kernels, not one per tensor
             if not math.isfinite(float(norm)):
                 bad.append("gradient norm")
         if not distributed.any_rank(bool(bad)):
