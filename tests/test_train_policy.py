@@ -276,6 +276,20 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, files
         assert_params_close(one["params"], two["params"], atol=1e-5)
 
 
+def test_two_compiled_ranks_match_one_compiled_process(files, tmp_path, updates):
+    """--run.compile under DDP: the ranks stay equal, and equal one process with the global batch."""
+    if not COMPILE_ON_CPU:
+        pytest.skip("torch.compile warms up for minutes on a CPU; set LMHP_TEST_COMPILE=1 to run it")
+    runs = {"across": {**DIST_RUNS["across"], "run.compile": True}}
+    rank0, rank1 = (r["across"] for r in run_distributed(_train_runs, 2, files, tmp_path / "dist", runs))
+    train_policy.train(hparams(files, tmp_path / "one", runs["across"]), exp_name="one", score_fn=token_score)
+    assert len(updates) == len(rank0) == len(rank1) == 3
+    for one, a, b in zip(updates, rank0, rank1):
+        assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+        for key in ("objective/score", "objective/kl", "ppo/loss/total"):
+            assert one["stats"][key] == pytest.approx(a["stats"][key], rel=1e-5, abs=1e-6), key
+
+
 def controller_errors(betas_used: list[float], kls: list[float], overrides: dict) -> list[float]:
     """Check that each update's β follows β ← β·(1 + e·batch/horizon), e = clip(KL/target − 1, ±0.2),
     from the previous update's all-reduced KL; returns the errors e."""
