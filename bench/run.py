@@ -453,6 +453,13 @@ def _instrument(trainer, clock: dict, dev: torch.device) -> None:
     trainer.train_minibatch = _timed(trainer.train_minibatch, clock, "train", dev)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev: torch.device, label: str) -> dict:
     """Per-phase medians of `updates` PPO updates after one warm-up update, for `train_policy.PPOTrainer`
     built as `train_policy.train` builds it: a policy and a frozen reference from `gpt`, a reward
@@ -484,26 +491,30 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
             watch = OthersCpu()
             for i in range(updates + 1):  # the first update is a warm-up
                 clock.clear()
+                graphs = compiled_graphs()
                 t0 = now(dev)
                 trainer.step()
                 total = now(dev) - t0
-                if i > 0:
-                    steps.append({**clock, "total": total})
+                if i > 0:  # with --compile, a graph first needed now (e.g. a new mask kind) compiles in here
+                    steps.append({**clock, "total": total, "compiled_graphs": compiled_graphs() - graphs})
             others = watch.cores()
             peak_memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         finally:
             run.close()
     med = {k: median([s.get(k, 0.0) for s in steps]) for k in PPO_PHASES + ["total"]}
     med["other"] = max(0.0, med["total"] - sum(med[k] for k in PPO_PHASES))
+    compiling = sum(s["compiled_graphs"] > 0 for s in steps)
     row = dict(batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
                query_length=hp.task.query_length, response_length=hp.task.response_length, dtype=hp.run.dtype,
                seconds=med, share={k: med[k] / med["total"] for k in PPO_PHASES + ["other"]},
-               episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others)
+               episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others,
+               timed_updates_that_compiled=compiling)
     if peak_memory is not None:
         row["max_memory_allocated"] = peak_memory
     print(f"  {label}: {med['total']:.3f} s/update ({row['episodes_per_s']:.1f} episodes/s)  " +
           "  ".join(f"{k} {med[k] / med['total']:.0%}" for k in PPO_PHASES + ["other"]) +
           (f"  peak memory {peak_memory / 2 ** 30:.2f} GiB" if peak_memory is not None else "") +
+          (f"  ({compiling} timed updates compiled graphs)" if compiling else "") +
           f"  (other processes {fmt_cores(others)})", flush=True)
     return row
 

@@ -78,6 +78,14 @@ class RunHParams(HParams):
             raise HParamsError("expected auto, cpu, cuda or cuda:N", key="device") from None
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
             raise HParamsError("CUDA is not available on this machine; use cpu or auto", key="device")
+        if self.compile and torch_version() < (2, 5):
+            raise HParamsError(f"needs torch >= 2.5 (this is {torch.__version__})", key="compile")
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def keep_freed_memory() -> bool:

@@ -172,13 +172,17 @@ class PPOTrainer:
         size and returned in the original row order. With `order` = the first epoch's order, the
         first minibatch's micro-batches are the very tensors training feeds the policy, so the first
         PPO ratio is exactly 1 whatever kernels a batch's composition selects (e.g. SDPA's causal
-        kernel for pad-free batches, a masked one otherwise)."""
+        kernel for pad-free batches, a masked one otherwise). Under `run.compile` the trained policy
+        runs with gradients on (its outputs then detached), so that it takes the compiled graph
+        training takes: on a GPU a compiled inference graph may round differently."""
         parts = []
+        as_training = self.run.hp.compile and policy is self.policy
         for i in range(0, contexts.shape[0], self.micro):
             rows = order[i:i + self.micro]
-            with self.run.autocast():
-                parts.append(policy(contexts[rows], responses[rows], temperature=self.hp.task.policy.temperature,
-                                    pad_token=self.pad))
+            with torch.set_grad_enabled(as_training), self.run.autocast():
+                out = policy(contexts[rows], responses[rows], temperature=self.hp.task.policy.temperature,
+                             pad_token=self.pad)
+            parts.append(Analysis(out.logprobs.detach(), out.values.detach(), out.entropies))
         inverse = torch.argsort(order)
         return Analysis(*(torch.cat([getattr(p, k) for p in parts])[inverse]
                           for k in ("logprobs", "values", "entropies")))

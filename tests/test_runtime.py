@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
@@ -51,8 +53,6 @@ def test_keep_freed_memory_leaves_explicit_malloc_tunables_alone():
 
 
 def test_scalar_sums_equal_host_float_sums():
-    import torch
-
     from lm_human_preferences.runtime import add_scalars, to_floats
 
     torch.manual_seed(0)
@@ -80,3 +80,12 @@ def test_place_marks_every_gpt_trunk_for_compiling_under_run_compile(tmp_path):
         assert all(p.device.type == "cpu" for m in models for p in m.parameters())
     with pytest.raises(Exception, match="compile"):
         RunHParams().override_from_dict({"compile": "maybe"})
+
+
+def test_compile_needs_torch_2_5(monkeypatch):
+    hp = RunHParams()
+    hp.override_from_dict({"device": "cpu", "compile": True})
+    hp.validate()
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(HParamsError, match=r"'compile': needs torch >= 2.5 \(this is 2.4.1\+cu121\)"):
+        hp.validate()

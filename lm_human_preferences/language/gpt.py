@@ -284,14 +284,19 @@ def _block_pass(block: Block, x: torch.Tensor, attn_mask: torch.Tensor | None) -
 
 @functools.cache
 def _compiled_block_pass():
-    """`_block_pass` under `torch.compile`. A graph serves every block of every model (the
-    block's parameters are its inputs); there is one per precision, grad mode (training or
-    scoring), mask kind (no pads: none) and shape (static first, dynamic on the second size),
-    more than dynamo's default of 8 per function, past which calls would silently run eager."""
+    """`_block_pass` under `torch.compile` (torch >= 2.5, which takes a module argument's
+    parameters as graph inputs). A graph serves every block of every model; there is one per
+    precision, grad mode, whether the parameters take gradients, mask kind (no pads: none) and
+    shape, more than dynamo's default of 8 per function, past which calls would silently run
+    eager. Shapes are static: a run has few, and a graph made dynamic by another model's shapes
+    could round differently from the one it replaces. Dynamo's DDP graph splitting is off: each
+    block is its own small graph already, and a split graph inside DDP could round differently
+    from the unsplit one the same pass gets outside it (rollout analysis)."""
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, limit, max(getattr(config, limit), 64))
-    return torch.compile(_block_pass)
+    config.optimize_ddp = False
+    return torch.compile(_block_pass, dynamic=False)
 
 
 @dataclass
