@@ -647,7 +647,7 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
     import torch.nn.functional as F
 
     from lm_human_preferences.language.sample import sample_from_logits
-    from lm_human_preferences.ppo import entropy_from_logits, logprobs_from_logits
+    from lm_human_preferences.ppo import entropy_from_logits, logprobs_and_entropies, logprobs_from_logits
 
     cfg = model_config(sz["model"])
     B, L, D, V = sz["batch"], sz["response"], cfg.n_embd, cfg.n_vocab
@@ -704,24 +704,16 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
         "torch.zeros (fresh)": lambda: torch.zeros(V, D, device=dev),
         "fill_ (reused)": lambda: grad_buf.fill_(0),
     })
-    # Entropy of the training step's (B, L, V) logits: as Policy.forward computes it (in the autograd
-    # graph) vs from the log-softmax it already has, without a graph.
+    # Logprobs and the logged entropy of the training step's (B, L, V) logits: both from one
+    # log-softmax, the entropy without a graph (Policy.forward), vs the entropy from the logits in
+    # the autograd graph (the first edition), vs no entropy at all (rollout analysis).
     train_logits = (torch.randn(B, L, V, device=dev) * 3).requires_grad_()
     tokens = torch.randint(0, V, (B, L), device=dev)
-
-    def entropy_as_is():
-        return logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)
-
-    def entropy_from_logp():
-        logp = torch.log_softmax(train_logits, -1)
-        with torch.no_grad():
-            ent = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, tokens[..., None]).squeeze(-1), ent
-
     section("logprobs_and_entropy", {
-        "logprobs + entropy_from_logits (ours)": entropy_as_is,
+        "logprobs + entropy_from_logits in the graph (before)":
+            lambda: (logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)),
         "logprobs only": lambda: logprobs_from_logits(train_logits, tokens),
-        "entropy from log_softmax, no grad": entropy_from_logp,
+        "logprobs_and_entropies (ours)": lambda: logprobs_and_entropies(train_logits, tokens),
     })
     out["others_cores"] = watch.cores()
     return out

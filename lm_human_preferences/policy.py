@@ -19,14 +19,14 @@ import torch.nn as nn
 
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.language.sample import sample_sequence
-from lm_human_preferences.ppo import entropy_from_logits, logprobs_from_logits
+from lm_human_preferences.ppo import logprobs_and_entropies
 
 
 @dataclass
 class Analysis:
     logprobs: torch.Tensor  # (B, L) fp32, under logits / temperature
     values: torch.Tensor  # (B, L) fp32, value before each response token
-    entropies: torch.Tensor  # (B, L) fp32, without gradient (only logged)
+    entropies: torch.Tensor | None  # (B, L) fp32, without gradient (only logged); None when not asked for
 
 
 class Policy(nn.Module):
@@ -46,17 +46,17 @@ class Policy(nn.Module):
                                pad_token=pad_token, generator=generator, shard=shard)
 
     def forward(self, contexts: torch.Tensor, responses: torch.Tensor, *, temperature: float,
-                pad_token: int) -> Analysis:
-        """Logprobs, values and entropies of `responses` (B, L) after `contexts` (B, Tc)."""
+                pad_token: int, entropies: bool = True) -> Analysis:
+        """Logprobs, values and (unless not asked for: a pass over the (B, L, V) logprobs)
+        entropies of `responses` (B, L) after `contexts` (B, Tc)."""
         Tc = contexts.shape[1]
         h = self.gpt.hidden_states(torch.cat([contexts, responses], 1), pad_token=pad_token)  # (B, Tc+L, D)
         h = h[:, Tc - 1:-1]  # the states that predict each response token (B, L, D)
         logits = self.gpt.lm_logits(h) / temperature  # (B, L, V) fp32
         with torch.autocast(h.device.type, enabled=False):  # fp32 like the LM head, not autocast's bf16
             values = self.value_head(h.float()).squeeze(-1)  # (B, L)
-        with torch.no_grad():  # a logged statistic: no (B, L, V) tensors kept for the backward pass
-            entropies = entropy_from_logits(logits)
-        return Analysis(logprobs=logprobs_from_logits(logits, responses), values=values, entropies=entropies)
+        logprobs, ent = logprobs_and_entropies(logits, responses, entropies=entropies)
+        return Analysis(logprobs=logprobs, values=values, entropies=ent)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {f"value.{k}": v for k, v in self.value_head.state_dict().items()}

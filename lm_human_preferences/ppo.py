@@ -29,6 +29,7 @@ __all__ = [
     "AdaptiveKLController",
     "linear_lr",
     "entropy_from_logits",
+    "logprobs_and_entropies",
     "logprobs_from_logits",
 ]
 
@@ -415,6 +416,23 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Returns:
         ``(B, T)`` float32 (float64 if the input is float64).
     """
+    return logprobs_and_entropies(logits, tokens, entropies=False)[0]
+
+
+def logprobs_and_entropies(logits: torch.Tensor, tokens: torch.Tensor, *,
+                           entropies: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logprobs_from_logits` and, from the same log-softmax, the entropies
+    ``H = -sum(exp(logp) * logp)`` without gradient (a logged statistic): one pass over the
+    vocabulary fewer than `entropy_from_logits` after it, and no (B, T, V) softmax beside the
+    log-softmax. The log-probabilities are those of `logprobs_from_logits`, bit for bit.
+
+    Returns:
+        ``(B, T)`` log-probabilities, and ``(B, T)`` entropies or None without ``entropies``.
+    """
     logits = logits.float() if logits.dtype != torch.float64 else logits  # (B, T, V)
     logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-    return torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    picked = torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not entropies:
+        return picked, None
+    with torch.no_grad():
+        return picked, -(logp.exp() * logp).sum(-1)  # (B, T)

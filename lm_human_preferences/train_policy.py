@@ -168,7 +168,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def analyze(self, policy: Policy, contexts, responses, order: torch.Tensor) -> Analysis:
-        """Logprobs/values/entropies, computed on the rows `order` in micro-batches of the training
+        """Logprobs and values (no entropies), computed on the rows `order` in micro-batches of the training
         size and returned in the original row order. With `order` = the first epoch's order, the
         first minibatch's micro-batches are the very tensors training feeds the policy, so the first
         PPO ratio is exactly 1 whatever kernels a batch's composition selects (e.g. SDPA's causal
@@ -181,11 +181,11 @@ class PPOTrainer:
             rows = order[i:i + self.micro]
             with torch.set_grad_enabled(as_training), self.run.autocast():
                 out = policy(contexts[rows], responses[rows], temperature=self.hp.task.policy.temperature,
-                             pad_token=self.pad)
-            parts.append(Analysis(out.logprobs.detach(), out.values.detach(), out.entropies))
+                             pad_token=self.pad, entropies=False)
+            parts.append(out)
         inverse = torch.argsort(order)
-        return Analysis(*(torch.cat([getattr(p, k) for p in parts])[inverse]
-                          for k in ("logprobs", "values", "entropies")))
+        return Analysis(*(torch.cat([getattr(p, k).detach() for p in parts])[inverse] for k in ("logprobs", "values")),
+                        entropies=None)
 
     @torch.no_grad()
     def rollout(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -209,7 +209,7 @@ class PPOTrainer:
                                         truncate_after=task.truncate_after,
                                         penalty_reward_value=task.penalty_reward_value)
         return dict(queries=queries, contexts=contexts, responses=responses, shown=shown, logprobs=cur.logprobs,
-                    values=cur.values, entropies=cur.entropies, ref_logprobs=ref.logprobs, scores=scores)
+                    values=cur.values, ref_logprobs=ref.logprobs, scores=scores)
 
     # ---- training -----------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor):

@@ -110,16 +110,18 @@ def test_respond_uses_the_kv_cache():
     forward = policy.gpt.forward
 
     def spy(tokens, **kw):
-        calls.append((tuple(tokens.shape), kw.get("cache")))
+        calls.append((tuple(tokens.shape), kw.get("cache"), kw.get("pad_token")))
         return forward(tokens, **kw)
 
     policy.gpt.forward = spy
     policy.respond(contexts_with_pads(), length=5, temperature=0.7, pad_token=PAD,
                    generator=torch.Generator().manual_seed(0))
     # one pass over the contexts, then one token per call, all into the same cache
-    assert [shape for shape, _ in calls] == [(4, 5)] + [(4, 1)] * 4
+    assert [shape for shape, _, _ in calls] == [(4, 5)] + [(4, 1)] * 4
     cache = calls[0][1]
-    assert cache is not None and all(c is cache for _, c in calls)
+    assert cache is not None and all(c is cache for _, c, _ in calls)
+    # sampled tokens are never the pad (outside the vocabulary): the steps skip pad handling
+    assert [pad for _, _, pad in calls] == [PAD] + [None] * 4
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -182,6 +184,10 @@ def test_zero_probability_tokens_are_never_drawn():
 
 def test_entropies_carry_no_graph_but_logprobs_and_values_do():
     policy = make_policy()
-    out = policy(contexts_with_pads(), torch.randint(0, V, (4, 3)), temperature=0.7, pad_token=PAD)
+    responses = torch.randint(0, V, (4, 3))
+    out = policy(contexts_with_pads(), responses, temperature=0.7, pad_token=PAD)
     assert out.logprobs.requires_grad and out.values.requires_grad
     assert not out.entropies.requires_grad
+    without = policy(contexts_with_pads(), responses, temperature=0.7, pad_token=PAD, entropies=False)
+    assert without.entropies is None
+    assert torch.equal(without.logprobs, out.logprobs) and torch.equal(without.values, out.values)

@@ -13,6 +13,7 @@ from lm_human_preferences.ppo import (
     gae,
     kl_penalty_rewards,
     linear_lr,
+    logprobs_and_entropies,
     logprobs_from_logits,
     policy_loss,
     ppo_losses,
@@ -345,6 +346,19 @@ def test_logprobs_and_entropy_from_logits():
     u = torch.zeros(1, 2, 7)
     torch.testing.assert_close(entropy_from_logits(u), torch.full((1, 2), math.log(7)))
     torch.testing.assert_close(logprobs_from_logits(u, torch.tensor([[0, 6]])), torch.full((1, 2), -math.log(7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropies_share_one_log_softmax(dtype):
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 5, 40, generator=g) * 4).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 40, (3, 5), generator=g)
+    lp, ent = logprobs_and_entropies(logits, tokens)
+    assert torch.equal(lp, logprobs_from_logits(logits, tokens))  # bit for bit: the PPO ratio's input
+    torch.testing.assert_close(ent, entropy_from_logits(logits), rtol=0, atol=1e-5)
+    assert lp.requires_grad and not ent.requires_grad and ent.dtype == torch.float32
+    lp_only, none = logprobs_and_entropies(logits, tokens, entropies=False)
+    assert none is None and torch.equal(lp_only, lp)
 
 
 def test_logits_helpers_upcast_low_precision():
