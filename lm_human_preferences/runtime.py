@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError
-from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line
+from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line, temp_file_beside
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import Logger, print0
 
@@ -129,7 +128,7 @@ class CheckpointCorrupt(CheckpointError):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

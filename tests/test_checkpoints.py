@@ -111,6 +111,27 @@ def test_own_round_trip_keeps_heads_and_meta(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """Models, configs and run files are written to a temp file and renamed: with the mode a
+    plain open gives under the umask, not the temp file's 0600."""
+    import os
+
+    from lm_human_preferences.runtime import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        save_model(tmp_path / "m", gpt=GPT(GPTConfig(n_vocab=30, n_ctx=16, n_embd=8, n_head=2, n_layer=1)))
+        atomic_write_bytes(tmp_path / "run" / "hparams.json", b"{}")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    for path in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", tmp_path / "run" / "hparams.json"):
+        assert path.stat().st_mode & 0o777 == want, path
+
+
 def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
     hf = hf_model(*CONFIGS[0])
     sd = {k.removeprefix("transformer."): v.clone() for k, v in hf.state_dict().items()

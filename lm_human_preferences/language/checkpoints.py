@@ -220,6 +220,22 @@ def load_gpt(source: str | os.PathLike) -> GPT:
     return model
 
 
+def plain_file_mode() -> int:
+    """The permissions a plain `open` gives a new file under the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_file_beside(target: Path) -> tuple[int, str]:
+    """(fd, path) of a new empty file in `target`'s directory to write and then rename over it,
+    with `plain_file_mode` (mkstemp's own 0600 would leave a model or config, once renamed,
+    readable by its owner alone)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.fchmod(fd, plain_file_mode())
+    return fd, tmp
+
+
 def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,
                meta: dict | None = None) -> Path:
     """Write `model.safetensors` then `config.json` into `out_dir`, each atomically (temp + rename)."""
@@ -231,10 +247,11 @@ def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.T
     config = {"format": FORMAT, **(meta or {}), "gpt": gpt.config.to_dict()}
     for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p)),
                         (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=out_dir)
+        fd, tmp = temp_file_beside(out_dir / name)
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, plain_file_mode())  # safetensors writes a file of its own, 0600
             os.replace(tmp, out_dir / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
