@@ -9,6 +9,7 @@ import torch
 
 from lm_human_preferences.language.datasets import (PassageFile, QueryDataset, get_passages, preprocess_query,
                                                     register_dataset, registered_datasets, write_passages_jsonl)
+from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.encodings import get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,16 @@ def corpus(tmp_path):
 def make(path, *, batch_size, rank=0, world_size=1, seed=1):
     return QueryDataset(PassageFile(path, seed=seed), encoding=ENC, query_length=8, start_text=".", end_text=".",
                         batch_size=batch_size, rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("start, end, key", [("qqqq", ".", "task.start_text"), ("", "qqqq", "task.end_text")])
+def test_a_dataset_without_any_query_is_an_error_not_a_hang(corpus, start, end, key):
+    queries = QueryDataset(PassageFile(corpus, seed=0), encoding=ENC, query_length=8, start_text=start or None,
+                           end_text=end, batch_size=4)
+    with pytest.raises(HParamsError, match=rf"'{key}': none of the 37 passages of the query dataset gives a query: "
+                                           rf".*'qqqq' \(tokens \[.*\]\) must occur"):
+        next(queries)
+    assert queries.skipped == 2 * 37
 
 
 def test_query_batches_are_padded_and_count_skips(corpus):

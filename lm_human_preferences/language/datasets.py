@@ -223,8 +223,12 @@ class QueryDataset:
                  end_text: str | None, batch_size: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        # A source that says how many passages it cycles through (PassageFile) lets a stream in
+        # which no passage survives preprocessing end in an error instead of reading forever.
+        self.cycle = len(passages) if hasattr(passages, "__len__") else None
         self.passages = iter(passages)
         self.encoding = encoding
+        self.start_text, self.end_text = start_text, end_text
         self.query_length = query_length
         self.start_token = encoding.encode(start_text) if start_text else None
         self.end_token = encoding.encode(end_text) if end_text else None
@@ -233,6 +237,7 @@ class QueryDataset:
         self.world_size = world_size
         self.passages_consumed = 0
         self.skipped = 0
+        self.skipped_in_a_row = 0
 
     def __iter__(self) -> QueryDataset:
         return self
@@ -247,9 +252,26 @@ class QueryDataset:
                                      pad_token=self.encoding.padding_token)
             if query is None:
                 self.skipped += 1
+                self.skipped_in_a_row += 1
+                if self.cycle is not None and self.skipped_in_a_row >= 2 * self.cycle:  # a whole epoch in there
+                    self._no_queries()
             else:
                 queries.append(query)
+                self.skipped_in_a_row = 0
         return torch.tensor(queries[self.rank::self.world_size], dtype=torch.long)  # (B, Lq)
+
+    def _no_queries(self):
+        from lm_human_preferences.hparams import HParamsError
+
+        rules = []
+        if self.start_token:
+            rules.append(f"start_text={self.start_text!r} (tokens {self.start_token}) must occur in the passage")
+        if self.end_token:
+            rules.append(f"end_text={self.end_text!r} (tokens {self.end_token}) must occur in its first "
+                         f"{self.query_length} tokens" + (" after that" if self.start_token else ""))
+        key = "task.start_text" if self.start_token else "task.end_text" if self.end_token else "task.query_dataset"
+        raise HParamsError(f"none of the {self.cycle} passages of the query dataset gives a query"
+                           + (f": {'; '.join(rules)}" if rules else " (they are all empty)"), key=key)
 
     def state_dict(self) -> dict:
         state = {"passages_consumed": self.passages_consumed, "skipped": self.skipped}
