@@ -84,7 +84,8 @@ def resolve_model_dir(name_or_path: str, *, models_dir: str | os.PathLike = "sav
         return candidate
     hint = (f"convert it first: python saved_models/prepare_pytorch_checkpoint.py --download {name_or_path} "
             f"--out {candidate}" if name_or_path in HF_NAMES else "pass a model directory")
-    raise CheckpointError(f"model {name_or_path!r} not found (looked at {path} and {candidate}); {hint}")
+    where = f"{path} and {candidate}" if candidate != path else f"{path}"
+    raise CheckpointError(f"model {name_or_path!r} not found (looked at {where}); {hint}")
 
 
 def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved_models") -> PretrainedModel:

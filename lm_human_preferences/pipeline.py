@@ -29,6 +29,7 @@ import json
 
 from lm_human_preferences import collect_labels, distributed, labelers, lm_tasks, train_policy, train_reward, train_sft
 from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
 
@@ -141,24 +142,35 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
         hp.validate()
         return hp
 
+    # Every stage's settings are checked before the first stage starts.
+    if eval_queries < 1:
+        raise HParamsError("must be >= 1", key="eval_queries")
     policy_hp = configure("train_policy", train_policy.TrainPolicyHParams())
+    sft = configure("train_sft", train_sft.TrainSFTHParams())
+    labels_hp = configure("collect_labels", collect_labels.CollectLabelsHParams())
+    rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
     base_root = Path(policy_hp.run.save_dir or root)
     base_model = Path(policy_hp.task.policy.initial_model)
 
     # 1. the base language model, cached across runs
     t = time.time()
-    if (base_model / "config.json").is_file():
-        print0(f"[1/5] base model: reusing {base_model}")
+    try:
+        found = lm_tasks.resolve_model_dir(policy_hp.task.policy.initial_model)  # where training will look
+    except CheckpointError as e:
+        if not presets.get("train_sft"):  # only the offline tasks pretrain their base model here
+            raise CheckpointError(f"{e}. The pipeline pretrains a base model only for tasks with a "
+                                  f"train_sft preset (the offline_* tasks)") from None
+        found = None
+    if found is not None and (found / "config.json").is_file():
+        print0(f"[1/5] base model: reusing {found}")
     else:
         print0(f"[1/5] pretraining the base model into {base_model}")
-        sft = configure("train_sft", train_sft.TrainSFTHParams())
         sft.run.save_dir = str(base_model)
         train_sft.train(sft, exp_name=f"{exp_name}/train_sft")
     timings["pretrain"] = time.time() - t
 
     # 2. labels from the scripted labeler
     t = time.time()
-    labels_hp = configure("collect_labels", collect_labels.CollectLabelsHParams())
     labels_hp.run.save_dir = str(base_root / "labels")
     labels_path = Path(labels_hp.run.save_dir) / "labels.json"
     if labels_path.is_file():
@@ -170,7 +182,6 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
 
     # 3. the reward model
     t = time.time()
-    rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
     rm_hp.run.save_dir = str(base_root / "reward_model")
     rm_hp.labels.source = str(labels_path)
     if (Path(rm_hp.run.save_dir) / "config.json").is_file():

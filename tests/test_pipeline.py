@@ -3,6 +3,8 @@ the labeler's gold score moves the right way, and a second run reuses what exist
 
 import json
 
+import pytest
+
 import launch
 
 TINY = [  # the offline presets, scaled down; robust over seeds 1-4 (gold +0.33 to +0.64)
@@ -38,3 +40,20 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
     assert launch.main(args) == 0  # everything is reused
     out = capsys.readouterr().out
     assert "base model: reusing" in out and "policy: reusing" in out
+
+
+@pytest.mark.parametrize("task, args, says", [
+    ("offline_sentiment", ["--eval_queries=-5"], "'eval_queries': must be >= 1"),
+    ("offline_sentiment", ["--train_reward.batch_size=33"], "is not a multiple of batch_size=33"),
+    ("sentiment", [], "model 'gpt2' not found (looked at gpt2 and saved_models/gpt2); convert it first"),
+])
+def test_pipeline_settings_are_checked_before_any_stage_runs(tmp_path, monkeypatch, capsys, task, args, says):
+    """Bad settings of any stage, and a missing base model that only an offline task would
+    pretrain, stop the pipeline before it writes anything."""
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["pipeline", task, "bad", *args, "--run.wandb=off"]) == 2
+    err = capsys.readouterr().err
+    assert says in err
+    if task == "sentiment":
+        assert "pretrains a base model only for tasks with a train_sft preset" in err
+    assert list(tmp_path.iterdir()) == []
