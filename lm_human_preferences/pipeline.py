@@ -32,6 +32,7 @@ from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
+from lm_human_preferences.runtime import changed_settings, list_changes
 
 STAGES = ("train_sft", "collect_labels", "train_reward", "train_policy")
 EVAL_SEED = 12345
@@ -130,6 +131,18 @@ def write_report(path: Path, *, task_name: str, before: dict, after: dict, query
     path.write_text("\n".join(lines) + "\n")
 
 
+def finished(stage_dir: Path, output: Path, hp) -> bool:
+    """Whether a stage's `output` exists, to be reused; an error if its run (hparams.json in
+    `stage_dir`) had other settings than `hp`, which a rerun would otherwise silently ignore."""
+    if not output.is_file():
+        return False
+    changed = changed_settings(stage_dir / "hparams.json", hp)
+    if changed:
+        raise HParamsError(f"{stage_dir} holds a finished stage with other settings ({list_changes(changed)}); "
+                           f"delete it, or use another experiment name, to run it with these")
+    return True
+
+
 def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dict, eval_queries: int = 64) -> Path:
     """`presets`: stage -> dotted overrides (params.PIPELINE[task]), applied before `args`."""
     per_stage, _ = split_args(args)
@@ -161,7 +174,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
             raise CheckpointError(f"{e}. The pipeline pretrains a base model only for tasks with a "
                                   f"train_sft preset (the offline_* tasks)") from None
         found = None
-    if found is not None and (found / "config.json").is_file():
+    if found is not None and finished(found, found / "config.json", sft):
         print0(f"[1/5] base model: reusing {found}")
     else:
         print0(f"[1/5] pretraining the base model into {base_model}")
@@ -173,7 +186,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     t = time.time()
     labels_hp.run.save_dir = str(base_root / "labels")
     labels_path = Path(labels_hp.run.save_dir) / "labels.json"
-    if labels_path.is_file():
+    if finished(labels_path.parent, labels_path, labels_hp):
         print0(f"[2/5] labels: reusing {labels_path}")
     else:
         print0("[2/5] collecting labels")
@@ -184,7 +197,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     t = time.time()
     rm_hp.run.save_dir = str(base_root / "reward_model")
     rm_hp.labels.source = str(labels_path)
-    if (Path(rm_hp.run.save_dir) / "config.json").is_file():
+    if finished(Path(rm_hp.run.save_dir), Path(rm_hp.run.save_dir) / "config.json", rm_hp):
         print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
     else:
         print0("[3/5] training the reward model")
@@ -203,7 +216,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     def gold_stats(queries, shown):
         return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
 
-    if (Path(policy_hp.run.save_dir) / "config.json").is_file():
+    if finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp):
         print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
     else:
         print0("[4/5] training the policy with PPO")

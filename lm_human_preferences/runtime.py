@@ -122,6 +122,47 @@ def to_floats(acc: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(acc, torch.stack(list(acc.values())).tolist())) if acc else {}
 
 
+# Run settings that change how a run executes, not what it computes: a run resumes, or counts
+# as finished, under other values of these.
+OPERATIONAL_SETTINGS = frozenset({"save_dir", "device", "dtype", "tf32", "compile", "wandb", "log_interval",
+                                  "save_interval", "keep_checkpoints", "resume", "data_dir", "timeout_s",
+                                  "skip_nonfinite"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def changed_settings(saved: Path, config: HParams) -> list[str]:
+    """'key: saved -> now' for each setting of `config` that differs from the hparams.json a run
+    saved (`saved`); run settings in OPERATIONAL_SETTINGS, and keys only one side has (another
+    version of the library), aside. [] without a readable file."""
+    try:
+        old = _flatten(json.loads(saved.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return []
+    new = _flatten(json.loads(json.dumps(config.to_dict())))
+    changed = []
+    for key in sorted(old.keys() & new.keys()):
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] == "run" and parts[-1] in OPERATIONAL_SETTINGS:
+            continue
+        if old[key] != new[key]:
+            changed.append(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}")
+    return changed
+
+
+def list_changes(changed: list[str], most: int = 4) -> str:
+    """`changed_settings` output for a message: the first few, and how many more."""
+    return "; ".join(changed[:most]) + (f"; and {len(changed) - most} more" if len(changed) > most else "")
+
+
 class CheckpointCorrupt(CheckpointError):
     """A training checkpoint that is missing, truncated, unverifiable or unreadable."""
 
@@ -327,12 +368,31 @@ class Run:
         state = self.load_checkpoint()
         if state is None:
             return False
+        changed = changed_settings(self.resumed_from.parent.parent / "hparams.json", self.config)
+        if changed:
+            raise HParamsError(f"{self.resumed_from}: its run was started with other settings "
+                               f"({list_changes(changed)}); rerun with those to resume it, or pass "
+                               f"--run.resume=never to start over")
         try:
             load_state_dict(state)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{self.resumed_from}: does not fit this run ({type(e).__name__}: {one_line(e)}); "
                                   "pass --run.resume=PATH to another checkpoint, or --run.resume=never to start "
                                   "over") from None
+        return True
+
+    def already_finished(self) -> bool:
+        """Under `run.resume=auto`, True when the run directory holds this run's final model
+        (config.json, written by `finish`) and no checkpoint: rerunning a finished command does
+        nothing. With other settings than the finished run's, an error saying so."""
+        if self.hp.resume != "auto" or not (self.save_dir / "config.json").is_file() or self.checkpoints():
+            return False
+        changed = changed_settings(self.save_dir / "hparams.json", self.config)
+        if changed:
+            raise HParamsError(f"{self.save_dir} holds a finished run with other settings "
+                               f"({list_changes(changed)}); pass --run.resume=never to train it again with "
+                               f"these, or choose another experiment name or --run.save_dir")
+        print0(f"{self.save_dir} holds this run, finished; nothing to do (--run.resume=never trains it again)")
         return True
 
     def finish(self, write_final) -> None:

@@ -359,6 +359,8 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
                            key="rewards.trained_model")
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
+        if run.already_finished():
+            return run.save_dir
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
         encoding = initial.encoding

@@ -264,6 +264,8 @@ def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
     hp.validate()
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
+        if run.already_finished():
+            return run.save_dir
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
         encoding = initial.encoding

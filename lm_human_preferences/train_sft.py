@@ -219,6 +219,8 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
     hp.validate()
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
+        if run.already_finished():
+            return run.save_dir
         gpt, encoding = initial_model(hp)
         if hp.seq_length > gpt.config.n_ctx:
             raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")

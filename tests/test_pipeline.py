@@ -41,6 +41,13 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "base model: reusing" in out and "policy: reusing" in out
 
+    # a changed setting of a finished stage is not silently ignored
+    written = (root / "policy" / "model.safetensors").stat().st_mtime_ns
+    assert launch.main(args + ["--train_policy.ppo.lr=5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/smoke/policy holds a finished stage with other settings (ppo.lr: 0.001 -> 0.0005)" in err
+    assert (root / "policy" / "model.safetensors").stat().st_mtime_ns == written
+
 
 @pytest.mark.parametrize("task, args, says", [
     ("offline_sentiment", ["--eval_queries=-5"], "'eval_queries': must be >= 1"),

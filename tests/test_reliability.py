@@ -292,6 +292,34 @@ def test_resume_from_a_path_continues_there_and_drops_later_checkpoints(files, s
     assert_same_run(crashed_rm, straight_rm)
 
 
+def test_resuming_with_other_settings_is_an_error_but_other_run_options_are_not(files, straight_rm, crashed_rm,
+                                                                                  monkeypatch):
+    before = checkpoint_names(crashed_rm)
+    with pytest.raises(HParamsError, match=r"step_000006.pt: its run was started with other settings \(lr: 0.001 -> "
+                                           r"0.002; run.seed: 0 -> 1\); rerun with those to resume it, or pass "
+                                           r"--run.resume=never to start over"):
+        train_rm(files, crashed_rm, **EVERY_STEP, **{"lr": 2e-3, "run.seed": 1})
+    assert checkpoint_names(crashed_rm) == before  # nothing touched
+    seen = reward_steps(monkeypatch)  # how a run executes may change: logging, checkpoints, device, ...
+    train_rm(files, crashed_rm, **{**EVERY_STEP, "run.log_interval": 3, "run.keep_checkpoints": 2})
+    assert [step for step, _ in seen] == [6, 7]  # resumed from the newest checkpoint
+    assert_same_model(crashed_rm, straight_rm)
+
+
+def test_rerunning_a_finished_run_does_nothing_unless_its_settings_changed(files, straight_rm, monkeypatch, capsys):
+    model = straight_rm / "model.safetensors"
+    written = model.stat().st_mtime_ns
+    seen = reward_steps(monkeypatch)
+    capsys.readouterr()
+    assert train_rm(files, straight_rm, **EVERY_STEP) == straight_rm
+    assert seen == [] and model.stat().st_mtime_ns == written
+    assert "holds this run, finished; nothing to do" in capsys.readouterr().out
+    with pytest.raises(HParamsError, match=r"holds a finished run with other settings \(batch_size: 8 -> 16\); "
+                                           r"pass --run.resume=never to train it again"):
+        train_rm(files, straight_rm, **EVERY_STEP, batch_size=16)
+    assert seen == [] and model.stat().st_mtime_ns == written
+
+
 KILL_DURING_RENAME = """
 import os, sys
 sys.path.insert(0, os.getcwd())
