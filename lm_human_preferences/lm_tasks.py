@@ -111,6 +111,9 @@ def check_task_fits(task: TaskHParams, model: PretrainedModel) -> None:
     if need > model.gpt.config.n_ctx:
         raise HParamsError(f"query, prefix, suffix and response take {need} tokens, more than the context of "
                            f"{model.path} ({model.gpt.config.n_ctx})", key="task.response_length")
+    if task.truncate_token is not None and not 0 <= task.truncate_token < enc.n_vocab:
+        raise HParamsError(f"{task.truncate_token} is not a token of {model.path}'s vocabulary (0 to "
+                           f"{enc.n_vocab - 1}), so no response could ever be truncated", key="task.truncate_token")
 
 
 def query_dataset(task: TaskHParams, *, encoding: Encoding, data_dir: str, batch_size: int, rank: int,

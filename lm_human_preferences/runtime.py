@@ -77,6 +77,9 @@ class RunHParams(HParams):
             raise HParamsError("expected auto, cpu, cuda or cuda:N", key="device") from None
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
             raise HParamsError("CUDA is not available on this machine; use cpu or auto", key="device")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_file():
+            raise HParamsError(f"expected auto, never or a checkpoint file; there is no file {self.resume!r}",
+                               key="resume")
         if self.compile and torch_version() < (2, 5):
             raise HParamsError(f"needs torch >= 2.5 (this is {torch.__version__})", key="compile")
 

@@ -690,7 +690,10 @@ def cli_cases(files, tmp: Path) -> dict:
                                  r"pytorch_model.bin: not a readable weights file .*never unpickled"),
         "resume from a truncated checkpoint": ("train_reward", {"run.resume": truncated},
                                                rf"--run.resume: {truncated}: contents do not match"),
-        "resume from nothing": ("train_policy", {"run.resume": tmp / "no.pt"}, r"no\.pt: no such checkpoint file"),
+        "resume from nothing": ("train_policy", {"run.resume": tmp / "no.pt"},
+                                r"'run.resume': expected auto, never or a checkpoint file; there is no file '.*no\.pt'"),
+        "truncate token outside the vocabulary": ("train_policy", {"task.truncate_token": 99999},
+                                                  r"'task.truncate_token': 99999 is not a token of .*vocabulary"),
     }
 
 
