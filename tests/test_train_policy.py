@@ -184,9 +184,8 @@ def test_response_without_truncate_token_gets_the_penalty(files, tmp_path, updat
         seen.append(responses.clone())
         return torch.full((responses.shape[0],), 2.5)
 
-    never = files.small_vocab  # outside the vocabulary (and not the pad): never sampled
-    hp = hparams(files, tmp_path / "run", {"task.truncate_token": never, "task.truncate_after": 0,
-                                           "task.penalty_reward_value": -3.0})
+    hp = hparams(files, tmp_path / "run", {"task.truncate_token": files.period, "task.penalty_reward_value": -3.0})
+    hp.task.truncate_after = hp.task.response_length  # the token counts only from there: never, in any response
     train_policy.train(hp, exp_name="penalty", score_fn=constant)
     for u, responses in zip(updates, seen):
         assert torch.equal(u["data"]["scores"], torch.full((8,), -3.0))
