@@ -13,13 +13,15 @@ offline_descriptiveness); <experiment> names the run (output in runs/<experiment
 --run.save_dir is given). `python launch.py <subcommand> <task> x --help` lists every key with
 its value. Several processes: `torchrun --nproc_per_node N launch.py ...`.
 User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
-non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; `--debug` shows the
+non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; Ctrl-C exits with
+status 130 (a training run resumes from its last checkpoint when rerun); `--debug` shows the
 traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
@@ -31,7 +33,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lm_human_preferences.labels import LabelFileError
     from lm_human_preferences.language.checkpoints import CheckpointError
     from lm_human_preferences.language.encodings import EncodingError
-    return (HParamsError, LabelFileError, CheckpointError, EncodingError, FileNotFoundError)
+    from lm_human_preferences.language.sample import SampleError
+    return (HParamsError, LabelFileError, CheckpointError, EncodingError, SampleError, FileNotFoundError)
 
 
 # subcommand -> (module, hyperparameter class); each module has `train(hp, *, exp_name)`.
@@ -109,9 +112,7 @@ def cmd_sample(argv: list[str]) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON lines {prompt, sample, continuation}")
     ns = p.parse_args(argv)
-    if any(not prompt for prompt in ns.prompt):
-        p.error("empty --prompt: give at least one character of text")
-    from lm_human_preferences.language.sample import sample_prompts
+    from lm_human_preferences.language.sample import sample_prompts  # checks the values, then loads
     for row in sample_prompts(model=ns.model, prompts=ns.prompt, length=ns.length, temperature=ns.temperature,
                               seed=ns.seed, num_samples=ns.num_samples, device=ns.device):
         print(json.dumps(row) if ns.json else row["continuation"].replace("\n", "\\n"), flush=True)
@@ -124,19 +125,50 @@ COMMANDS = {
 }
 
 
+def interrupted_message(command: str) -> str:
+    """What Ctrl-C during `command` prints: trainers checkpoint and resume (`--run.resume=auto`),
+    the pipeline reuses finished stages; the others just stop."""
+    if command in ("pipeline", "train_sft", "train_reward", "train_policy"):
+        return "interrupted; rerun the same command to resume from the last checkpoint"
+    if command == "collect_labels":
+        return "interrupted; rerun the same command to collect the labels again"
+    return "interrupted"
+
+
+def unknown_command(command: str) -> str:
+    close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"error: unknown command {command!r}{hint}\ncommands: {', '.join(COMMANDS)} (see launch.py --help)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        print(f"\nsubcommands: {', '.join(COMMANDS)}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from lm_human_preferences.runtime import keep_freed_memory
-
-    keep_freed_memory()  # faster CPU training steps; see its docstring
+    if not argv or argv[0] in ("-h", "--help"):  # a missing command is a usage error
+        print(f"{__doc__.strip()}\n\nsubcommands: {', '.join(COMMANDS)}",
+              file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    if argv[0] not in COMMANDS:
+        print(unknown_command(argv[0]), file=sys.stderr)
+        return 2
+    first_process = True  # until the launcher's rank is known (Ctrl-C may come during the imports)
     try:
+        from lm_human_preferences.distributed import launch_rank
+        from lm_human_preferences.runtime import keep_freed_memory
+
+        first_process = launch_rank() == 0
+        keep_freed_memory()  # faster CPU training steps; see its docstring
         COMMANDS[argv[0]](argv[1:])
+    except KeyboardInterrupt:
+        # Under torchrun every process gets the signal and unwinds (trainers close their process
+        # group on the way); one line from the first is enough, and the status is not 0, so the
+        # launcher reports the job as stopped.
+        if debug:
+            raise
+        if first_process:
+            print(interrupted_message(argv[0]), file=sys.stderr, flush=True)
+        return 130
     except user_errors() as e:
         if debug:
             raise

@@ -6,6 +6,9 @@ cache=..., logits=False)` and `lm_logits(hidden, cache)` (see `language/gpt.py`)
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 
@@ -53,6 +56,34 @@ def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: f
     return torch.stack(tokens, 1)  # (B, length)
 
 
+class SampleError(ValueError):
+    """A sampling request that cannot be served: a bad length, count, temperature, seed or
+    device, or a prompt the model's encoding or context cannot hold. The message names the
+    command-line flag (`launch.py sample`) that has the keyword argument's name."""
+
+
+def _sample_device(device: str) -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SampleError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {device!r}: CUDA is not available on this machine; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SampleError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """`text` quoted, cut to `limit` characters (for messages about long prompts)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: float, seed: int,
                    num_samples: int = 1, device: str = "auto") -> list[dict]:
     """Continuations of text prompts from a model directory (converted GPT-2, SFT or policy).
@@ -60,27 +91,64 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     Prompts of different lengths are left-padded with the pad token, which the model masks out
     (positions start at each prompt's first real token), so each continuation is exactly what
     the prompt alone would give.
+
+    Raises `SampleError` for arguments that cannot work (checked before the model is loaded,
+    except a prompt's fit to the model's encoding and context). A prompt that the encoding can
+    only approximate (the words a gpt2-subset vocabulary lacks become its unknown token) is
+    sampled anyway, with a warning on stderr.
     """
     from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
     from lm_human_preferences.language.encodings import encoding_from_meta
     from lm_human_preferences.language.gpt import GPT
 
+    if length < 1:
+        raise SampleError(f"--length must be >= 1 (got {length})")
+    if num_samples < 1:
+        raise SampleError(f"--num_samples must be >= 1 (got {num_samples})")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SampleError(f"--temperature must be a number >= 0, 0 for greedy (got {temperature})")
+    if not 0 <= seed < 2**64:
+        raise SampleError(f"--seed must be an integer in [0, 2**64) (got {seed})")
+    if not prompts:
+        raise SampleError("no --prompt given")
+    if any(not p for p in prompts):
+        raise SampleError("empty --prompt: give at least one character of text")
+    dev = _sample_device(device)
+
     weights = load_weights(model)
     if weights.meta.get("kind") == "reward":
         raise CheckpointError(f"{model}: is a reward model; sample from a policy or a language model")
+    enc = encoding_from_meta(weights.meta.get("encoding"))
+    n_ctx = weights.config.n_ctx
+    encoded = {}
+    for p in dict.fromkeys(prompts):
+        try:
+            tokens = enc.encode(p)
+        except ValueError as e:  # the 'test' encoding has no token for some characters
+            raise SampleError(f"--prompt {_short(p)}: {e}") from None
+        if not tokens:
+            raise SampleError(f"--prompt {_short(p)}: encodes to no tokens; give some text")
+        # The last sampled token is never fed back, so the model sees len(tokens) + length - 1.
+        if len(tokens) + length - 1 > n_ctx:
+            fix = (f"use --length {n_ctx + 1 - len(tokens)} or less" if len(tokens) <= n_ctx else
+                   "use a shorter prompt")
+            raise SampleError(f"prompt {_short(p)} ({len(tokens)} tokens) + --length {length} exceeds the "
+                              f"model's context of {n_ctx} tokens; {fix}")
+        encoded[p] = tokens
+    for p, tokens in encoded.items():  # once every prompt is known to fit
+        seen = enc.decode(tokens)
+        if seen != p:
+            print(f"warning: --prompt {_short(p)}: the model's vocabulary cannot represent it exactly; "
+                  f"the model sees {_short(seen)}", file=sys.stderr, flush=True)
+
     gpt = GPT(weights.config)
     trunk = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(gpt, trunk, model)
     gpt.load_state_dict(trunk)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     gpt = gpt.to(dev).eval()
-    enc = encoding_from_meta(weights.meta.get("encoding"))
-    encoded = [enc.encode(p) for p in prompts for _ in range(num_samples)]
-    if any(not e for e in encoded):
-        raise ValueError("empty prompt: give at least one token of text")
-    width = max(len(e) for e in encoded)
-    context = torch.tensor([[enc.padding_token] * (width - len(e)) + e for e in encoded], device=dev)
+    rows = [encoded[p] for p in prompts for _ in range(num_samples)]
+    width = max(len(e) for e in rows)
+    context = torch.tensor([[enc.padding_token] * (width - len(e)) + e for e in rows], device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = sample_sequence(gpt, context, length=length, temperature=temperature,
                           pad_token=enc.padding_token, generator=gen)

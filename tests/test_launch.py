@@ -1,0 +1,160 @@
+"""The command line's answers to mistakes and to Ctrl-C: one line naming the flag or word at
+fault and exit status 2 for usage errors, 130 for an interrupt, and nothing half-done."""
+
+import pytest
+import torch
+
+import launch
+from lm_human_preferences.language.encodings import get_encoding
+from tiny import make_model, small_encoding
+
+MISSING = "no/such/model"  # flag checks come before the model is loaded, so it is never read
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny model with a 16-token context and the small GPT-2 subset vocabulary."""
+    return make_model(tmp_path_factory.mktemp("launch") / "model", n_ctx=16, encoding=small_encoding())
+
+
+def sample(*args: str) -> int:
+    return launch.main(["sample", "--temperature", "0", *args])
+
+
+# --------------------------------------------------------------------------------------------
+# sample: bad values
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--length", "0"], "--length must be >= 1 (got 0)"),
+    (["--length", "-3"], "--length must be >= 1 (got -3)"),
+    (["--num_samples", "0"], "--num_samples must be >= 1 (got 0)"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["--seed", str(2**64)], "--seed must be an integer in [0, 2**64)"),
+    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device 'mps': expected auto, cpu, cuda or cuda:N"),
+    (["--prompt", ""], "empty --prompt"),
+])
+def test_sample_rejects_bad_values_before_loading_the_model(args, expected, capsys):
+    assert sample("--model", MISSING, "--prompt", "hi", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}")
+    assert err.count("\n") == 1 and "Traceback" not in err and MISSING not in err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_sample_cuda_without_cuda(device, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sample("--model", MISSING, "--prompt", "hi", "--device", device) == 2
+    assert capsys.readouterr().err == (f"error: --device {device!r}: CUDA is not available on this machine; "
+                                       "use cpu or auto\n")
+
+
+def test_sample_prompt_longer_than_the_context(model, capsys):
+    assert sample("--model", str(model), "--prompt", "the cat sat", "--length", "15") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ("error: prompt 'the cat sat' (3 tokens) + --length 15 exceeds the model's context of 16 "
+                   "tokens; use --length 14 or less\n")
+    # the suggested length fits: the last sampled token is never fed back to the model
+    assert sample("--model", str(model), "--prompt", "the cat sat", "--length", "14", "--device", "cpu") == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_sample_prompt_alone_longer_than_the_context(model, capsys):
+    prompt = " ".join(["the cat"] * 9)  # 18 tokens, 71 characters: the message shows the first 60
+    assert sample("--model", str(model), "--prompt", "the zebra", "--prompt", prompt, "--length", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # the error alone: no warning about 'zebra' for a request that fails
+    assert err.startswith(f"error: prompt {prompt[:60]!r}... (18 tokens) + --length 1 exceeds the model's context "
+                          "of 16 tokens")
+    assert err.endswith("use a shorter prompt\n")
+
+
+def test_sample_warns_about_words_outside_the_vocabulary(model, capsys):
+    assert sample("--model", str(model), "--prompt", "the zebra sat", "--prompt", "the cat", "--length", "2",
+                  "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2  # both prompts sampled
+    assert err == ("warning: --prompt 'the zebra sat': the model's vocabulary cannot represent it exactly; "
+                   "the model sees 'the\ufffd\ufffd sat'\n")  # ' ze' 'bra' are unknown; 'the cat' is exact
+
+
+def test_sample_character_outside_the_test_encoding(tmp_path, capsys):
+    path = make_model(tmp_path / "chars", n_embd=8, n_layer=1, n_ctx=8, encoding=get_encoding("test"))
+    assert sample("--model", str(path), "--prompt", "Hi", "--length", "2") == 2
+    assert capsys.readouterr().err == ("error: --prompt 'Hi': the 'test' encoding only has "
+                                       "'abcdefghijklmnopqrstuvwxyz.'; got 'H'\n")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def test_misspelled_command_names_it_and_the_closest(capsys):
+    assert launch.main(["train_polcy", "offline_sentiment", "x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    first, second = err.splitlines()
+    assert first == "error: unknown command 'train_polcy'; did you mean 'train_policy'?"
+    assert all(name in second for name in launch.COMMANDS)
+
+
+def test_unknown_command_without_a_close_one(capsys):
+    assert launch.main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'frobnicate'\ncommands: pipeline,") and "did you mean" not in err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert launch.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Command line for lm_human_preferences" in err and "subcommands:" in err
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_is_not_an_error(flag, capsys):
+    assert launch.main([flag]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "Command line for lm_human_preferences" in out and "subcommands:" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+def interrupted(argv):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command, message", [
+    ("sample", "interrupted\n"),
+    ("train_policy", "interrupted; rerun the same command to resume from the last checkpoint\n"),
+    ("pipeline", "interrupted; rerun the same command to resume from the last checkpoint\n"),
+    ("collect_labels", "interrupted; rerun the same command to collect the labels again\n"),
+])
+def test_ctrl_c_is_one_line_and_status_130(command, message, monkeypatch, capsys):
+    monkeypatch.setitem(launch.COMMANDS, command, interrupted)
+    assert launch.main([command, "offline_sentiment", "x"]) == 130
+    assert capsys.readouterr() == ("", message)
+
+
+def test_ctrl_c_under_torchrun_speaks_once(monkeypatch, capsys):
+    """Every process of a torchrun job gets the signal; only the first says so."""
+    monkeypatch.setitem(launch.COMMANDS, "train_reward", interrupted)
+    monkeypatch.setenv("RANK", "1")
+    assert launch.main(["train_reward", "offline_sentiment", "x"]) == 130
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert launch.main(["train_reward", "offline_sentiment", "x"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_with_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setitem(launch.COMMANDS, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        launch.main(["sample", "--debug"])
