@@ -212,7 +212,9 @@ def resolve_label_source(source, *, cache_dir, timeout: float = 60.0) -> Path:
         path = Path(source).expanduser()
         if not path.is_file():
             state = "is not a regular file" if path.exists() else "does not exist"
-            raise LabelFileError(f"label file {path} {state}; pass --labels.source=PATH or an http(s) URL")
+            raise LabelFileError(f"label file {path} {state}; pass --labels.source=PATH or an http(s) URL "
+                                 f"(`launch.py collect_labels <task> <exp>` writes runs/<exp>/labels.json from a "
+                                 f"scripted labeler)")
         return path
     path = cached_label_path(source, cache_dir=cache_dir)
     if path.is_file():
