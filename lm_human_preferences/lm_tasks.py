@@ -89,9 +89,12 @@ def resolve_model_dir(name_or_path: str, *, models_dir: str | os.PathLike = "sav
 
 
 def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved_models") -> PretrainedModel:
-    """The GPT trunk of any model `load_weights` reads, with the encoding it was trained with."""
+    """The GPT trunk of any language model or policy `load_weights` reads, with the encoding it
+    was trained with. A reward model is an error: its trunk was trained to score, not to write."""
     path = resolve_model_dir(name_or_path, models_dir=models_dir)
     weights = load_weights(path)
+    if weights.meta.get("kind") == "reward":
+        raise CheckpointError(f"{path}: is a reward model; start from a language model or a policy")
     gpt = GPT(weights.config)
     trunk = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(gpt, trunk, path)

@@ -684,6 +684,8 @@ def cli_cases(files, tmp: Path) -> dict:
         "longer than the context": ("train_policy", {"task.query_length": 60}, r"'task.response_length'.*context"),
         "unknown query dataset": ("train_policy", {"task.query_dataset": "nope"}, r"'task.query_dataset'.*unknown"),
         "policy as reward model": ("train_policy", {"rewards.trained_model": files.model}, r"not a reward model"),
+        "reward model as policy": ("train_policy", {"task.policy.initial_model": files.rm},
+                                   r"rm: is a reward model; start from a language model or a policy"),
         "corrupt initial model": ("train_reward", {"task.policy.initial_model": corrupt},
                                   r"model.safetensors: not a readable weights file"),
         "pickle payload model": ("train_reward", {"task.policy.initial_model": payload},
