@@ -15,21 +15,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_human_preferences.language.checkpoints import CheckpointError, load_gpt, save_model  # noqa: E402
+from lm_human_preferences.language.encodings import get_encoding  # noqa: E402
 from lm_human_preferences.language.gpt import HF_NAMES  # noqa: E402
 
 HUB_IDS = {name: f"openai-community/{name}" for name in HF_NAMES}
+
+
+def fail(message: str):
+    """A user error: one paragraph on stderr, exit status 2 (as launch.py)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def download(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        sys.exit("--download needs the huggingface_hub package: pip install huggingface_hub")
+        fail("--download needs the huggingface_hub package: pip install huggingface_hub")
     try:
         return Path(snapshot_download(HUB_IDS[name], allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # offline, hub errors: say what to do instead
-        sys.exit(f"could not download {HUB_IDS[name]} ({type(e).__name__}: {e}).\n"
-                 "Offline? Copy a converted model directory here, or pass --source with local files.")
+        fail(f"could not download {HUB_IDS[name]} ({type(e).__name__}: {e}). "
+             "Offline? Copy a converted model directory here, or pass --source with local files.")
 
 
 def main(argv=None):
@@ -40,11 +47,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--encoding", default="gpt2", help="tokenizer the model uses (default gpt2)")
     args = p.parse_args(argv)
+    try:
+        get_encoding(args.encoding)
+    except ValueError as e:
+        fail(f"--encoding: {e}")
     source = download(args.download) if args.download else Path(args.source)
     try:
         model = load_gpt(source)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     out = save_model(args.out, gpt=model, meta={"kind": "gpt", "encoding": args.encoding})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n / 1e6:.1f}M parameters, {model.config})")

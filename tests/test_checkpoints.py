@@ -59,6 +59,17 @@ def test_parity_with_transformers_save_pretrained(tmp_path, shape):
                            greedy(lambda t: hf(t).logits, prompt, n))
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--source", "nothere"], "error: nothere"),
+    (["--source", "nothere", "--encoding", "gpt3"], "error: --encoding: unknown encoding 'gpt3'"),
+])
+def test_converter_user_errors_exit_2_with_one_paragraph(tmp_path, args, says):
+    out = subprocess.run([sys.executable, str(ROOT / "saved_models/prepare_pytorch_checkpoint.py"), *args,
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith(says), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
 def test_bare_safetensors_without_prefix(tmp_path):
     hf = hf_model(*CONFIGS[0])
     sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()
