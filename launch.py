@@ -129,7 +129,8 @@ def interrupted_message(command: str) -> str:
     """What Ctrl-C during `command` prints: trainers checkpoint and resume (`--run.resume=auto`),
     the pipeline reuses finished stages; the others just stop."""
     if command in ("pipeline", "train_sft", "train_reward", "train_policy"):
-        return "interrupted; rerun the same command to resume from the last checkpoint"
+        return ("interrupted; rerun the same command to resume from the last checkpoint (without one, see "
+                "--run.save_interval, it starts over; the pipeline keeps its finished stages)")
     if command == "collect_labels":
         return "interrupted; rerun the same command to collect the labels again"
     return "interrupted"

@@ -282,8 +282,10 @@ class Run:
             self.skipped_batches += 1
             print0(f"warning: step {step}: {what}; batch skipped ({self.skipped_batches} so far)", file=sys.stderr)
             return False
-        raise FloatingPointError(f"step {step}: {what}; the run stopped and kept its checkpoints "
-                                 f"(rerun to resume, or pass --run.skip_nonfinite=true to skip such batches)")
+        kept = ("rerun to resume from its last checkpoint" if self.checkpoints() else
+                "it saved no checkpoint (--run.save_interval), so a rerun starts over")
+        raise FloatingPointError(f"step {step}: {what}; the run stopped ({kept}, or pass "
+                                 f"--run.skip_nonfinite=true to skip such batches)")
 
     # ---- run directory ----------------------------------------------------------------
     def start(self, *, resume_step: int | None = None) -> Logger:

@@ -133,8 +133,10 @@ def interrupted(argv):
 
 @pytest.mark.parametrize("command, message", [
     ("sample", "interrupted\n"),
-    ("train_policy", "interrupted; rerun the same command to resume from the last checkpoint\n"),
-    ("pipeline", "interrupted; rerun the same command to resume from the last checkpoint\n"),
+    ("train_policy", "interrupted; rerun the same command to resume from the last checkpoint (without one, see "
+                     "--run.save_interval, it starts over; the pipeline keeps its finished stages)\n"),
+    ("pipeline", "interrupted; rerun the same command to resume from the last checkpoint (without one, see "
+                     "--run.save_interval, it starts over; the pipeline keeps its finished stages)\n"),
     ("collect_labels", "interrupted; rerun the same command to collect the labels again\n"),
 ])
 def test_ctrl_c_is_one_line_and_status_130(command, message, monkeypatch, capsys):

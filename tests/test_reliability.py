@@ -759,12 +759,17 @@ def record_policy(monkeypatch) -> list[dict]:
 def test_policy_nan_score_stops_at_that_step_and_keeps_checkpoints(files, tmp_path):
     run = tmp_path / "ppo"
     hp = hparams(train_policy.TrainPolicyHParams, policy_config(files, run, **{"run.save_interval": 1}))
-    with pytest.raises(FloatingPointError, match=r"^step 3: non-finite ppo/loss/total on rank 0; the run stopped"):
+    with pytest.raises(FloatingPointError, match=r"^step 3: non-finite ppo/loss/total on rank 0; the run stopped "
+                                                 r"\(rerun to resume from its last checkpoint"):
         train_policy.train(hp, exp_name="ppo", score_fn=nan_score_at(3))
     assert [row["step"] for row in rows(run)] == [1, 2]
     assert checkpoint_names(run) == ["step_000001.pt", "step_000001.pt.sha256", "step_000002.pt",
                                      "step_000002.pt.sha256"]
     assert not (run / "model.safetensors").exists()
+    hp = hparams(train_policy.TrainPolicyHParams, policy_config(files, tmp_path / "unsaved"))
+    with pytest.raises(FloatingPointError, match=r"it saved no checkpoint \(--run.save_interval\), so a rerun "
+                                                 r"starts over"):
+        train_policy.train(hp, exp_name="ppo", score_fn=nan_score_at(3))
 
 
 def test_policy_skip_nonfinite_skips_the_batches_and_counts_them(files, tmp_path, monkeypatch, capsys):
