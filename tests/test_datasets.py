@@ -163,6 +163,25 @@ def test_a_dataset_without_any_query_is_an_error_not_a_hang(corpus, start, end, 
     assert queries.skipped == 2 * 37
 
 
+def test_a_source_of_unknown_size_without_any_query_is_an_error_too(monkeypatch):
+    from lm_human_preferences.language import datasets
+
+    monkeypatch.setattr(datasets, "NO_QUERY_LIMIT", 50)
+    endless = iter(lambda: "abcdef", None)  # no length, never a period
+    queries = QueryDataset(endless, encoding=ENC, query_length=8, start_text=".", end_text=None, batch_size=2)
+    with pytest.raises(HParamsError, match=r"'task.start_text': none of 50 passages in a row of the query dataset"):
+        next(queries)
+
+
+def test_a_start_text_outside_the_vocabulary_is_an_error_at_once():
+    from lm_human_preferences.language.encodings import SubsetEncoding
+
+    enc = SubsetEncoding.from_texts(["the cat sat. the dog ran."])
+    with pytest.raises(HParamsError, match=r"'task.start_text': 'zebra' is not in the model's vocabulary"):
+        QueryDataset(iter(["the cat sat."]), encoding=enc, query_length=8, start_text="zebra", end_text=".",
+                     batch_size=1)
+
+
 def test_query_batches_are_padded_and_count_skips(corpus):
     queries = make(corpus, batch_size=4)
     batches = [next(queries) for _ in range(10)]

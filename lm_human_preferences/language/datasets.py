@@ -205,6 +205,9 @@ def preprocess_query(tokens: Sequence[int], *, query_length: int, start_token: S
     return tokens + [pad_token] * (query_length - len(tokens))
 
 
+NO_QUERY_LIMIT = 100_000  # skipped passages in a row that end a source of unknown size as hopeless
+
+
 class QueryDataset:
     """Iterator of this rank's query batches, (batch_size, query_length) LongTensors.
 
@@ -232,6 +235,13 @@ class QueryDataset:
         self.query_length = query_length
         self.start_token = encoding.encode(start_text) if start_text else None
         self.end_token = encoding.encode(end_text) if end_text else None
+        for key, text, tokens in (("task.start_text", start_text, self.start_token),
+                                  ("task.end_text", end_text, self.end_token)):
+            if tokens and encoding.decode(tokens) != text:  # e.g. a word a gpt2-subset vocabulary lacks
+                from lm_human_preferences.hparams import HParamsError
+
+                raise HParamsError(f"{text!r} is not in the model's vocabulary (it encodes to {tokens}, which "
+                                   f"reads {encoding.decode(tokens)!r}), so no passage would match it", key=key)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -253,8 +263,8 @@ class QueryDataset:
             if query is None:
                 self.skipped += 1
                 self.skipped_in_a_row += 1
-                if self.cycle is not None and self.skipped_in_a_row >= 2 * self.cycle:  # a whole epoch in there
-                    self._no_queries()
+                if self.skipped_in_a_row >= (2 * self.cycle if self.cycle is not None else NO_QUERY_LIMIT):
+                    self._no_queries()  # with a known cycle: a whole epoch in there
             else:
                 queries.append(query)
                 self.skipped_in_a_row = 0
@@ -270,7 +280,9 @@ class QueryDataset:
             rules.append(f"end_text={self.end_text!r} (tokens {self.end_token}) must occur in its first "
                          f"{self.query_length} tokens" + (" after that" if self.start_token else ""))
         key = "task.start_text" if self.start_token else "task.end_text" if self.end_token else "task.query_dataset"
-        raise HParamsError(f"none of the {self.cycle} passages of the query dataset gives a query"
+        which = (f"none of the {self.cycle} passages" if self.cycle is not None else
+                 f"none of {self.skipped_in_a_row} passages in a row")
+        raise HParamsError(f"{which} of the query dataset gives a query"
                            + (f": {'; '.join(rules)}" if rules else " (they are all empty)"), key=key)
 
     def state_dict(self) -> dict:
