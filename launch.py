@@ -24,6 +24,7 @@ import argparse
 import difflib
 import importlib
 import json
+import os
 import sys
 
 import params
@@ -73,17 +74,22 @@ def trainer_hparams(subcommand: str, task: str, args: list[str]):
 def cmd_train(subcommand: str, argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog=f"launch.py {subcommand}", add_help=False,
                                 description=f"{subcommand} <task> <experiment> [--key=value ...]")
-    p.add_argument("task")
-    p.add_argument("experiment")
+    p.add_argument("task", nargs="?")
+    p.add_argument("experiment", nargs="?")
     p.add_argument("-h", "--help", action="store_true")
     ns, rest = p.parse_known_args(argv)
-    hp = trainer_hparams(subcommand, ns.task, rest)
-    if ns.help:
+    if ns.help:  # with a task: its values; without: the defaults
+        hp = trainer_hparams(subcommand, ns.task, rest) if ns.task else getattr(
+            importlib.import_module(TRAINERS[subcommand][0]), TRAINERS[subcommand][1])()
         p.print_usage()
-        print("hyperparameters (override with --key=value):")
+        print(f"tasks: {', '.join(params.TASKS)}")
+        print("hyperparameters (override with --key=value)" + (f" for {ns.task}:" if ns.task else ", defaults:"))
         for k, v in hp.flat_items().items():
             print(f"  --{k}={json.dumps(v)}")
         return
+    if ns.experiment is None:
+        p.error("the following arguments are required: " + ("task, experiment" if ns.task is None else "experiment"))
+    hp = trainer_hparams(subcommand, ns.task, rest)
     importlib.import_module(TRAINERS[subcommand][0]).train(hp, exp_name=ns.experiment)
 
 
@@ -170,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if first_process:
             print(interrupted_message(argv[0]), file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`... --help | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except user_errors() as e:
         if debug:
             raise

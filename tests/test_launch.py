@@ -160,3 +160,19 @@ def test_ctrl_c_with_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setitem(launch.COMMANDS, "sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         launch.main(["sample", "--debug"])
+
+
+@pytest.mark.parametrize("command", ["train_sft", "collect_labels", "train_reward", "train_policy"])
+def test_subcommand_help_needs_no_task(command, capsys):
+    assert launch.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "defaults:" in out and "offline_sentiment" in out and "  --run.seed=0" in out
+    assert launch.main([command, "offline_sentiment", "--help"]) == 0
+    assert "for offline_sentiment:" in capsys.readouterr().out
+
+
+def test_subcommand_without_an_experiment_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["train_reward", "offline_sentiment"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: experiment" in capsys.readouterr().err
