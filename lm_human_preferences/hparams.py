@@ -38,15 +38,28 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-__all__ = ["HParams", "HParamsError"]
+__all__ = ["HParams", "HParamsError", "check_number"]
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _NONE_STRINGS = {"", "none", "None", "null"}
+
+
+def check_number(hp: HParams, key: str, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float | None = None) -> None:
+    """A finite `hp.<key>` within the bounds given, else an HParamsError saying which."""
+    value = getattr(hp, key)
+    bounds = [(above, f"> {above}", lambda v: v > above), (at_least, f">= {at_least}", lambda v: v >= at_least),
+              (at_most, f"<= {at_most}", lambda v: v <= at_most)]
+    wanted = [(text, test) for bound, text, test in bounds if bound is not None]
+    if not (math.isfinite(value) and all(test(value) for _, test in wanted)):
+        raise HParamsError(f"must be a finite number {' and '.join(text for text, _ in wanted)} (got {value})",
+                           key=key)
 
 
 class HParamsError(ValueError):

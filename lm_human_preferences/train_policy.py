@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from lm_human_preferences import distributed, lm_tasks, ppo
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_number
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0, progress, summary_line
@@ -51,6 +51,7 @@ class AdaptiveKLParams(HParams):
     def _validate(self):
         if self.horizon <= 0:
             raise HParamsError("must be > 0", key="horizon")
+        check_number(self, "target", above=0)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class RewardsHParams(HParams):
     adaptive_kl: Optional[AdaptiveKLParams] = None
     trained_model: Optional[str] = None  # a reward model directory (train_reward output)
     train_new_model: Optional[RewardTrainingHParams] = None  # train one first, into <run>/reward_model
+
+    def _validate(self):
+        check_number(self, "kl_coef", at_least=0)
 
 
 @dataclass
@@ -89,6 +93,11 @@ class PPOHParams(HParams):
                                key="nminibatches")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        check_number(self, "lr", above=0)
+        for key in ("vf_coef", "cliprange", "cliprange_value"):
+            check_number(self, key, at_least=0)
+        for key in ("gamma", "lam"):
+            check_number(self, key, at_least=0, at_most=1)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from lm_human_preferences import distributed, label_types, labels, lm_tasks
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_number
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
@@ -66,6 +66,7 @@ class RewardTrainingHParams(HParams):
             raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
         if self.normalize_samples < 0:
             raise HParamsError("must be >= 0 (0: no normalization)", key="normalize_samples")
+        check_number(self, "lr", above=0)
         if self.labels.num_train % self.batch_size:
             raise HParamsError(f"labels.num_train={self.labels.num_train} is not a multiple of "
                                f"batch_size={self.batch_size}", key="batch_size")

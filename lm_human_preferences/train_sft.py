@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_human_preferences import distributed, lm_tasks
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_number
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.datasets import get_passages
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
@@ -68,6 +68,7 @@ class TrainSFTHParams(HParams):
                 raise HParamsError("must be >= 1", key=key)
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        check_number(self, "lr", above=0)
 
 
 class PackedText:
