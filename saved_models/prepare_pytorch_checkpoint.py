@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_human_preferences.language.checkpoints import CheckpointError, load_gpt, save_model  # noqa: E402
-from lm_human_preferences.language.encodings import get_encoding  # noqa: E402
+from lm_human_preferences.language.checkpoints import CheckpointError, load_gpt, load_weights, save_model  # noqa: E402
+from lm_human_preferences.language.encodings import encoding_from_meta, get_encoding  # noqa: E402
 from lm_human_preferences.language.gpt import HF_NAMES  # noqa: E402
 
 HUB_IDS = {name: f"openai-community/{name}" for name in HF_NAMES}
@@ -45,18 +45,28 @@ def main(argv=None):
     src.add_argument("--source", help="HF dir, model.safetensors, pytorch_model.bin, or OpenAI TF checkpoint dir")
     src.add_argument("--download", choices=sorted(HUB_IDS), help="fetch from the Hugging Face hub")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--encoding", default="gpt2", help="tokenizer the model uses (default gpt2)")
+    p.add_argument("--encoding", default=None,
+                   help="tokenizer the model uses (default: the source's own for a model of this library, else gpt2)")
     args = p.parse_args(argv)
-    try:
-        get_encoding(args.encoding)
-    except ValueError as e:
-        fail(f"--encoding: {e}")
+    if args.encoding is not None:
+        try:
+            get_encoding(args.encoding)
+        except ValueError as e:
+            fail(f"--encoding: {e}")
     source = download(args.download) if args.download else Path(args.source)
     try:
+        weights = load_weights(source)
         model = load_gpt(source)
     except CheckpointError as e:
         fail(str(e))
-    out = save_model(args.out, gpt=model, meta={"kind": "gpt", "encoding": args.encoding})
+    if weights.meta.get("kind") == "reward":
+        fail(f"{source}: is a reward model; convert a language model or a policy")
+    encoding = args.encoding or weights.meta.get("encoding") or "gpt2"
+    n_vocab = encoding_from_meta(encoding).n_vocab
+    if n_vocab != model.config.n_vocab:  # still written (its weights load), but no trainer or sampler takes it
+        print(f"warning: {source}: the model has {model.config.n_vocab} tokens, its encoding {n_vocab}; training "
+              f"and sampling will refuse it (pass the --encoding it was trained with)", file=sys.stderr)
+    out = save_model(args.out, gpt=model, meta={"kind": "gpt", "encoding": encoding})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n / 1e6:.1f}M parameters, {model.config})")
 

@@ -176,3 +176,22 @@ def test_subcommand_without_an_experiment_is_a_usage_error(capsys):
         launch.main(["train_reward", "offline_sentiment"])
     assert exit_.value.code == 2
     assert "the following arguments are required: experiment" in capsys.readouterr().err
+
+
+def test_converting_a_model_of_ours_keeps_its_encoding_and_sample_checks_it(model, tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(launch.__file__).parent / "saved_models" / "prepare_pytorch_checkpoint.py"
+    out = subprocess.run([sys.executable, str(script), "--source", str(model), "--out", str(tmp_path / "conv")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    assert sample("--model", str(tmp_path / "conv"), "--prompt", "the", "--length", "2") == 0
+    capsys.readouterr()
+    # A config.json naming an encoding of another size: an error, not an index error in the embedding.
+    config = json.loads((tmp_path / "conv" / "config.json").read_text())
+    (tmp_path / "conv" / "config.json").write_text(json.dumps({**config, "encoding": "gpt2"}))
+    assert sample("--model", str(tmp_path / "conv"), "--prompt", "the", "--length", "2") == 2
+    assert "does not match the 'gpt2' encoding (50257)" in capsys.readouterr().err

@@ -119,6 +119,9 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     if weights.meta.get("kind") == "reward":
         raise CheckpointError(f"{model}: is a reward model; sample from a policy or a language model")
     enc = encoding_from_meta(weights.meta.get("encoding"))
+    if enc.n_vocab != weights.config.n_vocab:
+        raise CheckpointError(f"{model}: model vocab {weights.config.n_vocab} does not match the {enc.name!r} "
+                              f"encoding ({enc.n_vocab}) its config.json names")
     n_ctx = weights.config.n_ctx
     encoded = {}
     for p in dict.fromkeys(prompts):
