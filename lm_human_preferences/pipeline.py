@@ -131,15 +131,19 @@ def write_report(path: Path, *, task_name: str, before: dict, after: dict, query
     path.write_text("\n".join(lines) + "\n")
 
 
-def finished(stage_dir: Path, output: Path, hp) -> bool:
+def finished(stage_dir: Path, output: Path, hp, *, inputs: tuple[Path, ...] = (),
+             remedy: str = "delete it, or use another experiment name, to run it with these") -> bool:
     """Whether a stage's `output` exists, to be reused; an error if its run (hparams.json in
-    `stage_dir`) had other settings than `hp`, which a rerun would otherwise silently ignore."""
+    `stage_dir`) had other settings than `hp`, or if one of the `inputs` it was built from (an
+    earlier stage's output) was written after it, which a rerun would otherwise silently mix."""
     if not output.is_file():
         return False
     changed = changed_settings(stage_dir / "hparams.json", hp)
     if changed:
         raise HParamsError(f"{stage_dir} holds a finished stage with other settings ({list_changes(changed)}); "
-                           f"delete it, or use another experiment name, to run it with these")
+                           f"{remedy}")
+    for newer in (p for p in inputs if p.is_file() and p.stat().st_mtime > output.stat().st_mtime):
+        raise HParamsError(f"{stage_dir} was built from an earlier {newer} (written again since); {remedy}")
     return True
 
 
@@ -164,6 +168,13 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
     base_root = Path(policy_hp.run.save_dir or root)
     base_model = Path(policy_hp.task.policy.initial_model)
+    labels_hp.run.save_dir = str(base_root / "labels")
+    labels_path = Path(labels_hp.run.save_dir) / "labels.json"
+    rm_hp.run.save_dir = str(base_root / "reward_model")
+    rm_hp.labels.source = str(labels_path)
+    policy_hp.run.save_dir = str(base_root / "policy")
+    policy_hp.rewards.trained_model = rm_hp.run.save_dir
+    policy_hp.rewards.train_new_model = None
 
     # 1. the base language model, cached across runs
     t = time.time()
@@ -174,7 +185,12 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
             raise CheckpointError(f"{e}. The pipeline pretrains a base model only for tasks with a "
                                   f"train_sft preset (the offline_* tasks)") from None
         found = None
-    if found is not None and finished(found, found / "config.json", sft):
+    # Stages 2-4 done before, checked before anything runs (with their settings; base model age below).
+    for hp, output in ((labels_hp, "labels.json"), (rm_hp, "config.json"), (policy_hp, "config.json")):
+        finished(Path(hp.run.save_dir), Path(hp.run.save_dir) / output, hp)
+    shared = (f"it is shared by every experiment of the task: delete it to pretrain again with these, or pass "
+              f"--task.policy.initial_model=DIR for a base model of their own")
+    if found is not None and finished(found, found / "config.json", sft, remedy=shared):
         print0(f"[1/5] base model: reusing {found}")
     else:
         print0(f"[1/5] pretraining the base model into {base_model}")
@@ -184,9 +200,8 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
 
     # 2. labels from the scripted labeler
     t = time.time()
-    labels_hp.run.save_dir = str(base_root / "labels")
-    labels_path = Path(labels_hp.run.save_dir) / "labels.json"
-    if finished(labels_path.parent, labels_path, labels_hp):
+    base = lm_tasks.resolve_model_dir(policy_hp.task.policy.initial_model) / "config.json"
+    if finished(labels_path.parent, labels_path, labels_hp, inputs=(base,)):
         print0(f"[2/5] labels: reusing {labels_path}")
     else:
         print0("[2/5] collecting labels")
@@ -195,9 +210,8 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
 
     # 3. the reward model
     t = time.time()
-    rm_hp.run.save_dir = str(base_root / "reward_model")
-    rm_hp.labels.source = str(labels_path)
-    if finished(Path(rm_hp.run.save_dir), Path(rm_hp.run.save_dir) / "config.json", rm_hp):
+    rm_output = Path(rm_hp.run.save_dir) / "config.json"
+    if finished(Path(rm_hp.run.save_dir), rm_output, rm_hp, inputs=(base, labels_path)):
         print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
     else:
         print0("[3/5] training the reward model")
@@ -207,16 +221,14 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     # 4. PPO, with the labeler's gold score logged beside the reward model's
     t = time.time()
     labeler = labelers.get_labeler(labels_hp.labeler)
-    policy_hp.run.save_dir = str(base_root / "policy")
-    policy_hp.rewards.trained_model = rm_hp.run.save_dir
-    policy_hp.rewards.train_new_model = None
     initial = lm_tasks.load_pretrained(policy_hp.task.policy.initial_model)
     enc = initial.encoding
 
     def gold_stats(queries, shown):
         return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
 
-    if finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp):
+    if finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp,
+                inputs=(base, rm_output)):
         print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
     else:
         print0("[4/5] training the policy with PPO")

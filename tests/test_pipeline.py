@@ -48,6 +48,13 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
     assert "runs/smoke/policy holds a finished stage with other settings (ppo.lr: 0.001 -> 0.0005)" in err
     assert (root / "policy" / "model.safetensors").stat().st_mtime_ns == written
 
+    # nor is a stage built from an earlier output of the stage before it (here: a newer reward model)
+    import os
+    rm_config = root / "reward_model" / "config.json"
+    os.utime(rm_config, (rm_config.stat().st_atime, (root / "policy" / "config.json").stat().st_mtime + 10))
+    assert launch.main(args) == 2
+    assert "runs/smoke/policy was built from an earlier runs/smoke/reward_model/config.json" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("task, args, says", [
     ("offline_sentiment", ["--eval_queries=-5"], "'eval_queries': must be >= 1"),
