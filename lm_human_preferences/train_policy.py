@@ -355,7 +355,13 @@ def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: 
     rhp.run = copy.deepcopy(hp.run)
     rhp.run.save_dir = str(out)
     rhp.task = copy.deepcopy(hp.task)
-    return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")
+    try:
+        return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")
+    except HParamsError as e:  # name the key as this command takes it (run and task are shared)
+        if e.key is None or e.key.startswith(("run.", "task.")):
+            raise
+        key = f"rewards.train_new_model.{e.key}"
+        raise HParamsError(e.message.replace(f"--{e.key}", f"--{key}"), key=key) from None
 
 
 def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = None,

@@ -2,6 +2,7 @@
 the labeler's gold score moves the right way, and a second run reuses what exists."""
 
 import json
+import os
 
 import pytest
 
@@ -49,7 +50,6 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
     assert (root / "policy" / "model.safetensors").stat().st_mtime_ns == written
 
     # nor is a stage built from an earlier output of the stage before it (here: a newer reward model)
-    import os
     rm_config = root / "reward_model" / "config.json"
     os.utime(rm_config, (rm_config.stat().st_atime, (root / "policy" / "config.json").stat().st_mtime + 10))
     assert launch.main(args) == 2

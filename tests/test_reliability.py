@@ -681,6 +681,10 @@ def cli_cases(files, tmp: Path) -> dict:
         "num_train": ("train_reward", {"labels.num_train": 60}, r"'batch_size'.*num_train=60"),
         "truncate_after": ("train_policy", {"task.truncate_after": 9}, r"'task.truncate_after'"),
         "two reward models": ("train_policy", {"rewards.train_new_model": "on"}, r"exactly one of"),
+        "new reward model without labels": (
+            "train_policy", {"rewards.trained_model": "None", "rewards.train_new_model": "on"},
+            r"'rewards.train_new_model.labels.source': no label file; pass "
+            r"--rewards.train_new_model.labels.source=PATH_OR_URL"),
         "longer than the context": ("train_policy", {"task.query_length": 60}, r"'task.response_length'.*context"),
         "unknown query dataset": ("train_policy", {"task.query_dataset": "nope"}, r"'task.query_dataset'.*unknown"),
         "policy as reward model": ("train_policy", {"rewards.trained_model": files.model}, r"not a reward model"),
