@@ -361,6 +361,10 @@ class Run:
                     raise CheckpointCorrupt(f"--run.resume: {e}") from None
                 print0(f"warning: skipping bad checkpoint {e}", file=sys.stderr)
                 continue
+            changed = changed_settings(path.parent.parent / "hparams.json", self.config)
+            if changed:
+                raise HParamsError(f"{path}: its run was started with other settings ({list_changes(changed)}); "
+                                   f"rerun with those to resume it, or pass --run.resume=never to start over")
             print0(f"resuming from {path}")
             self.resumed_from = path
             return state
@@ -373,11 +377,6 @@ class Run:
         state = self.load_checkpoint()
         if state is None:
             return False
-        changed = changed_settings(self.resumed_from.parent.parent / "hparams.json", self.config)
-        if changed:
-            raise HParamsError(f"{self.resumed_from}: its run was started with other settings "
-                               f"({list_changes(changed)}); rerun with those to resume it, or pass "
-                               f"--run.resume=never to start over")
         try:
             load_state_dict(state)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
