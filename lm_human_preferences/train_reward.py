@@ -234,13 +234,13 @@ class RewardTrainer:
                 self.step += 1
                 bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
                 bar.update(1)
-                if self.step % run.hp.log_interval == 0 or self.step == n_steps:
-                    skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
+                skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
+                if self.step % run.hp.log_interval == 0 and self.step < n_steps:  # the last step: below
                     logger.log(self.step, {**{f"train/{k}": v for k, v in stats.items()}, **skipped})
                 if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
                     run.save_checkpoint(self.step, self.state_dict())
-                last = stats
-        final = {f"train/{k}": v for k, v in last.items()}
+                last = {**{f"train/{k}": v for k, v in stats.items()}, **skipped}
+        final = dict(last)  # the last step's statistics, with the evaluation: one row
         final.update(self.evaluate())
         if hp.normalize_after and hp.normalize_samples:
             norm = self.normalize(target_mean=0.0, target_std=1.0, step_seed=1)

@@ -199,6 +199,8 @@ def test_learns_rule_decided_labels(tmp_path):
     rows = metrics(tmp_path / "rm")
     final = rows[-1]
     assert final["step"] == 768 // 16
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), steps  # one row per logged step: the last one's with the evaluation
     assert final["eval/accuracy"] >= 0.9, final
     assert final["eval/loss"] < 0.5 * math.log(4), final
     first_loss = next(r["train/loss"] for r in rows if "train/loss" in r)
