@@ -80,6 +80,8 @@ def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
     hp.validate()
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
+        if run.already_finished("labels.json"):
+            return run.save_dir / "labels.json"
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
         labeler = labelers.get_labeler(hp.labeler)

@@ -385,11 +385,11 @@ class Run:
                                   "over") from None
         return True
 
-    def already_finished(self) -> bool:
-        """Under `run.resume=auto`, True when the run directory holds this run's final model
-        (config.json, written by `finish`) and no checkpoint: rerunning a finished command does
-        nothing. With other settings than the finished run's, an error saying so."""
-        if self.hp.resume != "auto" or not (self.save_dir / "config.json").is_file() or self.checkpoints():
+    def already_finished(self, output: str = "config.json") -> bool:
+        """Under `run.resume=auto`, True when the run directory holds this run's final `output`
+        (a model's config.json, written by `finish`) and no checkpoint: rerunning a finished
+        command does nothing. With other settings than the finished run's, an error saying so."""
+        if self.hp.resume != "auto" or not (self.save_dir / output).is_file() or self.checkpoints():
             return False
         changed = changed_settings(self.save_dir / "hparams.json", self.config)
         if changed:

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import launch
+import tiny
+from lm_human_preferences import collect_labels
+from lm_human_preferences.collect_labels import CollectLabelsHParams
+from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.encodings import get_encoding
 from tiny import make_model, small_encoding
 
@@ -195,3 +199,21 @@ def test_converting_a_model_of_ours_keeps_its_encoding_and_sample_checks_it(mode
     (tmp_path / "conv" / "config.json").write_text(json.dumps({**config, "encoding": "gpt2"}))
     assert sample("--model", str(tmp_path / "conv"), "--prompt", "the", "--length", "2") == 2
     assert "does not match the 'gpt2' encoding (50257)" in capsys.readouterr().err
+
+
+def test_rerunning_collect_labels_does_nothing_unless_its_settings_changed(model, tmp_path, capsys):
+    def collect(**extra):
+        hp = CollectLabelsHParams()
+        hp.override_from_dict({**tiny.task_overrides(model, tiny.make_corpus(tmp_path / "corpus.txt")),
+                               "num_labels": 8, "batch_size": 8, "run.save_dir": str(tmp_path / "labels"),
+                               "run.wandb": "off", "run.device": "cpu", **extra})
+        return collect_labels.train(hp, exp_name="labels")
+
+    out = collect()
+    written = out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert collect() == out and out.stat().st_mtime_ns == written
+    assert "holds this run, finished; nothing to do" in capsys.readouterr().out
+    with pytest.raises(HParamsError, match=r"holds a finished run with other settings \(num_labels: 8 -> 16\)"):
+        collect(num_labels=16)
+    assert out.stat().st_mtime_ns == written
