@@ -217,3 +217,12 @@ def test_rerunning_collect_labels_does_nothing_unless_its_settings_changed(model
     with pytest.raises(HParamsError, match=r"holds a finished run with other settings \(num_labels: 8 -> 16\)"):
         collect(num_labels=16)
     assert out.stat().st_mtime_ns == written
+
+
+def test_sample_refuses_a_reward_model(model, tmp_path, capsys):
+    from lm_human_preferences import lm_tasks, train_reward
+
+    rm = train_reward.save_reward_model(tmp_path / "rm", train_reward.build_reward_model(
+        lm_tasks.load_pretrained(str(model)), seed=0), encoding=small_encoding().to_meta())
+    assert sample("--model", str(rm), "--prompt", "the") == 2
+    assert "rm: is a reward model; start from a language model or a policy" in capsys.readouterr().err

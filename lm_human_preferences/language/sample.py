@@ -93,13 +93,12 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     the prompt alone would give.
 
     Raises `SampleError` for arguments that cannot work (checked before the model is loaded,
-    except a prompt's fit to the model's encoding and context). A prompt that the encoding can
+    except a prompt's fit to the model's encoding and context). `model`: a directory, or a name
+    under saved_models/ (e.g. gpt2). A prompt that the encoding can
     only approximate (the words a gpt2-subset vocabulary lacks become its unknown token) is
     sampled anyway, with a warning on stderr.
     """
-    from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
-    from lm_human_preferences.language.encodings import encoding_from_meta
-    from lm_human_preferences.language.gpt import GPT
+    from lm_human_preferences.lm_tasks import load_pretrained
 
     if length < 1:
         raise SampleError(f"--length must be >= 1 (got {length})")
@@ -115,14 +114,9 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
         raise SampleError("empty --prompt: give at least one character of text")
     dev = _sample_device(device)
 
-    weights = load_weights(model)
-    if weights.meta.get("kind") == "reward":
-        raise CheckpointError(f"{model}: is a reward model; sample from a policy or a language model")
-    enc = encoding_from_meta(weights.meta.get("encoding"))
-    if enc.n_vocab != weights.config.n_vocab:
-        raise CheckpointError(f"{model}: model vocab {weights.config.n_vocab} does not match the {enc.name!r} "
-                              f"encoding ({enc.n_vocab}) its config.json names")
-    n_ctx = weights.config.n_ctx
+    pretrained = load_pretrained(model)  # a language model or policy, its encoding checked against it
+    enc = pretrained.encoding
+    n_ctx = pretrained.gpt.config.n_ctx
     encoded = {}
     for p in dict.fromkeys(prompts):
         try:
@@ -144,11 +138,7 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
             print(f"warning: --prompt {_short(p)}: the model's vocabulary cannot represent it exactly; "
                   f"the model sees {_short(seen)}", file=sys.stderr, flush=True)
 
-    gpt = GPT(weights.config)
-    trunk = {k: v.float() for k, v in weights.trunk.items()}
-    check_state_dict(gpt, trunk, model)
-    gpt.load_state_dict(trunk)
-    gpt = gpt.to(dev).eval()
+    gpt = pretrained.gpt.to(dev).eval()
     rows = [encoded[p] for p in prompts for _ in range(num_samples)]
     width = max(len(e) for e in rows)
     context = torch.tensor([[enc.padding_token] * (width - len(e)) + e for e in rows], device=dev)
