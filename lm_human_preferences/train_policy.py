@@ -343,17 +343,16 @@ class PPOTrainer:
 
 
 def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: str) -> Path:
-    """`rewards.train_new_model`: train (or reuse, when resuming) a reward model in <run>/reward_model."""
+    """`rewards.train_new_model`: train a reward model in <run>/reward_model; one finished there
+    with the same settings is reused (`Run.already_finished`), unless --run.resume=never."""
     from lm_human_preferences import train_reward
 
     out = save_dir / "reward_model"
-    if (out / "config.json").is_file():
-        print0(f"reusing the reward model trained earlier in {out}")
-        return out
     rhp = train_reward.TrainRewardHParams()
     rhp.override_from_dict(hp.rewards.train_new_model.to_dict())
     rhp.run = copy.deepcopy(hp.run)
     rhp.run.save_dir = str(out)
+    rhp.run.resume = "never" if hp.run.resume == "never" else "auto"  # a PATH names a policy checkpoint
     rhp.task = copy.deepcopy(hp.task)
     try:
         return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")

@@ -8,9 +8,11 @@ fast; `gpt2` has the full 50257-token GPT-2 vocabulary, for the exactness checks
 reward-model paths (the label files hold GPT-2 token ids).
 """
 
+import copy
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -377,7 +379,7 @@ def new_reward_model_run(files, tmp_path_factory):
         assert train_policy.train(hp, exp_name="new_rm") == d / "run"
     finally:
         train_policy.PPOTrainer.step = step
-    return SimpleNamespace(run=d / "run", rollout=log[0]["data"])
+    return SimpleNamespace(run=d / "run", rollout=log[0]["data"], hp=hp)
 
 
 def test_train_new_reward_model_then_ppo(new_reward_model_run):
@@ -391,6 +393,22 @@ def test_train_new_reward_model_then_ppo(new_reward_model_run):
     with torch.no_grad():
         scores = reward_model(rollout["queries"], rollout["shown"], pad_token=GPT2_PAD)
     assert torch.equal(scores, rollout["scores"]) and scores.std() > 0
+
+
+def test_a_rerun_reuses_the_finished_new_reward_model(new_reward_model_run, tmp_path, capsys):
+    """The policy run stopped after its reward model finished: the rerun trains only the policy."""
+    run = tmp_path / "run"
+    shutil.copytree(new_reward_model_run.run, run)
+    for name in ("config.json", "model.safetensors"):  # the policy not finished
+        (run / name).unlink()
+    rm_model = run / "reward_model" / "model.safetensors"
+    written = rm_model.stat().st_mtime_ns
+    hp = copy.deepcopy(new_reward_model_run.hp)
+    hp.run.save_dir = str(run)
+    capsys.readouterr()
+    train_policy.train(hp, exp_name="new_rm")
+    assert f"{run / 'reward_model'} holds this run, finished; nothing to do" in capsys.readouterr().out
+    assert rm_model.stat().st_mtime_ns == written and (run / "model.safetensors").is_file()
 
 
 def launch(*args: str, timeout: float = 120) -> str:
