@@ -1,7 +1,7 @@
 """Turn labels written as text into a label file `train_reward` reads (OpenAI's format).
 
     python examples/make_labels.py examples/labels_text.jsonl my_labels.json \
-        --query_length 16 --response_length 8 [--model DIR]
+        --query_length 16 --response_length 12 [--model DIR]
 
 Input: one JSON object a line, `{"query": TEXT, "samples": [TEXT, ...], "best": INDEX}`, with the
 same number n >= 2 of samples on every line (the label type is best_of_<n>). Each text is
