@@ -1,8 +1,8 @@
 """Functions of your own, named on the command line as `module:function`: load them, call them
 on decoded text, and check what they return.
 
-    fn = load_function("examples/rewards.py:length_reward", key="rewards.function")
-    score_fn = text_score_fn("examples/rewards.py:length_reward", key="rewards.function", encoding=enc)
+    fn = load_function("examples/rewards.py:keyword_reward", key="rewards.function")
+    score_fn = text_score_fn("examples/rewards.py:keyword_reward", key="rewards.function", encoding=enc)
     scores = check_scores(fn(queries, responses), n=len(responses), spec=..., key=...)  # (n,) fp32
 
 `module` is a dotted module name, imported from the current directory (as `python -m` would)
@@ -48,12 +48,12 @@ def load_function(spec: str, *, key: str) -> Callable:
     else:
         raise HParamsError(f"{module_name!r} is neither a module name (like my_rewards or package.module) nor "
                            f"a .py file; expected {SPEC_FORM}", key=key)
-    value = module
-    for i, part in enumerate(attr.split(".")):
+    value, parts = module, attr.split(".")
+    for i, part in enumerate(parts):
         if not hasattr(value, part):
-            owner = module_name if i else (module_name if module_name.endswith(".py") else
-                                           f"module {module_name} ({getattr(module, '__file__', None) or 'built in'})")
-            owner += ":" + ".".join(attr.split(".")[:i]) if i else ""
+            owner = module_name if module_name.endswith(".py") or i else \
+                f"module {module_name} ({getattr(module, '__file__', None) or 'built in'})"
+            owner += ":" + ".".join(parts[:i]) if i else ""
             names = [n for n in dir(value) if not n.startswith("_") and callable(getattr(value, n, None))]
             close = difflib.get_close_matches(part, names, n=3)
             hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""

@@ -51,6 +51,14 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+def shown_in_readme(program: str, argv: list[str]) -> list[str]:
+    """`argv`, once checked to be a command the README shows (`program` + argv, one line)."""
+    readme = (ROOT / "README.md").read_text()
+    lines = {line for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()}
+    assert " ".join([program, *argv]) in lines
+    return argv
+
+
 def common(model: Path, out: Path) -> list[str]:
     return [f"--task.policy.initial_model={model}", f"--run.save_dir={out}", "--run.wandb=off", "--run.device=cpu"]
 
@@ -65,8 +73,9 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def test_reward_function_example_trains_a_policy(models, tmp_path, in_repo, capsys):
-    command = ["train_policy", "offline_sentiment", "my_ppo", "--rewards.function=examples/rewards.py:keyword_reward",
-               "--task.query_dataset=examples/queries.jsonl"]
+    command = shown_in_readme("python launch.py", [
+        "train_policy", "offline_sentiment", "my_ppo", "--rewards.function=examples/rewards.py:keyword_reward",
+        "--task.query_dataset=examples/queries.jsonl"])
     out = tmp_path / "ppo"
     assert launch.main([*command, *POLICY_SIZES, *common(models["small"], out)]) == 0
     assert (out / "model.safetensors").is_file()
@@ -95,8 +104,9 @@ def test_novelty_reward_reads_the_queries_and_returns_a_tensor():
 
 
 def test_labeler_example_collects_labels(models, tmp_path, in_repo):
-    command = ["collect_labels", "offline_sentiment", "my_labels",
-               "--labeler=examples/labelers.py:positive_minus_negative", "--task.query_dataset=examples/queries.jsonl"]
+    command = shown_in_readme("python launch.py", [
+        "collect_labels", "offline_sentiment", "my_labels", "--labeler=examples/labelers.py:positive_minus_negative",
+        "--task.query_dataset=examples/queries.jsonl"])
     out = tmp_path / "labels"
     assert launch.main([*command, "--num_labels=16", "--batch_size=8", *common(models["small"], out)]) == 0
     enc = tiny.small_encoding()
@@ -112,8 +122,9 @@ def test_labeler_example_collects_labels(models, tmp_path, in_repo):
 
 
 def test_example_label_file_trains_a_reward_model(models, tmp_path, in_repo):
-    command = ["train_reward", "offline_sentiment", "my_rm", "--labels.source=examples/labels.json",
-               "--labels.num_train=4", "--batch_size=4", "--task.query_dataset=examples/queries.jsonl"]
+    command = shown_in_readme("python launch.py", [
+        "train_reward", "offline_sentiment", "my_rm", "--labels.source=examples/labels.json", "--labels.num_train=4",
+        "--batch_size=4", "--task.query_dataset=examples/queries.jsonl", "--task.policy.initial_model=gpt2"])
     out = tmp_path / "rm"
     assert launch.main([*command, *REWARD_SIZES, *common(models["gpt2"], out)]) == 0
     assert (out / "model.safetensors").is_file()
@@ -126,6 +137,8 @@ def make_labels(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_example_label_file_is_made_from_the_text_labels(tmp_path):
+    shown_in_readme("python examples/make_labels.py", ["examples/labels_text.jsonl", "examples/labels.json",
+                                                       "--query_length", "16", "--response_length", "12"])
     done = make_labels("examples/labels_text.jsonl", str(tmp_path / "labels.json"), "--query_length", "16",
                        "--response_length", "12")
     assert done.returncode == 0, done.stderr
@@ -133,6 +146,8 @@ def test_the_example_label_file_is_made_from_the_text_labels(tmp_path):
     enc = get_encoding("gpt2")
     rows = read_labels(ROOT / "examples" / "labels.json", label_type=BestOfN(4), query_length=16, response_length=12,
                        vocab_size=enc.n_vocab, pad_token=enc.padding_token)
+    readme = (ROOT / "README.md").read_text()
+    assert json.loads(re.search(r'```json\n(\{"query": .*)\n```', readme).group(1)) == rows[0]  # the row shown
     text = jsonl(ROOT / "examples" / "labels_text.jsonl")
     assert [enc.decode(r["query"]) for r in rows] == [t["query"] for t in text]
     assert [enc.decode(r["sample3"]) for r in rows] == [t["samples"][3] for t in text]
@@ -161,6 +176,7 @@ def test_example_query_file_is_a_query_dataset():
                            query_length=16, start_text=".", end_text=None, batch_size=8)
     texts = [enc.decode(q) for q in next(queries).tolist()]
     lines = [row["text"] for row in jsonl(ROOT / "examples" / "queries.jsonl")]
+    assert f'{{"text": "{lines[0]}"}}' in (ROOT / "README.md").read_text()  # the line the README shows
     # each query is the start of the passage's second sentence (start_text '.'), cut at 16 tokens
     assert sorted(texts) == sorted(enc.decode(enc.encode(line.split(".", 1)[1])[:16]) for line in lines)
 
@@ -198,8 +214,9 @@ def test_a_spec_that_cannot_be_loaded_is_a_user_error(command, spec, says, model
     (tmp_path / "broken.py").write_text(BROKEN)
     spec, says = spec.format(tmp=tmp_path), says.format(tmp=tmp_path)
     if command == "collect_labels" and ":" not in spec:  # a labeler's name, not a function
-        says = ("unknown labeler 'keyword_reward'; expected one of descriptiveness, sentiment, offline_descriptiveness, "
-                "offline_sentiment, or a function of your own as MODULE:FUNCTION or path/to/file.py:FUNCTION")
+        says = ("unknown labeler 'keyword_reward'; expected one of descriptiveness, sentiment, "
+                "offline_descriptiveness, offline_sentiment, or a function of your own as MODULE:FUNCTION or "
+                "path/to/file.py:FUNCTION")
     key = {"train_policy": "rewards.function", "collect_labels": "labeler",
            "pipeline": "train_policy.rewards.function"}[command]
     out = tmp_path / "run"
