@@ -28,7 +28,7 @@ from lm_human_preferences.runtime import Run, RunHParams
 class CollectLabelsHParams(HParams):
     run: RunHParams = field(default_factory=RunHParams)
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
-    labeler: str = "sentiment"  # see labelers.get_labeler
+    labeler: str = "sentiment"  # sentiment, descriptiveness or MODULE:FUNCTION (labelers.get_labeler)
     num_labels: int = 1280
     num_responses: int = 4  # best_of_<n>
     batch_size: int = 64  # queries per sampling batch
@@ -36,6 +36,8 @@ class CollectLabelsHParams(HParams):
     def _validate(self):
         try:
             labelers.get_labeler(self.labeler)
+        except HParamsError:  # a function of the user's that cannot be loaded: already names the key
+            raise
         except ValueError as e:
             raise HParamsError(str(e), key="labeler") from None
         for key in ("num_labels", "batch_size"):

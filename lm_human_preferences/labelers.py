@@ -1,6 +1,6 @@
 """Scripted labelers standing in for the paper's human labelers in the offline tasks.
 
-    labeler = get_labeler("sentiment")            # or "descriptiveness"
+    labeler = get_labeler("sentiment")            # or "descriptiveness", or "module:function"
     labeler.score(["what a lovely day.", "the dog was sad."])   # gold scores, [0.58, -0.48]
     labeler.best_of(samples)                      # index of the best sample (first one on ties)
 
@@ -16,6 +16,7 @@ import random
 import re
 from typing import Iterable
 
+from lm_human_preferences import plugins
 from lm_human_preferences.language.offline_corpus import DESCRIPTIVE_WORDS
 
 _WORD = re.compile(r"[a-z]+")
@@ -98,14 +99,35 @@ class DescriptivenessLabeler(Labeler):
         return scores
 
 
+class FunctionLabeler(Labeler):
+    """A function of your own, `fn(texts: list[str]) -> scores` (one number per text, higher is
+    better), named as "module:function" or "path/to/file.py:function" (see `plugins.py`). A
+    result that is not one finite number per text is an HParamsError naming `key` and `spec`."""
+
+    def __init__(self, spec: str, *, key: str = "labeler"):
+        self.name, self.key = spec, key
+        self.fn = plugins.load_function(spec, key=key)
+
+    def score(self, texts: list[str]) -> list[float]:
+        return plugins.check_scores(self.fn(list(texts)), n=len(texts), spec=self.name, key=self.key,
+                                    what="text").tolist()
+
+    def __repr__(self) -> str:
+        return f"FunctionLabeler({self.name!r})"
+
+
 LABELERS: dict[str, type[Labeler]] = {"sentiment": SentimentLabeler,
                                       "descriptiveness": DescriptivenessLabeler}
 
 
-def get_labeler(name: str) -> Labeler:
-    """A new labeler: "sentiment" or "descriptiveness" (an "offline_" prefix is accepted)."""
+def get_labeler(name: str, *, key: str = "labeler") -> Labeler:
+    """A new labeler: "sentiment" or "descriptiveness" (an "offline_" prefix is accepted), or a
+    function of your own as "module:function" (`FunctionLabeler`; its errors name `key`)."""
+    if ":" in name:
+        return FunctionLabeler(name, key=key)
     key = name[len("offline_"):] if name.startswith("offline_") else name
     if key not in LABELERS:
         names = sorted(LABELERS) + [f"offline_{n}" for n in sorted(LABELERS)]
-        raise ValueError(f"unknown labeler {name!r}; expected one of {', '.join(names)}")
+        raise ValueError(f"unknown labeler {name!r}; expected one of {', '.join(names)}, or a function of "
+                         f"your own as {plugins.SPEC_FORM}")
     return LABELERS[key]()

@@ -163,6 +163,9 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     if eval_queries < 1:
         raise HParamsError("must be >= 1", key="eval_queries")
     policy_hp = configure("train_policy", train_policy.TrainPolicyHParams())
+    if policy_hp.rewards.function is not None:
+        raise HParamsError("the pipeline trains the policy against the reward model it trains; run train_policy "
+                           "for PPO against a function of your own", key="train_policy.rewards.function")
     sft = configure("train_sft", train_sft.TrainSFTHParams())
     labels_hp = configure("collect_labels", collect_labels.CollectLabelsHParams())
     rm_hp = configure("train_reward", train_reward.TrainRewardHParams())

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lm_human_preferences import distributed, lm_tasks, ppo
+from lm_human_preferences import distributed, lm_tasks, plugins, ppo
 from lm_human_preferences.hparams import HParams, HParamsError, check_number
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
 from lm_human_preferences.language.gpt import GPT
@@ -60,9 +60,12 @@ class RewardsHParams(HParams):
     adaptive_kl: Optional[AdaptiveKLParams] = None
     trained_model: Optional[str] = None  # a reward model directory (train_reward output)
     train_new_model: Optional[RewardTrainingHParams] = None  # train one first, into <run>/reward_model
+    function: Optional[str] = None  # or MODULE:FUNCTION, fn(queries, responses) -> scores on texts (plugins.py)
 
     def _validate(self):
         check_number(self, "kl_coef", at_least=0)
+        if self.function is not None:
+            plugins.load_function(self.function, key="function")
 
 
 @dataclass
@@ -368,9 +371,10 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
     """Train a policy. `score_fn` replaces the reward model (scripted rewards, reward shaping);
     `extra_stats` adds statistics of each rollout to the metrics (all-reduced like the rest)."""
     hp.validate()
-    if score_fn is None and bool(hp.rewards.trained_model) == (hp.rewards.train_new_model is not None):
-        raise HParamsError("give exactly one of --rewards.trained_model=DIR and --rewards.train_new_model=on",
-                           key="rewards.trained_model")
+    r = hp.rewards
+    if score_fn is None and [bool(r.trained_model), r.train_new_model is not None, bool(r.function)].count(True) != 1:
+        raise HParamsError("give exactly one of --rewards.trained_model=DIR, --rewards.train_new_model=on and "
+                           "--rewards.function=MODULE:FUNCTION", key="rewards.trained_model")
     run = Run(hp.run, exp_name=exp_name, config=hp)
     try:
         if run.already_finished():
@@ -378,7 +382,9 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
         encoding = initial.encoding
-        if score_fn is None:
+        if score_fn is None and r.function:
+            score_fn = plugins.text_score_fn(r.function, key="rewards.function", encoding=encoding)
+        elif score_fn is None:
             rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
             reward_model = run.place(load_reward_model(rm_dir, encoding=encoding)).eval().requires_grad_(False)
             score_fn = reward_model_score_fn(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
