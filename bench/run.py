@@ -675,10 +675,10 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
         "F.linear bf16 weight": lambda: F.linear(h.bfloat16(), W_bf16),
     }
     if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # what our decoding steps use on CPU
-        from lm_human_preferences.language.gpt import _onednn_linear, _onednn_pack
+        from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
 
-        W_packed = _onednn_pack(W, B)
-        head["oneDNN-packed W fp32 (ours, decoding)"] = lambda: _onednn_linear(h, W_packed, None)
+        W_packed = onednn_pack(W, B)
+        head["oneDNN-packed W fp32 (ours, decoding)"] = lambda: onednn_linear(h, W_packed, None)
     section("lm_head_step", head)
     def inverse_cdf_fp32(p):
         cdf = p.cumsum(-1)  # (B, V)
@@ -740,10 +740,10 @@ def bench_peak(sz: dict, dev: torch.device) -> dict:
             c = torch.empty(n, n, dtype=dtype, device=dev)
             kernels = {"torch.mm": lambda: torch.mm(a, b, out=c)}
             if onednn:
-                from lm_human_preferences.language.gpt import _onednn_linear, _onednn_pack
+                from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
 
-                packed = _onednn_pack(b, n)
-                kernels["oneDNN packed"] = lambda: _onednn_linear(a, packed, None)
+                packed = onednn_pack(b, n)
+                kernels["oneDNN packed"] = lambda: onednn_linear(a, packed, None)
             for kernel, fn in kernels.items():
                 for _ in range(2):
                     fn()

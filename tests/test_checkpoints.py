@@ -170,7 +170,7 @@ def test_garbage_file_is_a_clear_error(tmp_path):
 
 def test_openai_tf_checkpoint_matches_transformers(tmp_path):
     """HF weights written as an OpenAI-style TF bundle (model/h0/attn/c_attn/w [1, in, out] ...)."""
-    from lm_human_preferences.language.tf_checkpoint import write_checkpoint
+    from tf_writer import write_checkpoint
 
     hf = hf_model(97, 64, 24, 3, 2)
     arrays = {}

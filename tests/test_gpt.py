@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lm_human_preferences.language import gpt as gpt_module
-from lm_human_preferences.language.gpt import GPT, GPTConfig, linear
+from lm_human_preferences.language import kernels
+from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.language.kernels import linear
 
 PAD = 53  # outside the tiny vocab, like 50259 for GPT-2
 
@@ -78,7 +80,7 @@ def test_kv_cache_equals_full_forward(chunks, pads, spare, slots, monkeypatch):
     if slots == "written":  # what a GPU runs: the written slots, and SDPA for every call
         monkeypatch.setattr(gpt_module.KVCache, "keys", lambda self, new, device: self.length + new)
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        monkeypatch.setattr(gpt_module, "attention",
+        monkeypatch.setattr(kernels, "attention",
                             lambda q, k, v, mask: sdpa(q, k, v, attn_mask=mask, is_causal=mask is None))
     model = tiny()
     tokens = torch.randint(0, 50, (3, sum(chunks)))
@@ -194,10 +196,10 @@ def test_linear_then_gelu_equals_gelu_of_the_layer(pack, bf16):
     layer = torch.nn.Linear(24, 40)
     x = torch.randn(5, 1, 24) * 3  # pre-activations well into both tails of the GELU
     dtype = torch.bfloat16 if bf16 else torch.float32
-    packed = {layer: (gpt_module._onednn_pack(layer.weight.to(dtype), 5), layer.bias.to(dtype))} if pack else None
+    packed = {layer: (kernels.onednn_pack(layer.weight.to(dtype), 5), layer.bias.to(dtype))} if pack else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         got = linear(layer, x, packed, then_gelu=True)
-        want = gpt_module.gelu(layer(x))
+        want = kernels.gelu(layer(x))
     assert got.dtype == want.dtype == dtype
     # bf16: the fused GELU rounds once (from fp32), the unfused one twice; one bf16 step apart at most
     tol = dict(rtol=2**-7, atol=2**-7) if bf16 else dict(rtol=1e-5, atol=1e-6)
@@ -208,7 +210,7 @@ def test_linear_then_gelu_equals_gelu_of_the_layer(pack, bf16):
 def test_packed_decoding_equals_plain_decoding(bf16, monkeypatch):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
-    monkeypatch.setattr(gpt_module, "PACK_MIN_BYTES", 0)  # the tiny model is below the size where packing pays
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)  # the tiny model is below the size where packing pays
     model = tiny()
     context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
     steps = torch.tensor([[6, 7, 8], [9, PAD, 10]])
@@ -242,12 +244,12 @@ def test_kept_decoding_weights_are_reused_until_the_weights_change(monkeypatch):
         pytest.skip("this torch build has no oneDNN")
     from lm_human_preferences.language.sample import sample_sequence
 
-    monkeypatch.setattr(gpt_module, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
     model = tiny()
     context = torch.tensor([[1, 2, PAD, 3], [PAD, PAD, 4, 5]])
     packs = []
-    pack = gpt_module._onednn_pack
-    monkeypatch.setattr(gpt_module, "_onednn_pack", lambda w, rows: packs.append(w) or pack(w, rows))
+    pack = kernels.onednn_pack
+    monkeypatch.setattr(kernels, "onednn_pack", lambda w, rows: packs.append(w) or pack(w, rows))
 
     def sample():
         return sample_sequence(model, context, length=4, temperature=0.7, pad_token=PAD,
@@ -303,7 +305,7 @@ def test_cpu_bf16_attention_matches_fp64_sdpa_with_its_gradients(case):
         return [y.double()] + [t.grad.double() for t in x]
 
     want = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=ref_mask), torch.float64)
-    got = run(lambda a, b, c: gpt_module.attention(a, b, c, mask), torch.bfloat16)
+    got = run(lambda a, b, c: kernels.attention(a, b, c, mask), torch.bfloat16)
     assert got[0].shape == want[0].shape
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0.005, atol=0.01)  # bf16 steps are 0.008-0.016 at 1-4
@@ -340,8 +342,8 @@ def test_traced_blocks_take_plain_torch_ops_with_the_same_results(bf16, monkeypa
     fp32 = _forward_backward(model, tokens, bf16=False)
     eager = _forward_backward(model, tokens, bf16=bf16)
     calls = []
-    fp32_linear, sdpa = gpt_module._fp32_linear, F.scaled_dot_product_attention
-    monkeypatch.setattr(gpt_module, "_fp32_linear", lambda *a: calls.append("ours") or fp32_linear(*a))
+    fp32_linear, sdpa = kernels.fp32_linear, F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels, "fp32_linear", lambda *a: calls.append("ours") or fp32_linear(*a))
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     got = _forward_backward(model, tokens, bf16=bf16)

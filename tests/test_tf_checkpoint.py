@@ -7,7 +7,9 @@ import pytest
 
 from lm_human_preferences.language import tf_checkpoint as tfc
 from lm_human_preferences.language.tf_checkpoint import (
-    CheckpointError, crc32c, mask_crc, read_checkpoint, read_index, unmask_crc, write_checkpoint)
+    CheckpointError, crc32c, mask_crc, read_checkpoint, read_index, unmask_crc)
+import tf_writer
+from tf_writer import write_checkpoint
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "openai-gpt2-124M"
 
@@ -95,19 +97,19 @@ def test_gpt2_124m_index(gpt2_index):
 def test_writer_reproduces_tf_index_bytes(gpt2_index):
     # TF's writer: 256 KiB blocks, restart interval 16, shortest-successor index keys
     data = gpt2_index.read_bytes()
-    assert tfc._build_table(tfc._read_table(gpt2_index), block_size=1 << 18) == data
+    assert tf_writer._build_table(tfc._read_table(gpt2_index), block_size=1 << 18) == data
     # and each BundleEntryProto re-encodes to exactly the bytes TF wrote
     entries = read_index(gpt2_index)
     for key, value in tfc._read_table(gpt2_index)[1:]:
         e = entries[key.decode()]
-        assert tfc._encode_entry(e.tf_dtype, e.shape, e.offset, e.size, e.crc32c) == value
+        assert tf_writer._encode_entry(e.tf_dtype, e.shape, e.offset, e.size, e.crc32c) == value
 
 
 @pytest.mark.parametrize("start, limit, expected", [
     (b"abcd", b"abzz", b"abd"), (b"model/h0", b"model/h1", b"model/h0"),
     (b"ab", b"abc", b"ab"), (b"model/wte", None, b"n"), (b"\xff\xffa", None, b"\xff\xffb")])
 def test_index_separators(start, limit, expected):
-    assert tfc._separator(start, limit) == expected
+    assert tf_writer._separator(start, limit) == expected
 
 
 def test_gpt2_124m_missing_shard_is_named(gpt2_index, tmp_path):
@@ -202,9 +204,9 @@ def test_checkpoint_state_file(tmp_path):
 def test_bfloat16_is_read_as_float32(tmp_path):
     want = np.array([1.0, -2.5, 3.140625], np.float32)
     raw = (want.view(np.uint32) >> 16).astype("<u2").tobytes()
-    entry = tfc._encode_entry(14, want.shape, 0, len(raw), mask_crc(crc32c(raw)))
+    entry = tf_writer._encode_entry(14, want.shape, 0, len(raw), mask_crc(crc32c(raw)))
     header = b"\x08\x01"
-    (tmp_path / "x.index").write_bytes(tfc._build_table([(b"", header), (b"w", entry)]))
+    (tmp_path / "x.index").write_bytes(tf_writer._build_table([(b"", header), (b"w", entry)]))
     (tmp_path / "x.data-00000-of-00001").write_bytes(raw)
     got = read_checkpoint(tmp_path / "x")["w"]
     assert got.dtype == np.float32
@@ -283,11 +285,11 @@ def test_bad_magic_and_truncated_index(small_ckpt):
 
 
 def test_compressed_block_is_rejected(tmp_path):
-    builder = tfc._BlockBuilder()
+    builder = tf_writer._BlockBuilder()
     builder.add(b"", b"\x08\x01")
     block = builder.finish()
     crc = mask_crc(crc32c(block + b"\x01"))  # valid crc, but type 1 = snappy
-    footer = tfc._enc_varint(0) + tfc._enc_varint(len(block))
+    footer = tf_writer._enc_varint(0) + tf_writer._enc_varint(len(block))
     data = block + b"\x01" + struct.pack("<I", crc)
     (tmp_path / "c.index").write_bytes(data + (footer * 2).ljust(40, b"\0")
                                        + struct.pack("<Q", tfc.MAGIC))

@@ -22,20 +22,22 @@ runs in fp32 (bf16 logits are quantised to ~0.25 near magnitude 50, which would 
 ratios noisy), so `logits` are always fp32. Only the head's backward runs in bf16, like the
 blocks' (it decides nothing about the ratios; in fp32 it was 11% of a CPU training step).
 
-CPU kernels: fp32 products go through oneDNN (`_OneDNNLinear`) rather than torch's MKL path, and
-sampling decodes from oneDNN-packed weights (`GPT.pack_for_decoding`); see BENCHMARKS.md.
+Products, attention and the LM head go through `kernels.py` (the CPU speed work: oneDNN products,
+packed weights for decoding, direct attention; torch.compile); each equals the plain torch
+expression named there, up to rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from lm_human_preferences.language import kernels
+from lm_human_preferences.language.kernels import linear
 
 NAMED_CONFIGS = {
     "124M": dict(n_layer=12, n_head=12, n_embd=768),
@@ -44,7 +46,6 @@ NAMED_CONFIGS = {
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 HF_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
 
 
 @dataclass
@@ -77,88 +78,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-@functools.cache
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   post: tuple[str, str] = ("none", "")) -> torch.Tensor:
-    """x (N, in) @ weight (out, in)^T + bias through oneDNN; `weight` plain or packed. `post`:
-    an elementwise op oneDNN applies to the fp32 results before rounding, e.g. ("gelu", "tanh")."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
-
-
-def _onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` (out, in) reordered by oneDNN for products with about `rows` rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` in fp32 on CPU, forward and backward through oneDNN: torch's fp32 matmuls go to
-    MKL, which on some x86 CPUs reaches well under half of what oneDNN does (BENCHMARKS.md)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # x (N, in)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # (N, out)
-        x, weight = ctx.saved_tensors
-        grad_x = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # grad @ W
-        grad_w = _onednn_linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # grad^T @ x
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where available, else F.linear."""
-    if x.device.type != "cpu" or not x.numel() or not onednn_available():
-        return F.linear(x, weight, bias)
-    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-
-
-def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
-    see `GPT.pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
-    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
-    if packed is not None and x.numel():  # only ever on CPU
-        weight, bias = packed[layer]  # in the dtype autocast would have used
-        x2 = x.reshape(-1, x.shape[-1]).to(bias.dtype)
-        out = _onednn_linear(x2, weight, bias, ("gelu", "tanh") if then_gelu else ("none", ""))
-        return out.reshape(*x.shape[:-1], bias.shape[0])
-    if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        out = _fp32_linear(x, layer.weight, layer.bias)
-    else:
-        out = layer(x)
-    return gelu(out) if then_gelu else out
-
-
-class _HeadBF16Backward(torch.autograd.Function):
-    """The fp32 LM head product forward, with both backward products in bf16 (fp32 results)."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        ctx.save_for_backward(h, w)
-        return _fp32_linear(h, w, None)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).bfloat16()  # (N, V)
-        grad_h = (g @ w.bfloat16()).float().reshape(h.shape) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ h.reshape(-1, h.shape[-1]).bfloat16()).float() if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU: the tanh approximation."""
-    return F.gelu(x, approximate="tanh")
 
 
 class KVCache:
@@ -212,28 +131,6 @@ class KVCache:
         self.length += T
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`scaled_dot_product_attention` (mask None: causal, top-left aligned). On CPU, computed
-    directly for one query per row (a decoding step), where the flash kernel costs ~0.6 ms a
-    call for microseconds of arithmetic, and in bf16, where its backward took twice as long as
-    this (BENCHMARKS.md). As in the fused kernels, scores and softmax are fp32; with several
-    queries the probabilities then meet the values in the values' dtype, with one query in fp32
-    (converting the values was the faster of the two there)."""
-    T = q.shape[-2]
-    if q.device.type != "cpu" or (T > 1 and q.dtype != torch.bfloat16) or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    if mask is None and T == 1:  # the only query sees the first key alone
-        k, v = k[..., :1, :], v[..., :1, :]
-    elif mask is None:
-        mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    with torch.autocast("cpu", enabled=False):
-        scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -math.inf)
-        p = torch.softmax(scores, -1)
-        return (p @ v.float()).to(q.dtype) if T == 1 else p.to(v.dtype) @ v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -250,7 +147,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, K, hs), see KVCache.keys
-        y = attention(q, k, v, attn_mask)
+        y = kernels.attention(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return linear(self.c_proj, y, packed)
 
@@ -280,23 +177,6 @@ class Block(nn.Module):
 
 def _block_pass(block: Block, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     return block(x, attn_mask=attn_mask, cache=None, layer=0)
-
-
-@functools.cache
-def _compiled_block_pass():
-    """`_block_pass` under `torch.compile` (torch >= 2.5, which takes a module argument's
-    parameters as graph inputs). A graph serves every block of every model; there is one per
-    precision, grad mode, whether the parameters take gradients, mask kind (no pads: none) and
-    shape, more than dynamo's default of 8 per function, past which calls would silently run
-    eager. Shapes are static: a run has few, and a graph made dynamic by another model's shapes
-    could round differently from the one it replaces. Dynamo's DDP graph splitting is off: each
-    block is its own small graph already, and a split graph inside DDP could round differently
-    from the unsplit one the same pass gets outside it (rollout analysis)."""
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, limit, max(getattr(config, limit), 64))
-    config.optimize_ddp = False
-    return torch.compile(_block_pass, dynamic=False)
 
 
 @dataclass
@@ -344,36 +224,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def pack_for_decoding(self, cache: KVCache) -> None:
-        """On CPU, give `cache` oneDNN-packed copies of the linear weights (bf16 under bf16
-        autocast, as autocast would cast them) and of the fp32 LM head. Every product through
-        this cache (the prefill and each single-token step) then uses them: 16-row fp32 products
-        about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md). The
-        copies are only valid while the weights do not change, so each sampling call packs
-        afresh, except inside `keep_decoding_weights`, which reuses them while the weights are
-        unchanged. A no-op on GPU, without the oneDNN ops, and for models under PACK_MIN_BYTES."""
+        """On CPU, give `cache` oneDNN-packed copies of the weights (`kernels.pack_for_decoding`);
+        every product through this cache (the prefill and each single-token step) then uses
+        them. The copies are only valid while the weights do not change, so each sampling call
+        packs afresh, except inside `keep_decoding_weights`, which reuses them while the weights
+        are unchanged. A no-op where packing does not pay."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        n_weights = self.wte.weight.numel() + sum(m.weight.numel() for m in linears)
-        if (self.wte.weight.device.type != "cpu" or not onednn_available()
-                or 4 * n_weights < PACK_MIN_BYTES):
-            return
-        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        # What the copies are made of: memory and version (every in-place change to a tensor
-        # bumps it). The kept copies hold on to that memory, so no other tensor can be there.
         tensors = [t for m in linears for t in (m.weight, m.bias)] + [self.wte.weight]
-        source = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+        source = kernels.fingerprint(tensors, kernels.decoding_dtype())
         if self._kept is not None and self._kept[0] == source:
             cache.packed = self._kept[2]
             return
-        rows = cache.batch_size  # a hint: the copies work for products of any number of rows
-        try:
-            packed: dict = {m: (_onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype)) for m in linears}
-            packed["head"] = _onednn_pack(self.wte.weight.float(), rows)
-        except (AttributeError, RuntimeError):
-            return
-        cache.packed = packed
-        if self._keep_packed:
-            self._kept = (source, [t.untyped_storage() for t in tensors], packed)
+        cache.packed = kernels.pack_for_decoding(linears, self.wte.weight, rows=cache.batch_size)
+        if self._keep_packed and cache.packed is not None:
+            self._kept = (source, [t.untyped_storage() for t in tensors], cache.packed)
 
     @contextlib.contextmanager
     def keep_decoding_weights(self):
@@ -422,7 +286,7 @@ class GPT(nn.Module):
             k_idx = torch.arange(keys_real.shape[1], device=tokens.device)[None, :]  # (1, K)
             attn_mask = (k_idx <= q_idx) & (keys_real[:, None, :] | (k_idx == q_idx))  # (B, T, K)
             attn_mask = attn_mask[:, None]  # (B, 1, T, K)
-        compiled = _compiled_block_pass() if self.compiled and cache is None else None
+        compiled = kernels.compiled(_block_pass) if self.compiled and cache is None else None
         for layer, block in enumerate(self.h):
             if compiled is not None:
                 x = compiled(block, x, attn_mask)
@@ -445,17 +309,8 @@ class GPT(nn.Module):
         autocast only its backward runs in bf16, as every other matmul's does: the logits, and so
         the logprobs and PPO ratios, keep fp32 precision; the gradients get autocast's. A `cache`
         with packed weights (decoding on CPU) supplies the head's packed copy."""
-        dev = hidden.device.type
-        bf16_backward = (torch.is_grad_enabled() and torch.is_autocast_enabled(dev)
-                         and torch.get_autocast_dtype(dev) == torch.bfloat16)
-        with torch.autocast(dev, enabled=False):
-            h, w = hidden.float(), self.wte.weight.float()
-            if bf16_backward and (h.requires_grad or w.requires_grad):
-                return _HeadBF16Backward.apply(h, w)
-            if cache is not None and cache.packed is not None and h.numel():
-                out = _onednn_linear(h.reshape(-1, h.shape[-1]), cache.packed["head"], None)
-                return out.reshape(*h.shape[:-1], self.config.n_vocab)
-            return _fp32_linear(h, w, None)
+        packed = None if cache is None or cache.packed is None else cache.packed["head"]
+        return kernels.lm_head(hidden, self.wte.weight, packed)
 
     def forward(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                 cache: KVCache | None = None, logits: bool = True) -> GPTOutput:

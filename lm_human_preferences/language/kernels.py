@@ -1,0 +1,195 @@
+"""Speed work behind the model's products: nothing model-shaped lives here.
+
+`language/gpt.py` calls four entries, each equal to a plain torch expression up to rounding:
+    linear(layer, x, packed, then_gelu=...)   layer(x), or gelu(layer(x))
+    lm_head(hidden, weight, packed_head)      hidden @ weight.T in fp32
+    attention(q, k, v, mask)                  scaled_dot_product_attention
+    compiled(fn)                              torch.compile(fn), with the settings it needs
+and `pack_for_decoding` / `fingerprint` for the weights decoding reads.
+
+CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rather than torch's
+MKL path, which on some x86 CPUs reaches under half of oneDNN's speed; sampling decodes from
+oneDNN-packed weights; one-query and bf16 attention is computed directly. Measurements and the
+reasons are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packed weights (BENCHMARKS.md)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  post: tuple[str, str] = ("none", "")) -> torch.Tensor:
+    """x (N, in) @ weight (out, in)^T + bias through oneDNN; `weight` plain or packed. `post`:
+    an elementwise op oneDNN applies to the fp32 results before rounding, e.g. ("gelu", "tanh")."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
+
+
+def onednn_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` (out, in) reordered by oneDNN for products with about `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` in fp32 on CPU, forward and backward through oneDNN: torch's fp32 matmuls go to
+    MKL, which on some x86 CPUs reaches well under half of what oneDNN does (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (N, in)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # (N, out)
+        x, weight = ctx.saved_tensors
+        grad_x = onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # grad @ W
+        grad_w = onednn_linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # grad^T @ x
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where available, else F.linear."""
+    if x.device.type != "cpu" or not x.numel() or not onednn_available():
+        return F.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: the tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
+    """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
+    see `pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
+    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
+    if packed is not None and x.numel():  # only ever on CPU
+        weight, bias = packed[layer]  # in the dtype autocast would have used
+        x2 = x.reshape(-1, x.shape[-1]).to(bias.dtype)
+        out = onednn_linear(x2, weight, bias, ("gelu", "tanh") if then_gelu else ("none", ""))
+        return out.reshape(*x.shape[:-1], bias.shape[0])
+    if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        out = fp32_linear(x, layer.weight, layer.bias)
+    else:
+        out = layer(x)
+    return gelu(out) if then_gelu else out
+
+
+class _HeadBF16Backward(torch.autograd.Function):
+    """The fp32 LM head product forward, with both backward products in bf16 (fp32 results)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return fp32_linear(h, w, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).bfloat16()  # (N, V)
+        grad_h = (g @ w.bfloat16()).float().reshape(h.shape) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ h.reshape(-1, h.shape[-1]).bfloat16()).float() if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w
+
+
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor, packed_head: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden (..., D) @ weight (V, D)^T in fp32 with autocast off: (..., V). Under bf16 autocast
+    with gradients, the backward products run in bf16 (`_HeadBF16Backward`); `packed_head`
+    (decoding on CPU) is the weight's oneDNN-packed copy."""
+    dev = hidden.device.type
+    bf16_backward = (torch.is_grad_enabled() and torch.is_autocast_enabled(dev)
+                     and torch.get_autocast_dtype(dev) == torch.bfloat16)
+    with torch.autocast(dev, enabled=False):
+        h, w = hidden.float(), weight.float()
+        if bf16_backward and (h.requires_grad or w.requires_grad):
+            return _HeadBF16Backward.apply(h, w)
+        if packed_head is not None and h.numel():
+            return onednn_linear(h.reshape(-1, h.shape[-1]), packed_head, None).reshape(*h.shape[:-1], w.shape[0])
+        return fp32_linear(h, w, None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`scaled_dot_product_attention` (mask None: causal, top-left aligned). On CPU, computed
+    directly for one query per row (a decoding step), where the flash kernel costs ~0.6 ms a
+    call for microseconds of arithmetic, and in bf16, where its backward took twice as long as
+    this (BENCHMARKS.md). As in the fused kernels, scores and softmax are fp32; with several
+    queries the probabilities then meet the values in the values' dtype, with one query in fp32
+    (converting the values was the faster of the two there)."""
+    T = q.shape[-2]
+    if q.device.type != "cpu" or (T > 1 and q.dtype != torch.bfloat16) or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    if mask is None and T == 1:  # the only query sees the first key alone
+        k, v = k[..., :1, :], v[..., :1, :]
+    elif mask is None:
+        mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    with torch.autocast("cpu", enabled=False):
+        scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf)
+        p = torch.softmax(scores, -1)
+        return (p @ v.float()).to(q.dtype) if T == 1 else p.to(v.dtype) @ v
+
+
+def fingerprint(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple:
+    """What packed copies of `tensors` in `dtype` are made of: memory and version (every in-place
+    change to a tensor bumps it). Whoever keeps the copies must also hold on to that memory (the
+    tensors' storages), so that no other tensor can take its place."""
+    return (dtype, *((t.data_ptr(), t._version) for t in tensors))
+
+
+@torch.no_grad()
+def pack_for_decoding(linears: list[nn.Linear], head: torch.Tensor, *, rows: int) -> dict | None:
+    """On CPU, oneDNN-packed copies of `linears` (bf16 under bf16 autocast, as autocast would
+    cast them), keyed by layer, and of the fp32 LM head weight `head`, under "head": 16-row fp32
+    products about 3x faster than MKL's, for one pass over the weights to pack (BENCHMARKS.md).
+    `rows` is a hint: the copies work for products of any number of rows. None on GPU, without
+    the oneDNN ops, and for models under PACK_MIN_BYTES of weights."""
+    n_weights = head.numel() + sum(m.weight.numel() for m in linears)
+    if head.device.type != "cpu" or not onednn_available() or 4 * n_weights < PACK_MIN_BYTES:
+        return None
+    dtype = decoding_dtype()
+    try:
+        packed: dict = {m: (onednn_pack(m.weight.to(dtype), rows), m.bias.to(dtype)) for m in linears}
+        packed["head"] = onednn_pack(head.float(), rows)
+    except (AttributeError, RuntimeError):
+        return None
+    return packed
+
+
+def decoding_dtype() -> torch.dtype:
+    """The dtype CPU products take now: bf16 under bf16 autocast, else fp32."""
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+@functools.cache
+def compiled(fn):
+    """`fn` under `torch.compile` (torch >= 2.5, which takes a module argument's parameters as
+    graph inputs), for functions that serve every block of every model: there is one graph per
+    precision, grad mode, whether the parameters take gradients, mask kind (no pads: none) and
+    shape, more than dynamo's default of 8 per function, past which calls would silently run
+    eager. Shapes are static: a run has few, and a graph made dynamic by another model's shapes
+    could round differently from the one it replaces. Dynamo's DDP graph splitting is off: each
+    block is its own small graph already, and a split graph inside DDP could round differently
+    from the unsplit one the same pass gets outside it (rollout analysis). Changes dynamo's
+    global settings on first call, not at import."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), 64))
+    config.optimize_ddp = False
+    return torch.compile(fn, dynamic=False)
