@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -82,6 +83,10 @@ class RunHParams(HParams):
                                key="resume")
         if self.compile and torch_version() < (2, 5):
             raise HParamsError(f"needs torch >= 2.5 (this is {torch.__version__})", key="compile")
+        if self.wandb == "on" and importlib.util.find_spec("wandb") is None:
+            raise HParamsError("the wandb package is not installed: `pip install wandb`, or pass --run.wandb=auto "
+                               "(wandb when installed and logged in) or off; metrics.jsonl is written either way",
+                               key="wandb")
 
 
 def torch_version() -> tuple[int, int]:

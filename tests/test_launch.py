@@ -1,6 +1,9 @@
 """The command line's answers to mistakes and to Ctrl-C: one line naming the flag or word at
 fault and exit status 2 for usage errors, 130 for an interrupt, and nothing half-done."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -226,3 +229,14 @@ def test_sample_refuses_a_reward_model(model, tmp_path, capsys):
         lm_tasks.load_pretrained(str(model)), seed=0), encoding=small_encoding().to_meta())
     assert sample("--model", str(rm), "--prompt", "the") == 2
     assert "rm: is a reward model; start from a language model or a policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pipeline", "train_sft", "collect_labels", "train_reward", "train_policy"])
+def test_wandb_on_without_wandb_is_one_paragraph_and_writes_nothing(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    monkeypatch.chdir(tmp_path)
+    assert launch.main([command, "offline_sentiment", "x", "--run.wandb=on"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid hyperparameter 'run.wandb': the wandb package is not installed: "
+                          "`pip install wandb`, or pass --run.wandb=auto") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
