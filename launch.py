@@ -108,7 +108,9 @@ def cmd_pipeline(argv: list[str]) -> None:
 
 def cmd_sample(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="launch.py sample",
-                                description="Continuations of prompts from a saved, converted or trained model.")
+                                description="Continuations of prompts from a saved, converted or trained model, one "
+                                            "line each: at a terminal the prompt with its continuation, piped or "
+                                            "redirected the continuation alone.")
     p.add_argument("--model", required=True, help="model directory (converted GPT-2, policy or SFT output)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--length", type=int, default=24, help="tokens to sample per continuation")
@@ -116,12 +118,15 @@ def cmd_sample(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print JSON lines {prompt, sample, continuation}")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines {prompt, sample, continuation, continuation_tokens}")
     ns = p.parse_args(argv)
     from lm_human_preferences.language.sample import sample_prompts  # checks the values, then loads
+    with_prompt = sys.stdout.isatty()  # a person reads it; a pipe or file keeps continuations alone
     for row in sample_prompts(model=ns.model, prompts=ns.prompt, length=ns.length, temperature=ns.temperature,
                               seed=ns.seed, num_samples=ns.num_samples, device=ns.device):
-        print(json.dumps(row) if ns.json else row["continuation"].replace("\n", "\\n"), flush=True)
+        text = (row["prompt"] if with_prompt else "") + row["continuation"]
+        print(json.dumps(row) if ns.json else text.replace("\n", "\\n"), flush=True)
 
 
 COMMANDS = {

@@ -318,9 +318,12 @@ class PPOTrainer:
         self.queries.load_state_dict(state["queries"])
 
     def sample_rows(self, data, n: int) -> list[dict]:
+        """samples.jsonl rows: query and (truncated) response as text to read (no special tokens),
+        the score, and the token ids the texts come from (padding included)."""
         dec = self.encoding.decode
-        return [{"query": dec(data["queries"][i].tolist()), "response": dec(data["shown"][i].tolist()),
-                 "score": float(data["scores"][i])} for i in range(min(n, data["queries"].shape[0]))]
+        queries, shown, scores = (data[k][:n].tolist() for k in ("queries", "shown", "scores"))
+        return [{"query": dec(q, skip_special=True), "response": dec(r, skip_special=True), "score": float(s),
+                 "query_tokens": q, "response_tokens": r} for q, r, s in zip(queries, shown, scores)]
 
     def train(self, logger) -> dict[str, float]:
         run = self.run

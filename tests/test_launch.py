@@ -80,6 +80,26 @@ def test_sample_prompt_alone_longer_than_the_context(model, capsys):
     assert err.endswith("use a shorter prompt\n")
 
 
+def test_sample_shows_prompts_at_a_terminal_and_no_special_tokens(model, monkeypatch, capsys):
+    import json
+
+    from lm_human_preferences.language import sample as sampling
+
+    enc = small_encoding()
+    cat, eot = enc.encode(" cat")[0], enc.eot_token
+    monkeypatch.setattr(sampling, "sample_sequence",
+                        lambda gpt, context, **kw: torch.tensor([[cat, eot, cat]] * context.shape[0]))
+    args = ["--model", str(model), "--prompt", "the dog", "--length", "3", "--device", "cpu"]
+    assert sample(*args) == 0
+    assert capsys.readouterr().out == " cat cat\n"  # piped: the continuation alone
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert sample(*args) == 0
+    assert capsys.readouterr().out == "the dog cat cat\n"
+    assert sample(*args, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "the dog", "sample": 0, "continuation": " cat cat",
+                                                   "continuation_tokens": [cat, eot, cat]}
+
+
 def test_sample_warns_about_words_outside_the_vocabulary(model, capsys):
     assert sample("--model", str(model), "--prompt", "the zebra sat", "--prompt", "the cat", "--length", "2",
                   "--device", "cpu") == 0
