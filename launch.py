@@ -10,8 +10,8 @@
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
---run.save_dir is given). `python launch.py <subcommand> <task> x --help` lists every key with
-its value. Several processes: `torchrun --nproc_per_node N launch.py ...`.
+--run.save_dir is given). `python launch.py <subcommand> [task] --help` lists every key with
+its value and description, by section. Several processes: `torchrun --nproc_per_node N launch.py ...`.
 User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
 non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; Ctrl-C exits with
 status 130 (a training run resumes from its last checkpoint when rerun); `--debug` shows the
@@ -72,6 +72,8 @@ def trainer_hparams(subcommand: str, task: str, args: list[str]):
 
 
 def cmd_train(subcommand: str, argv: list[str]) -> None:
+    from lm_human_preferences.hparams import help_lines
+
     p = argparse.ArgumentParser(prog=f"launch.py {subcommand}", add_help=False,
                                 description=f"{subcommand} <task> <experiment> [--key=value ...]")
     p.add_argument("task", nargs="?")
@@ -84,8 +86,7 @@ def cmd_train(subcommand: str, argv: list[str]) -> None:
         p.print_usage()
         print(f"tasks: {', '.join(params.TASKS)}")
         print("hyperparameters (override with --key=value)" + (f" for {ns.task}:" if ns.task else ", defaults:"))
-        for k, v in hp.flat_items().items():
-            print(f"  --{k}={json.dumps(v)}")
+        print("\n".join(help_lines(hp)))
         return
     if ns.experiment is None:
         p.error("the following arguments are required: " + ("task, experiment" if ns.task is None else "experiment"))

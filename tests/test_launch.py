@@ -260,3 +260,40 @@ def test_wandb_on_without_wandb_is_one_paragraph_and_writes_nothing(command, tmp
     assert err.startswith("error: invalid hyperparameter 'run.wandb': the wandb package is not installed: "
                           "`pip install wandb`, or pass --run.wandb=auto") and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def trainer_sections():
+    """(dotted path, class) of every section of every trainer's hyperparameters, off ones included."""
+    import importlib
+
+    from lm_human_preferences.hparams import _field_types, _section_type
+
+    def walk(cls, path):
+        yield path, cls
+        for name, tp in _field_types(cls).items():
+            if sec := _section_type(tp):
+                yield from walk(sec, f"{path}.{name}")
+
+    for command, (module, cls) in launch.TRAINERS.items():
+        yield from walk(getattr(importlib.import_module(module), cls), command)
+
+
+def test_every_hyperparameter_of_every_trainer_has_a_description():
+    from lm_human_preferences.hparams import field_docs
+
+    missing = [f"{path}.{name} ({cls.__module__}.{cls.__name__})" for path, cls in trainer_sections()
+               for name, doc in field_docs(cls).items() if not doc]
+    assert not missing, "add a comment to the end of each field's line: " + ", ".join(missing)
+
+
+def test_help_describes_every_key_grouped_by_section(capsys):
+    assert launch.main(["train_policy", "offline_sentiment", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    ppo = lines.index("ppo: PPO optimisation")
+    assert lines[ppo + 1].startswith("  --ppo.total_episodes=") and lines[ppo + 1].endswith(
+        "  episodes (queries answered) over the whole run")
+    assert "rewards.adaptive_kl: adapt β toward a target KL (off: β stays kl_coef)" in out
+    assert any(line.startswith("  --run.seed=") and "seed of every random draw" in line for line in lines)
+    keys = [line for line in lines if line.startswith("  --")]
+    assert all(len(line.split(None, 1)) == 2 for line in keys), [line for line in keys if len(line.split()) == 1]
