@@ -399,16 +399,14 @@ def _help_groups(hp: HParams, prefix: str, title: str, out: list) -> None:
 
 
 def help_lines(hp: HParams) -> list[str]:
-    """`--help` text: every key with its value and description, grouped by section (the keys of
-    off sections with their defaults)."""
+    """`--help` text, grouped by section: each key with its value on a line of its own (the keys
+    of off sections with their defaults), its description indented on the next."""
     groups: list = []
     _help_groups(hp, "", "", groups)
-    width = min(44, max((len(f"  --{k}={v}") for _, rows in groups for k, v, _ in rows), default=0))
     lines = []
     for title, rows in groups:
-        if not rows:
-            continue
-        if title:
+        if rows and title:
             lines += ["", title]
-        lines += [f"{f'  --{k}={v}':<{width}}  {doc}".rstrip() for k, v, doc in rows]
+        for key, value, doc in rows:
+            lines += [f"  --{key}={value}"] + ([f"      {doc}"] if doc else [])
     return lines

@@ -106,7 +106,7 @@ class TrainPolicyHParams(HParams):
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
     rewards: RewardsHParams = field(default_factory=RewardsHParams)  # the reward: reward model and KL penalty
     ppo: PPOHParams = field(default_factory=PPOHParams)  # PPO optimisation
-    num_logged_samples: int = 4  # decoded query/response/score rows per log interval
+    num_logged_samples: int = 4  # samples.jsonl rows per logged update
 
 
 def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
