@@ -10,8 +10,8 @@
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
---run.save_dir is given). `python launch.py <subcommand> <task> x --help` lists every key with
-its value. Several processes: `torchrun --nproc_per_node N launch.py ...`.
+--run.save_dir is given). `python launch.py <subcommand> [task] --help` lists every key with
+its value and description, by section. Several processes: `torchrun --nproc_per_node N launch.py ...`.
 User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
 non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; Ctrl-C exits with
 status 130 (a training run resumes from its last checkpoint when rerun); `--debug` shows the
@@ -72,6 +72,8 @@ def trainer_hparams(subcommand: str, task: str, args: list[str]):
 
 
 def cmd_train(subcommand: str, argv: list[str]) -> None:
+    from lm_human_preferences.hparams import help_lines
+
     p = argparse.ArgumentParser(prog=f"launch.py {subcommand}", add_help=False,
                                 description=f"{subcommand} <task> <experiment> [--key=value ...]")
     p.add_argument("task", nargs="?")
@@ -84,8 +86,7 @@ def cmd_train(subcommand: str, argv: list[str]) -> None:
         p.print_usage()
         print(f"tasks: {', '.join(params.TASKS)}")
         print("hyperparameters (override with --key=value)" + (f" for {ns.task}:" if ns.task else ", defaults:"))
-        for k, v in hp.flat_items().items():
-            print(f"  --{k}={json.dumps(v)}")
+        print("\n".join(help_lines(hp)))
         return
     if ns.experiment is None:
         p.error("the following arguments are required: " + ("task, experiment" if ns.task is None else "experiment"))
@@ -108,7 +109,9 @@ def cmd_pipeline(argv: list[str]) -> None:
 
 def cmd_sample(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="launch.py sample",
-                                description="Continuations of prompts from a saved, converted or trained model.")
+                                description="Continuations of prompts from a saved, converted or trained model, one "
+                                            "line each: at a terminal the prompt with its continuation, piped or "
+                                            "redirected the continuation alone.")
     p.add_argument("--model", required=True, help="model directory (converted GPT-2, policy or SFT output)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--length", type=int, default=24, help="tokens to sample per continuation")
@@ -116,12 +119,15 @@ def cmd_sample(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print JSON lines {prompt, sample, continuation}")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines {prompt, sample, continuation, continuation_tokens}")
     ns = p.parse_args(argv)
     from lm_human_preferences.language.sample import sample_prompts  # checks the values, then loads
+    with_prompt = sys.stdout.isatty()  # a person reads it; a pipe or file keeps continuations alone
     for row in sample_prompts(model=ns.model, prompts=ns.prompt, length=ns.length, temperature=ns.temperature,
                               seed=ns.seed, num_samples=ns.num_samples, device=ns.device):
-        print(json.dumps(row) if ns.json else row["continuation"].replace("\n", "\\n"), flush=True)
+        text = (row["prompt"] if with_prompt else "") + row["continuation"]
+        print(json.dumps(row) if ns.json else text.replace("\n", "\\n"), flush=True)
 
 
 COMMANDS = {

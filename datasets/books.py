@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_human_preferences.language.datasets import prepare_main  # noqa: E402
+from lm_human_preferences.language.prepare import prepare_main  # noqa: E402
 
 PASSAGE_CHARS = 1000  # ~220 GPT-2 tokens: plenty for a 64-token query after dropping the first sentence
 

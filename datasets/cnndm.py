@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_human_preferences.language.datasets import clean_passage, prepare_main  # noqa: E402
+from lm_human_preferences.language.prepare import clean_passage, prepare_main  # noqa: E402
 
 # Daily Mail headers: "By . Name . PUBLISHED: . 14:11 EST, 25 October 2013 . | . UPDATED: . 15:36 EST,
 # 25 October 2013 . " or "By . Name . Last updated at 3:32 PM on 24th October 2011 . "

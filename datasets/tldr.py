@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_human_preferences.language.datasets import clean_passage, prepare_main  # noqa: E402
+from lm_human_preferences.language.prepare import clean_passage, prepare_main  # noqa: E402
 
 OAI_TLDR_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/tldr/{split}-subset.json"
 

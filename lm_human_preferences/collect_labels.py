@@ -26,10 +26,10 @@ from lm_human_preferences.runtime import Run, RunHParams
 
 @dataclass
 class CollectLabelsHParams(HParams):
-    run: RunHParams = field(default_factory=RunHParams)
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
     labeler: str = "sentiment"  # sentiment, descriptiveness or MODULE:FUNCTION (labelers.get_labeler)
-    num_labels: int = 1280
+    num_labels: int = 1280  # labels to collect, one per query
     num_responses: int = 4  # best_of_<n>
     batch_size: int = 64  # queries per sampling batch
 

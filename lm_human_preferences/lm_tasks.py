@@ -32,7 +32,7 @@ from lm_human_preferences.language.gpt import GPT, HF_NAMES
 
 @dataclass
 class PolicyHParams(HParams):
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature (also of the policy's logprobs)
     initial_model: str = ""  # a model directory, or a name under saved_models/ (e.g. gpt2)
 
     def _validate(self):
@@ -44,17 +44,17 @@ class PolicyHParams(HParams):
 class TaskHParams(HParams):
     """What the policy is asked and how its answers are cut (SPEC §4)."""
 
-    query_length: int = 64
+    query_length: int = 64  # tokens per query (padded to it)
     query_dataset: str = "books"  # a registered dataset name, or a local .txt/.jsonl file
-    query_prefix: str = ""
-    query_suffix: str = ""
-    start_text: Optional[str] = "."  # empty: keep the whole passage start
-    end_text: Optional[str] = None
-    response_length: int = 24
-    truncate_token: Optional[int] = None
-    truncate_after: int = 0
-    penalty_reward_value: float = -1.0
-    policy: PolicyHParams = field(default_factory=PolicyHParams)
+    query_prefix: str = ""  # text before each query, seen by the policy only
+    query_suffix: str = ""  # text after each query, seen by the policy only (e.g. "\n\nTL;DR:")
+    start_text: Optional[str] = "."  # a query starts after this text's first occurrence (empty: at the passage start)
+    end_text: Optional[str] = None  # a query ends after this text's last occurrence; passages without one are skipped
+    response_length: int = 24  # tokens sampled per response
+    truncate_token: Optional[int] = None  # token id ending a response (later ones become padding); None: no truncation
+    truncate_after: int = 0  # truncate_token counts only from this response position on
+    penalty_reward_value: float = -1.0  # the score of a response without truncate_token
+    policy: PolicyHParams = field(default_factory=PolicyHParams)  # the initial policy and how it samples
 
     def _validate(self):
         for key in ("query_length", "response_length"):

@@ -73,8 +73,8 @@ def evaluate(policy: Policy, ref_policy: Policy, *, score_fn, labeler, queries: 
                                         truncate_after=task.truncate_after, pad_token=encoding.padding_token)
     scores = lm_tasks.apply_penalty(score_fn(queries, shown), responses, truncate_token=task.truncate_token,
                                     truncate_after=task.truncate_after, penalty_reward_value=task.penalty_reward_value)
-    texts = [encoding.decode(r) for r in shown.tolist()]
-    gold = torch.tensor(labeler.score(texts))
+    gold = torch.tensor(labeler.score([encoding.decode(r) for r in shown.tolist()]))  # as the labels were made
+    texts = [encoding.decode(r, skip_special=True) for r in shown.tolist()]  # for the report
     kw = dict(temperature=task.policy.temperature, pad_token=encoding.padding_token)
     kl = (policy(contexts, responses, **kw).logprobs - ref_policy(contexts, responses, **kw).logprobs).sum(1)
     return {"score": float(scores.mean()), "gold": float(gold.mean()), "gold_std": float(gold.std()),
@@ -109,7 +109,10 @@ def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
 
 
 def write_report(path: Path, *, task_name: str, before: dict, after: dict, query_texts: list[str],
-                 timings: dict[str, float], reward_eval: dict, n_samples: int = 6) -> None:
+                 timings: dict[str, float | None], reward_eval: dict, reused: frozenset[str] = frozenset(),
+                 n_samples: int = 6) -> None:
+    """report.md; `timings`: seconds per stage, those in `reused` taken by the run that made its
+    output (None: unknown, e.g. a base model cached by another experiment)."""
     lines = [f"# RLHF pipeline report: {task_name}", "",
              f"Held-out queries: {len(query_texts)}. Scores are means over one sample per query.", "",
              "| policy | reward-model score | gold score (labeler) | KL to initial |", "|---|---|---|---|",
@@ -127,8 +130,18 @@ def write_report(path: Path, *, task_name: str, before: dict, after: dict, query
         lines.append(f"| {cell(query_texts[i], float('nan')).rsplit(' *(', 1)[0]} | "
                      f"{cell(before['texts'][i], before['gold_each'][i])} | {cell(after['texts'][i], after['gold_each'][i])} |")
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += [f"| {k} | {'—' if v is None else f'{v:.0f}'}{' (reused)' if k in reused else ''} |"
+              for k, v in timings.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def earlier_seconds(summary: Path) -> dict[str, float]:
+    """Seconds per stage recorded in an earlier run's summary.json ({} without one)."""
+    try:
+        seconds = json.loads(summary.read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in seconds.items() if isinstance(v, (int, float))} if isinstance(seconds, dict) else {}
 
 
 def finished(stage_dir: Path, output: Path, hp, *, inputs: tuple[Path, ...] = (),
@@ -151,7 +164,6 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     """`presets`: stage -> dotted overrides (params.PIPELINE[task]), applied before `args`."""
     per_stage, _ = split_args(args)
     root = Path(f"runs/{exp_name}")
-    timings: dict[str, float] = {}
 
     def configure(stage: str, hp):
         hp.override_from_dict(presets.get(stage, {}))
@@ -171,6 +183,16 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
     base_root = Path(policy_hp.run.save_dir or root)
     base_model = Path(policy_hp.task.policy.initial_model)
+    timings: dict[str, float | None] = {}
+    reused: set[str] = set()
+    earlier = earlier_seconds(base_root / "summary.json")
+
+    def took(stage: str, since: float, *, was_reused: bool) -> None:
+        """A reused stage keeps the time of the run that made its output (when known), not ~0 s."""
+        if was_reused:
+            reused.add(stage)
+        timings[stage] = earlier.get(stage) if was_reused else time.time() - since
+
     labels_hp.run.save_dir = str(base_root / "labels")
     labels_path = Path(labels_hp.run.save_dir) / "labels.json"
     rm_hp.run.save_dir = str(base_root / "reward_model")
@@ -193,33 +215,36 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
         finished(Path(hp.run.save_dir), Path(hp.run.save_dir) / output, hp)
     shared = (f"it is shared by every experiment of the task: delete it to pretrain again with these, or pass "
               f"--task.policy.initial_model=DIR for a base model of their own")
-    if found is not None and finished(found, found / "config.json", sft, remedy=shared):
+    base_reused = found is not None and finished(found, found / "config.json", sft, remedy=shared)
+    if base_reused:
         print0(f"[1/5] base model: reusing {found}")
     else:
         print0(f"[1/5] pretraining the base model into {base_model}")
         sft.run.save_dir = str(base_model)
         train_sft.train(sft, exp_name=f"{exp_name}/train_sft")
-    timings["pretrain"] = time.time() - t
+    took("pretrain", t, was_reused=base_reused)
 
     # 2. labels from the scripted labeler
     t = time.time()
     base = lm_tasks.resolve_model_dir(policy_hp.task.policy.initial_model) / "config.json"
-    if finished(labels_path.parent, labels_path, labels_hp, inputs=(base,)):
+    labels_reused = finished(labels_path.parent, labels_path, labels_hp, inputs=(base,))
+    if labels_reused:
         print0(f"[2/5] labels: reusing {labels_path}")
     else:
         print0("[2/5] collecting labels")
         collect_labels.train(labels_hp, exp_name=f"{exp_name}/labels")
-    timings["collect_labels"] = time.time() - t
+    took("collect_labels", t, was_reused=labels_reused)
 
     # 3. the reward model
     t = time.time()
     rm_output = Path(rm_hp.run.save_dir) / "config.json"
-    if finished(Path(rm_hp.run.save_dir), rm_output, rm_hp, inputs=(base, labels_path)):
+    rm_reused = finished(Path(rm_hp.run.save_dir), rm_output, rm_hp, inputs=(base, labels_path))
+    if rm_reused:
         print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
     else:
         print0("[3/5] training the reward model")
         train_reward.train(rm_hp, exp_name=f"{exp_name}/reward_model")
-    timings["train_reward"] = time.time() - t
+    took("train_reward", t, was_reused=rm_reused)
 
     # 4. PPO, with the labeler's gold score logged beside the reward model's
     t = time.time()
@@ -230,13 +255,14 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     def gold_stats(queries, shown):
         return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
 
-    if finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp,
-                inputs=(base, rm_output)):
+    policy_reused = finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp,
+                             inputs=(base, rm_output))
+    if policy_reused:
         print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
     else:
         print0("[4/5] training the policy with PPO")
         train_policy.train(policy_hp, exp_name=f"{exp_name}/policy", extra_stats=gold_stats)
-    timings["train_policy"] = time.time() - t
+    took("train_policy", t, was_reused=policy_reused)
 
     # 5. evaluation and report, on the first process only
     if distributed.launch_rank() != 0:
@@ -263,7 +289,8 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     reward_eval = {k: v for r in rm_final for k, v in r.items() if k.startswith("eval/")}
     report = base_root / "report.md"
     write_report(report, task_name=task_name, before=before, after=after,
-                 query_texts=[enc.decode(q) for q in queries.tolist()], timings=timings, reward_eval=reward_eval)
+                 query_texts=[enc.decode(q, skip_special=True) for q in queries.tolist()], timings=timings,
+                 reward_eval=reward_eval, reused=frozenset(reused))
     summary = {"initial": {k: before[k] for k in ("score", "gold", "kl")},
                "final": {k: after[k] for k in ("score", "gold", "kl")}, "seconds": timings}
     (base_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -48,16 +49,16 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 @dataclass
 class RunHParams(HParams):
-    seed: int = 0
-    save_dir: str = ""  # default runs/<experiment>
+    seed: int = 0  # seed of every random draw (each rank and purpose derives its own)
+    save_dir: str = ""  # the run directory (empty: runs/<experiment>)
     device: str = "auto"  # auto | cpu | cuda
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tf32: bool = True  # bf16 on CUDA: fp32 matmuls (the LM head) use TF32 tensor cores, fp32 outputs
     compile: bool = False  # torch.compile the transformer blocks of full passes (for GPUs; see GPT.compile_blocks)
-    wandb: Literal["auto", "on", "off"] = "auto"
-    log_interval: int = 1
+    wandb: Literal["auto", "on", "off"] = "auto"  # also log to wandb: auto (when installed and logged in) | on | off
+    log_interval: int = 1  # updates between rows of metrics.jsonl and samples.jsonl
     save_interval: int = 0  # updates between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     resume: str = "auto"  # auto | never (start over, dropping old checkpoints) | PATH to a checkpoint file
     data_dir: str = "datasets"  # prepared query datasets and the label cache
     skip_nonfinite: bool = False  # skip a batch with a non-finite loss or gradient instead of stopping
@@ -82,6 +83,10 @@ class RunHParams(HParams):
                                key="resume")
         if self.compile and torch_version() < (2, 5):
             raise HParamsError(f"needs torch >= 2.5 (this is {torch.__version__})", key="compile")
+        if self.wandb == "on" and importlib.util.find_spec("wandb") is None:
+            raise HParamsError("the wandb package is not installed: `pip install wandb`, or pass --run.wandb=auto "
+                               "(wandb when installed and logged in) or off; metrics.jsonl is written either way",
+                               key="wandb")
 
 
 def torch_version() -> tuple[int, int]:

@@ -45,8 +45,8 @@ StatsFn = Callable[[torch.Tensor, torch.Tensor], dict]
 
 @dataclass
 class AdaptiveKLParams(HParams):
-    target: float = 6.0
-    horizon: int = 10000  # in episodes
+    target: float = 6.0  # the KL to the initial policy (nats per response) that β steers toward
+    horizon: int = 10000  # episodes over which β closes the gap to the target
 
     def _validate(self):
         if self.horizon <= 0:
@@ -56,8 +56,8 @@ class AdaptiveKLParams(HParams):
 
 @dataclass
 class RewardsHParams(HParams):
-    kl_coef: float = 0.2
-    adaptive_kl: Optional[AdaptiveKLParams] = None
+    kl_coef: float = 0.2  # β, the weight of the KL penalty in the reward (its start under adaptive_kl)
+    adaptive_kl: Optional[AdaptiveKLParams] = None  # adapt β toward a target KL (off: β stays kl_coef)
     trained_model: Optional[str] = None  # a reward model directory (train_reward output)
     train_new_model: Optional[RewardTrainingHParams] = None  # train one first, into <run>/reward_model
     function: Optional[str] = None  # or MODULE:FUNCTION, fn(queries, responses) -> scores on texts (plugins.py)
@@ -70,18 +70,18 @@ class RewardsHParams(HParams):
 
 @dataclass
 class PPOHParams(HParams):
-    total_episodes: int = 2_000_000
+    total_episodes: int = 2_000_000  # episodes (queries answered) over the whole run
     batch_size: int = 64  # episodes per update, across all ranks
-    nminibatches: int = 1
-    noptepochs: int = 4
+    nminibatches: int = 1  # minibatches each batch is split into, per epoch
+    noptepochs: int = 4  # optimisation epochs over each batch
     micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
-    lr: float = 5e-6
-    vf_coef: float = 0.1
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = True
+    lr: float = 5e-6  # Adam learning rate, annealed linearly to 0
+    vf_coef: float = 0.1  # weight of the value loss
+    cliprange: float = 0.2  # clip range of the policy ratio
+    cliprange_value: float = 0.2  # clip range of the value prediction around its rollout value
+    gamma: float = 1.0  # discount factor
+    lam: float = 0.95  # GAE λ
+    whiten_rewards: bool = True  # whiten each batch's rewards (scale only) before GAE
     # Whitening statistics over the minibatch of every rank together (the original: each rank alone).
     whiten_across_ranks: bool = False
 
@@ -105,11 +105,11 @@ class PPOHParams(HParams):
 
 @dataclass
 class TrainPolicyHParams(HParams):
-    run: RunHParams = field(default_factory=RunHParams)
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
-    rewards: RewardsHParams = field(default_factory=RewardsHParams)
-    ppo: PPOHParams = field(default_factory=PPOHParams)
-    num_logged_samples: int = 4  # decoded query/response/score rows per log interval
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
+    rewards: RewardsHParams = field(default_factory=RewardsHParams)  # the reward: reward model and KL penalty
+    ppo: PPOHParams = field(default_factory=PPOHParams)  # PPO optimisation
+    num_logged_samples: int = 4  # samples.jsonl rows per logged update
 
 
 def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
@@ -321,9 +321,12 @@ class PPOTrainer:
         self.queries.load_state_dict(state["queries"])
 
     def sample_rows(self, data, n: int) -> list[dict]:
+        """samples.jsonl rows: query and (truncated) response as text to read (no special tokens),
+        the score, and the token ids the texts come from (padding included)."""
         dec = self.encoding.decode
-        return [{"query": dec(data["queries"][i].tolist()), "response": dec(data["shown"][i].tolist()),
-                 "score": float(data["scores"][i])} for i in range(min(n, data["queries"].shape[0]))]
+        queries, shown, scores = (data[k][:n].tolist() for k in ("queries", "shown", "scores"))
+        return [{"query": dec(q, skip_special=True), "response": dec(r, skip_special=True), "score": float(s),
+                 "query_tokens": q, "response_tokens": r} for q, r, s in zip(queries, shown, scores)]
 
     def train(self, logger) -> dict[str, float]:
         run = self.run

@@ -31,8 +31,8 @@ from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 
 @dataclass
 class LabelHParams(HParams):
-    type: str = "best_of_4"
-    num_train: int = 4992
+    type: str = "best_of_4"  # label type: best_of_N (N >= 2), scalar_rating or scalar_compare
+    num_train: int = 4992  # labels trained on (one epoch); the rest of the file is held out
     source: str = ""  # a path or URL; empty: the original's file for the task
 
     def _validate(self):
@@ -48,15 +48,15 @@ class LabelHParams(HParams):
 class RewardTrainingHParams(HParams):
     """How a reward model is trained; also the `rewards.train_new_model` section of train_policy."""
 
-    labels: LabelHParams = field(default_factory=LabelHParams)
+    labels: LabelHParams = field(default_factory=LabelHParams)  # the label file and how much of it trains
     batch_size: int = 32  # labels per step, across all ranks
     micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
-    lr: float = 5e-5
+    lr: float = 5e-5  # Adam learning rate, annealed linearly to 0
     rollout_batch_size: int = 512  # queries sampled per normalization batch, across ranks
     normalize_samples: int = 256  # samples used to estimate reward mean and std (0: off)
-    normalize_before: bool = True
-    normalize_after: bool = True
-    eval_batch_size: int = 64
+    normalize_before: bool = True  # normalize the initial policy's rewards before training (to the label type's mean, std)
+    normalize_after: bool = True  # normalize them again after training (to mean 0, std 1)
+    eval_batch_size: int = 64  # held-out labels per evaluation batch
 
     def _validate(self):
         for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
@@ -74,8 +74,8 @@ class RewardTrainingHParams(HParams):
 
 @dataclass
 class TrainRewardHParams(RewardTrainingHParams):
-    run: RunHParams = field(default_factory=RunHParams)
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
 
 
 def load_label_rows(hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, *, encoding,

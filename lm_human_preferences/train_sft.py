@@ -39,28 +39,28 @@ from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 class ModelShape(HParams):
     """The model trained from scratch when no `initial_model` is given."""
 
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    n_ctx: int = 128
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 64  # width of the residual stream
+    n_ctx: int = 128  # context length in tokens
 
 
 @dataclass
 class TrainSFTHParams(HParams):
-    run: RunHParams = field(default_factory=RunHParams)
-    data: str = "offline_corpus"
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
+    data: str = "offline_corpus"  # a dataset name or file: passages (.txt, .jsonl text) or prompt/response .jsonl
     initial_model: str = ""  # a model directory; empty: from scratch with `model` and `encoding`
-    model: ModelShape = field(default_factory=ModelShape)
-    encoding: Literal["gpt2", "gpt2-subset"] = "gpt2"
+    model: ModelShape = field(default_factory=ModelShape)  # the shape of a model trained from scratch
+    encoding: Literal["gpt2", "gpt2-subset"] = "gpt2"  # from scratch; gpt2-subset: the GPT-2 tokens the data uses
     vocab_passages: int = 20000  # passages read to build a gpt2-subset vocabulary
-    seq_length: int = 64
+    seq_length: int = 64  # tokens per training row
     batch_size: int = 32  # sequences per step, across all ranks
     micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    eval_interval: int = 100
-    eval_batches: int = 4
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate: linear warmup, then cosine decay to 10%
+    warmup_steps: int = 50  # steps of linear learning-rate warmup
+    eval_interval: int = 100  # steps between held-out evaluations
+    eval_batches: int = 4  # held-out batches per evaluation
 
     def _validate(self):
         for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches"):

@@ -90,3 +90,16 @@ def test_subset_encoding_splits_like_gpt2():
     assert again.ids == sub.ids and encoding_from_meta("gpt2") is gpt2
     with pytest.raises(EncodingError):
         encoding_from_meta({"name": "nope"})
+
+
+def test_decode_for_people_drops_end_of_text_and_padding():
+    from lm_human_preferences.language.encodings import SubsetEncoding
+
+    gpt2 = get_encoding("gpt2")
+    sub = SubsetEncoding.from_texts(["the cat sat."])
+    for enc in (gpt2, sub):
+        ids = enc.encode("the cat<|endoftext|> sat.") + [enc.padding_token]
+        assert enc.decode(ids) == "the cat<|endoftext|> sat."
+        assert enc.decode(ids, skip_special=True) == "the cat sat."
+    test = get_encoding("test")  # no end-of-text token
+    assert test.decode([0, 29, 1], skip_special=True) == "ab"

@@ -396,3 +396,46 @@ def test_section_with_required_fields_cannot_default_on():
     assert Top.from_dict({"needs": {"x": 2}}).needs == Needs(x=2)
     with pytest.raises(HParamsError, match="cannot build 'needs'"):
         Top.from_dict({"needs": {}})
+
+
+# ---- descriptions (--help), read from the comments on the declarations ----
+
+@dataclass
+class Documented(HParams):
+    """A section."""
+
+    lr: float = 1e-3  # learning rate
+    # Two lines of comment
+    # above a field.
+    steps: int = 10
+    bare: int = 0
+    kl: Optional[AdaptiveKLParams] = None  # adaptive KL (text after '#' # is kept)
+
+
+@dataclass
+class MoreDocumented(Documented):
+    extra: str = "x"  # a field of the subclass
+
+
+def test_field_docs_come_from_comments_on_or_above_each_field():
+    from lm_human_preferences.hparams import field_docs
+
+    assert field_docs(MoreDocumented) == {"lr": "learning rate", "steps": "Two lines of comment above a field.",
+                                          "bare": "", "kl": "adaptive KL (text after '#' # is kept)",
+                                          "extra": "a field of the subclass"}
+
+
+def test_help_lines_group_keys_by_section_with_values_and_descriptions():
+    from lm_human_preferences.hparams import help_lines
+
+    hp = MoreDocumented()
+    hp.override_from_pair("lr", "0.5")
+    lines = help_lines(hp)
+    assert [line.split()[0] for line in lines if line.startswith("  --")] == [
+        "--lr=0.5", "--steps=10", "--bare=0", "--kl=off", "--extra=\"x\"", "--kl.target=6.0", "--kl.horizon=10000"]
+    assert lines[:4] == ["  --lr=0.5", "      learning rate", "  --steps=10", "      Two lines of comment above a field."]
+    assert "kl: adaptive KL (text after '#' # is kept) (off: --kl=on or setting any of its keys turns it on)" in lines
+    hp.override_from_pair("kl.target", "3")
+    lines = help_lines(hp)
+    assert "kl: adaptive KL (text after '#' # is kept)" in lines and "  --kl=on" in " ".join(lines)
+    assert lines[lines.index("kl: adaptive KL (text after '#' # is kept)") + 1] == "  --kl.target=3.0"

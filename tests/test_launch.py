@@ -1,6 +1,9 @@
 """The command line's answers to mistakes and to Ctrl-C: one line naming the flag or word at
 fault and exit status 2 for usage errors, 130 for an interrupt, and nothing half-done."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -75,6 +78,26 @@ def test_sample_prompt_alone_longer_than_the_context(model, capsys):
     assert err.startswith(f"error: prompt {prompt[:60]!r}... (18 tokens) + --length 1 exceeds the model's context "
                           "of 16 tokens")
     assert err.endswith("use a shorter prompt\n")
+
+
+def test_sample_shows_prompts_at_a_terminal_and_no_special_tokens(model, monkeypatch, capsys):
+    import json
+
+    from lm_human_preferences.language import sample as sampling
+
+    enc = small_encoding()
+    cat, eot = enc.encode(" cat")[0], enc.eot_token
+    monkeypatch.setattr(sampling, "sample_sequence",
+                        lambda gpt, context, **kw: torch.tensor([[cat, eot, cat]] * context.shape[0]))
+    args = ["--model", str(model), "--prompt", "the dog", "--length", "3", "--device", "cpu"]
+    assert sample(*args) == 0
+    assert capsys.readouterr().out == " cat cat\n"  # piped: the continuation alone
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert sample(*args) == 0
+    assert capsys.readouterr().out == "the dog cat cat\n"
+    assert sample(*args, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "the dog", "sample": 0, "continuation": " cat cat",
+                                                   "continuation_tokens": [cat, eot, cat]}
 
 
 def test_sample_warns_about_words_outside_the_vocabulary(model, capsys):
@@ -226,3 +249,51 @@ def test_sample_refuses_a_reward_model(model, tmp_path, capsys):
         lm_tasks.load_pretrained(str(model)), seed=0), encoding=small_encoding().to_meta())
     assert sample("--model", str(rm), "--prompt", "the") == 2
     assert "rm: is a reward model; start from a language model or a policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pipeline", "train_sft", "collect_labels", "train_reward", "train_policy"])
+def test_wandb_on_without_wandb_is_one_paragraph_and_writes_nothing(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    monkeypatch.chdir(tmp_path)
+    assert launch.main([command, "offline_sentiment", "x", "--run.wandb=on"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid hyperparameter 'run.wandb': the wandb package is not installed: "
+                          "`pip install wandb`, or pass --run.wandb=auto") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def trainer_sections():
+    """(dotted path, class) of every section of every trainer's hyperparameters, off ones included."""
+    import importlib
+
+    from lm_human_preferences.hparams import _field_types, _section_type
+
+    def walk(cls, path):
+        yield path, cls
+        for name, tp in _field_types(cls).items():
+            if sec := _section_type(tp):
+                yield from walk(sec, f"{path}.{name}")
+
+    for command, (module, cls) in launch.TRAINERS.items():
+        yield from walk(getattr(importlib.import_module(module), cls), command)
+
+
+def test_every_hyperparameter_of_every_trainer_has_a_description():
+    from lm_human_preferences.hparams import field_docs
+
+    missing = [f"{path}.{name} ({cls.__module__}.{cls.__name__})" for path, cls in trainer_sections()
+               for name, doc in field_docs(cls).items() if not doc]
+    assert not missing, "add a comment to the end of each field's line: " + ", ".join(missing)
+
+
+def test_help_describes_every_key_grouped_by_section(capsys):
+    assert launch.main(["train_policy", "offline_sentiment", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    ppo = lines.index("ppo: PPO optimisation")
+    episodes = launch.params.EXPERIMENTS["train_policy"]["offline_sentiment"]["ppo.total_episodes"]
+    assert lines[ppo + 1] == f"  --ppo.total_episodes={episodes}"  # the task's preset
+    assert lines[ppo + 2] == "      episodes (queries answered) over the whole run"
+    assert "rewards.adaptive_kl: adapt β toward a target KL (off: β stays kl_coef)" in out
+    described = [i for i, line in enumerate(lines) if line.startswith("  --")]
+    assert all(lines[i + 1].startswith("      ") and lines[i + 1].strip() for i in described)

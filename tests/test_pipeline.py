@@ -71,3 +71,35 @@ def test_pipeline_settings_are_checked_before_any_stage_runs(tmp_path, monkeypat
     if task == "sentiment":
         assert "pretrains a base model only for tasks with a train_sft preset" in err
     assert list(tmp_path.iterdir()) == []
+
+
+QUICK = [  # every stage runs, briefly; nothing is learnt
+    "--train_sft.steps=2", "--train_sft.batch_size=4", "--train_sft.seq_length=16", "--train_sft.eval_interval=2",
+    "--train_sft.eval_batches=1", "--train_sft.vocab_passages=200", "--train_sft.model.n_embd=16",
+    "--train_sft.model.n_head=2", "--collect_labels.num_labels=32", "--collect_labels.batch_size=32",
+    "--train_reward.labels.num_train=32", "--train_reward.batch_size=16", "--train_reward.rollout_batch_size=16",
+    "--train_reward.normalize_samples=16", "--train_reward.eval_batch_size=16",
+    "--train_policy.ppo.total_episodes=16", "--train_policy.ppo.batch_size=16",
+    "--task.response_length=4", "--task.query_length=8", "--run.wandb=off",
+]
+
+
+def test_a_rerun_keeps_the_stage_times_of_reused_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["pipeline", "offline_sentiment", "quick", "--eval_queries=8", f"--task.policy.initial_model={tmp_path}/base",
+            *QUICK]
+    assert launch.main(args) == 0
+    root = tmp_path / "runs" / "quick"
+    report = (root / "report.md").read_text()
+    times = report[report.index("## Time per stage"):]
+    first = json.loads((root / "summary.json").read_text())["seconds"]
+    assert "(reused)" not in times
+    assert launch.main(args) == 0
+    times = (root / "report.md").read_text().split("## Time per stage")[1]
+    for stage in ("pretrain", "collect_labels", "train_reward", "train_policy"):
+        assert f"| {stage} | {first[stage]:.0f} (reused) |" in times
+    again = json.loads((root / "summary.json").read_text())["seconds"]
+    assert {k: again[k] for k in first if k != "evaluate"} == {k: v for k, v in first.items() if k != "evaluate"}
+    # a base model cached by another experiment: its time is not known here
+    assert launch.main([*args[:2], "other", *args[3:]]) == 0
+    assert "| pretrain | — (reused) |" in (tmp_path / "runs" / "other" / "report.md").read_text()

@@ -196,6 +196,25 @@ def test_response_without_truncate_token_gets_the_penalty(files, tmp_path, updat
     assert [row["objective/score"] for row in metrics(tmp_path / "run")] == [-3.0, -3.0]
 
 
+def test_samples_are_text_to_read_with_their_token_ids(files, tmp_path, updates):
+    hp = hparams(files, tmp_path / "run", {"num_logged_samples": 3})
+    train_policy.train(hp, exp_name="samples", score_fn=token_score)
+    enc = tiny.small_encoding()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 1, 1, 2, 2, 2]
+    for row, q, r, score in zip(rows[3:], *(updates[1]["data"][k] for k in ("queries", "shown", "scores"))):
+        assert row["query_tokens"] == q.tolist() and row["response_tokens"] == r.tolist()
+        assert row["query"] == enc.decode(q, skip_special=True) and row["response"] == enc.decode(r, skip_special=True)
+        assert row["score"] == float(score)
+    # end-of-text is left out of the text, not out of the ids
+    eot, the = enc.eot_token, enc.encode(" the")[0]
+    data = {"queries": torch.tensor([[the, eot, files.small_pad]]), "shown": torch.tensor([[eot, the, eot]]),
+            "scores": torch.tensor([0.5])}
+    [row] = train_policy.PPOTrainer.sample_rows(SimpleNamespace(encoding=enc), data, 4)
+    assert row == {"query": " the", "response": " the", "score": 0.5, "query_tokens": [the, eot, files.small_pad],
+                   "response_tokens": [eot, the, eot]}
+
+
 def test_truncation_and_penalty_per_response(files, tmp_path, updates):
     pad, after = files.small_pad, 2
 

@@ -12,17 +12,14 @@ are read by `PassageFile`: a seeded, reshuffled-every-epoch, infinite and resuma
 ranks must read the same source with the same seed; `QueryDataset` then gives each rank its
 share of the one global query stream.
 
-The bottom of the file holds the code shared by the prep scripts (`prepare_main`).
+The prep scripts' shared code is in `language/prepare.py`; they write with `write_passages_jsonl`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import itertools
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -303,7 +300,7 @@ class QueryDataset:
         self.skipped = state["skipped"]
 
 
-# ---- shared by the prep scripts datasets/{books,cnndm,tldr}.py ----
+# ---- the prepared format PassageFile reads (written by the prep scripts, language/prepare.py) ----
 
 def write_passages_jsonl(path: str | os.PathLike, passages: Iterable[str], *, total: int | None = None) -> int:
     """Write `{"text": passage}` lines atomically (temp file in the same folder, then rename).
@@ -325,74 +322,3 @@ def write_passages_jsonl(path: str | os.PathLike, passages: Iterable[str], *, to
     finally:
         tmp.unlink(missing_ok=True)
     return count
-
-
-def clean_passage(text: str) -> str:
-    """OAI's common cleanup of downloaded text: `ftfy.fix_text` (when ftfy is installed), runs of
-    3+ newlines collapsed to one blank line, surrounding whitespace stripped."""
-    try:
-        import ftfy
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def load_rows(*, source: str | None, hub_id: str | None, hub_config: str | None = None,
-              revision: str | None = None, split: str) -> Iterable[dict]:
-    """Stream rows from a local/URL json, jsonl, parquet or txt file (`source`), else from the HF hub."""
-    from datasets import load_dataset
-
-    if source:
-        if "://" not in source and not Path(source).is_file():
-            raise FileNotFoundError(f"source file {source} does not exist")
-        suffix = Path(source.split("?")[0]).suffix
-        builder = {".parquet": "parquet", ".txt": "text"}.get(suffix, "json")
-        return load_dataset(builder, data_files=source, split="train", streaming=True)
-    try:
-        return load_dataset(hub_id, hub_config, split=split, revision=revision, streaming=True)
-    except Exception as e:
-        raise RuntimeError(
-            f"could not load {hub_id!r} (config {hub_config!r}, split {split!r}) from the Hugging Face hub: {e}\n"
-            "Try `--revision refs/convert/parquet` (the hub's parquet export), or download the data yourself "
-            "and pass it with `--source FILE`.") from e
-
-
-def prepare_main(name: str, *, default_out_dir: str | os.PathLike, hub_id: str | None, hub_config: str | None = None,
-                 default_source: str | None = None, text_field: str,
-                 to_passages: Callable[[Iterable[str]], Iterable[str]], description: str,
-                 argv: Sequence[str] | None = None) -> Path:
-    """CLI of a prep script: read rows, take `text_field`, clean with `to_passages`, write
-    `<out-dir>/<name>/<split>.jsonl`. `default_source` (may contain `{split}`) is read when
-    neither `--source` nor a hub id is given."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out-dir", default=str(default_out_dir),
-                        help="folder that receives <name>/<split>.jsonl (default: %(default)s)")
-    parser.add_argument("--split", default="train", help="split to read and to name the output file")
-    parser.add_argument("--max-examples", type=int, default=None, help="stop after this many passages")
-    parser.add_argument("--source", default=None,
-                        help="local (or URL) json/jsonl/parquet/txt file to read instead of the default source")
-    parser.add_argument("--hub-id", default=hub_id, help="Hugging Face dataset id (default: %(default)s)")
-    parser.add_argument("--hub-config", default=hub_config, help="dataset config (default: %(default)s)")
-    parser.add_argument("--revision", default=None, help="hub revision, e.g. refs/convert/parquet")
-    parser.add_argument("--text-field", default=text_field, help="field holding the text (default: %(default)s)")
-    args = parser.parse_args(argv)
-
-    if args.source is None and default_source and args.hub_id is None:
-        args.source = default_source.format(split=args.split)
-    source = args.source
-    rows = load_rows(source=source, hub_id=args.hub_id, hub_config=args.hub_config,
-                     revision=args.revision, split=args.split)
-
-    def texts() -> Iterator[str]:
-        for i, row in enumerate(rows):
-            if args.text_field not in row:
-                raise KeyError(f"row {i} of {source or args.hub_id} has no field {args.text_field!r} "
-                               f"(fields: {sorted(row)}); pass --text-field")
-            yield row[args.text_field] or ""
-
-    passages = (p for p in to_passages(texts()) if p.strip())
-    out = Path(args.out_dir) / name / f"{args.split}.jsonl"
-    count = write_passages_jsonl(out, itertools.islice(passages, args.max_examples), total=args.max_examples)
-    print(f"wrote {count} passages to {out}")
-    return out

@@ -3,6 +3,7 @@
     enc = get_encoding("gpt2")
     ids = enc.encode("Hello world")        # [15496, 995]
     enc.decode(ids)                        # "Hello world"
+    enc.decode(ids + [enc.eot_token], skip_special=True)   # "Hello world", for people to read
     enc.padding_token                      # 50259, outside the vocab (SPEC §1)
 
 The GPT-2 vocab is built from the two files OpenAI published (`vocab.bpe`, `encoder.json`),
@@ -52,10 +53,12 @@ class Encoding:
     def _decode(self, tokens: list[int]) -> str:
         raise NotImplementedError
 
-    def decode(self, tokens: Sequence[int]) -> str:
-        """Decode token ids (any int sequence or 1-d tensor); padding tokens are skipped."""
-        ids = [int(t) for t in tokens]
-        return self._decode([t for t in ids if t != self.padding_token])
+    def decode(self, tokens: Sequence[int], *, skip_special: bool = False) -> str:
+        """Decode token ids (any int sequence or 1-d tensor); padding tokens are skipped, and with
+        `skip_special` end-of-text too: text for people to read (samples, reports), where a
+        literal "<|endoftext|>" is noise."""
+        skipped = {self.padding_token, self.eot_token} if skip_special else {self.padding_token}
+        return self._decode([t for t in map(int, tokens) if t not in skipped])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]

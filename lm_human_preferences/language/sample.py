@@ -88,9 +88,11 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
                    num_samples: int = 1, device: str = "auto") -> list[dict]:
     """Continuations of text prompts from a model directory (converted GPT-2, SFT or policy).
 
-    Prompts of different lengths are left-padded with the pad token, which the model masks out
-    (positions start at each prompt's first real token), so each continuation is exactly what
-    the prompt alone would give.
+    Returns one `{prompt, sample, continuation, continuation_tokens}` per sample: the
+    continuation as text to read (without special tokens such as end-of-text) and the token
+    ids sampled. Prompts of different lengths are left-padded with the pad token, which the
+    model masks out (positions start at each prompt's first real token), so each continuation
+    is exactly what the prompt alone would give.
 
     Raises `SampleError` for arguments that cannot work (checked before the model is loaded,
     except a prompt's fit to the model's encoding and context). `model`: a directory, or a name
@@ -145,5 +147,6 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = sample_sequence(gpt, context, length=length, temperature=temperature,
                           pad_token=enc.padding_token, generator=gen)
-    return [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "continuation": enc.decode(row)}
+    return [{"prompt": prompts[i // num_samples], "sample": i % num_samples,
+             "continuation": enc.decode(row, skip_special=True), "continuation_tokens": row}
             for i, row in enumerate(out.tolist())]
