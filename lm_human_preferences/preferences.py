@@ -294,6 +294,22 @@ def _csv_rows(path: Path, text: str) -> list[tuple[str, dict]]:
     return out
 
 
+def _objects(rows: list[tuple[str, Any]], path: Path) -> list[tuple[str, dict]]:
+    if not rows:
+        raise PreferenceFileError(f"{path}: expected at least one row, got none")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise PreferenceFileError(f"{where}: expected a JSON object, got {_describe(row)}")
+    return rows
+
+
+def read_json_rows(path) -> list[tuple[str, dict]]:
+    """(where, row) for every object of a JSON-lines file (or a JSON list of objects), at least
+    one; `where` is "<file>: line N" (or "row N") for error messages."""
+    path = Path(path)
+    return _objects(_json_rows(path, _decode(path)), path)
+
+
 def read_pairs(path, *, format: str | None = None) -> list[PreferencePair]:
     """Every pair of a preference file, checked row by row. `format`: a name of FORMATS, or None
     to detect it (`.csv` files are `rlcd`; otherwise the fields of the first row decide)."""
@@ -301,12 +317,7 @@ def read_pairs(path, *, format: str | None = None) -> list[PreferencePair]:
     fmt = _get_format(format) if format else None
     text = _decode(path)
     is_csv = fmt.csv if fmt else path.suffix.lower() == ".csv"
-    rows = _csv_rows(path, text) if is_csv else _json_rows(path, text)
-    if not rows:
-        raise PreferenceFileError(f"{path}: expected at least one preference row, got none")
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise PreferenceFileError(f"{where}: expected a JSON object, got {_describe(row)}")
+    rows = _objects(_csv_rows(path, text) if is_csv else _json_rows(path, text), path)
     if fmt is None:
         fmt = FORMATS["rlcd"] if is_csv else detect_format(rows[0][1], where=rows[0][0])
     return [fmt.read_row(row, where) for where, row in rows]

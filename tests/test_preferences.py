@@ -140,7 +140,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, rows, message):
     ("instruction,input,output_1,output_2,preference\np,,a,b,3\n", r"row 1 \(line 2\), field 'preference': expected 1 or 2"),
     ("instruction,input,output_1,output_2,preference\np,,a,b,1\np,,a,b\n", r"row 2 \(line 3\): expected 5 values .* got 4"),
     ("instruction,input,output_1,output_2,preference,win2_prob\np,,a,b,1,high\n", r"row 1 \(line 2\), field 'win2_prob'"),
-    ("instruction,input,output_1,output_2,preference\n", r"expected at least one preference row"),
+    ("instruction,input,output_1,output_2,preference\n", r"expected at least one row"),
 ])
 def test_csv_errors_name_file_row_and_field(tmp_path, text, message):
     path = tmp_path / "bad.csv"
