@@ -327,8 +327,9 @@ def _check_pair(pair, where: str) -> None:
     if not isinstance(pair, PreferencePair):
         raise PreferenceFileError(f"{where}: expected a PreferencePair, got {type(pair).__name__}")
     for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(getattr(pair, field), str):
-            raise PreferenceFileError(f"{where}, field {field!r}: expected a string, got {_describe(getattr(pair, field))}")
+        value = getattr(pair, field)
+        if not isinstance(value, str):
+            raise PreferenceFileError(f"{where}, field {field!r}: expected a string, got {_describe(value)}")
     if pair.chosen_prob is not None:
         _probability(pair.chosen_prob, where, "chosen_prob")
     if not isinstance(pair.meta, dict):
