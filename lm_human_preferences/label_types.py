@@ -8,7 +8,11 @@ a reward-model loss (`loss`). The reward model is passed in as a plain function
 so label types know nothing about transformers, devices or checkpoints.
 
 Schema kinds: "tokens" (a 1-D list of token ids, pad allowed), "int" (a scalar index of one
-of the responses, in `[0, num_responses)`), "float" (a finite scalar).
+of the responses, in `[0, num_responses)`), "float" (a finite scalar), "probability" (a number
+in [0, 1]).
+
+The pairwise losses are also plain functions of reward tensors (`bradley_terry_loss`,
+`soft_label_loss`, `pairwise_accuracy`), for trainers that score pairs their own way.
 """
 
 import abc
@@ -161,16 +165,80 @@ class ScalarCompare(LabelType):
         return {"loss": F.mse_loss(predicted, difference), "accuracy": agreement.detach()}
 
 
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry loss: mean over pairs of -log σ(r_c - r_r); (B,), (B,) -> () fp32."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def soft_label_loss(rewards_1: torch.Tensor, rewards_2: torch.Tensor, win2_prob: torch.Tensor) -> torch.Tensor:
+    """Soft-label loss: binary cross-entropy with logits r_2 - r_1 and target `win2_prob`, the
+    probability that response 2 wins (RLCD's and AlpacaFarm's orientation), averaged over pairs:
+    mean(-(p log σ(r_2 - r_1) + (1 - p) log σ(r_1 - r_2))). With p = 1 it is the Bradley–Terry
+    loss of response 2 as the chosen one; (B,), (B,), (B,) -> () fp32."""
+    return F.binary_cross_entropy_with_logits(rewards_2.float() - rewards_1.float(), win2_prob.float())
+
+
+def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Share of pairs with r_c > r_r, strictly: a tie counts as wrong; (B,), (B,) -> () fp32."""
+    return (chosen_rewards > rejected_rewards).float().mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairwise(LabelType):
+    """Label type "preference": the labeler prefers `chosen` to `rejected`; the loss is
+    Bradley–Terry's, -log σ(r_c - r_r)."""
+
+    @property
+    def name(self) -> str:
+        return "preference"
+
+    @property
+    def response_fields(self) -> tuple[str, ...]:
+        return ("chosen", "rejected")
+
+    @property
+    def target_fields(self) -> dict[str, str]:
+        return {}
+
+    def loss(self, reward_fn, labels):
+        rewards = self._rewards(reward_fn, labels)  # (B, 2)
+        chosen, rejected = rewards[:, 0], rewards[:, 1]  # (B,), (B,)
+        return {"loss": bradley_terry_loss(chosen, rejected),
+                "accuracy": pairwise_accuracy(chosen, rejected).detach()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftPairwise(Pairwise):
+    """Label type "soft_preference": `chosen_prob`, the probability that `chosen` wins. The loss is
+    `soft_label_loss` with rejected as response 1, chosen as response 2 and win2_prob =
+    chosen_prob; accuracy is still the share of pairs with r_c > r_r."""
+
+    @property
+    def name(self) -> str:
+        return "soft_preference"
+
+    @property
+    def target_fields(self) -> dict[str, str]:
+        return {"chosen_prob": "probability"}
+
+    def loss(self, reward_fn, labels):
+        rewards = self._rewards(reward_fn, labels)  # (B, 2)
+        chosen, rejected = rewards[:, 0], rewards[:, 1]  # (B,), (B,)
+        return {"loss": soft_label_loss(rejected, chosen, labels["chosen_prob"]),
+                "accuracy": pairwise_accuracy(chosen, rejected).detach()}
+
+
 def get_label_type(name: str) -> LabelType:
-    """The label type named `name`: best_of_N (any integer N >= 2), scalar_rating or scalar_compare."""
+    """The label type named `name`: best_of_N (any integer N >= 2), scalar_rating, scalar_compare,
+    preference (`Pairwise`) or soft_preference (`SoftPairwise`)."""
     match = re.fullmatch(r"best_of_([1-9][0-9]*)", name)
     if match and int(match.group(1)) >= 2:
         return BestOfN(int(match.group(1)))
-    if name == "scalar_rating":
-        return ScalarRating()
-    if name == "scalar_compare":
-        return ScalarCompare()
+    named = {"scalar_rating": ScalarRating, "scalar_compare": ScalarCompare, "preference": Pairwise,
+             "soft_preference": SoftPairwise}
+    if name in named:
+        return named[name]()
     raise ValueError(
         f"unknown label type {name!r}; valid: 'best_of_N' for an integer N >= 2 "
-        "(e.g. 'best_of_4'), 'scalar_rating', 'scalar_compare'"
+        "(e.g. 'best_of_4'), 'scalar_rating', 'scalar_compare', 'preference', 'soft_preference'"
     )

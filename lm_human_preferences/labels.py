@@ -121,6 +121,10 @@ def _check_value(value, *, kind, shape, field, label_type, vocab_size, pad_token
         if not _is_finite_number(value):
             return f"expected a finite number (within float32 range), got {_describe(value)}"
         return None
+    if kind == "probability":
+        if not _is_finite_number(value) or not 0 <= value <= 1:
+            return f"expected a probability, a number in [0, 1], got {_describe(value)}"
+        return None
     raise ValueError(f"unknown schema kind {kind!r} for field {field!r}")
 
 
@@ -157,10 +161,11 @@ def _plain(value):
 
 
 def labels_to_tensors(rows: list[dict], *, label_type: LabelType) -> dict[str, torch.Tensor]:
-    """Validated rows -> batched tensors: tokens (N, L) long, int (N,) long, float (N,) float32."""
+    """Validated rows -> batched tensors: tokens (N, L) long, int (N,) long, float and probability
+    (N,) float32."""
     if not rows:
         raise ValueError("labels_to_tensors needs at least one row")
-    dtypes = {"tokens": torch.long, "int": torch.long, "float": torch.float32}
+    dtypes = {"tokens": torch.long, "int": torch.long, "float": torch.float32, "probability": torch.float32}
     return {
         field: torch.tensor([_plain(row[field]) for row in rows], dtype=dtypes[kind])
         for field, kind in label_type.field_kinds.items()

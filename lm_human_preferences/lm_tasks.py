@@ -163,6 +163,14 @@ def truncation_mask(responses: torch.Tensor, *, truncate_token: int, truncate_af
     return (hits.cumsum(dim=1) - hits) > 0  # exclusive cumsum: a hit strictly before
 
 
+def eos_mask(responses: torch.Tensor, *, eos_token: int) -> torch.Tensor:
+    """(B, Lr) bool, True up to and including the first `eos_token` of each response (all True
+    without one): what an EOS-aware response keeps. `truncate_responses(responses,
+    truncate_token=eos_token, truncate_after=0, ...)` pads the rest; the default stays the
+    original's fixed-length responses."""
+    return ~truncation_mask(responses, truncate_token=eos_token, truncate_after=0)
+
+
 def truncate_responses(responses: torch.Tensor, *, truncate_token: int | None, truncate_after: int,
                        pad_token: int) -> torch.Tensor:
     """(B, Lr): every token after the first `truncate_token` at index ≥ `truncate_after` becomes

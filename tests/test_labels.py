@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_human_preferences.label_types import BestOfN, ScalarCompare, ScalarRating
+from lm_human_preferences.label_types import BestOfN, ScalarCompare, ScalarRating, SoftPairwise
 from lm_human_preferences.labels import (
     DEFAULT_LABEL_FILES,
     OAI_LABEL_URL_BASE,
@@ -387,3 +387,19 @@ def test_labels_to_tensors_matches_rows():
     assert tensors["best"].tolist() == [0, 1]
     with pytest.raises(ValueError):
         labels_to_tensors([], label_type=BestOfN(4))
+
+
+def test_soft_pairwise_labels_round_trip_and_check_probabilities(tmp_path):
+    label_type = SoftPairwise()
+    rows = [{"query": [1, 2, 12], "chosen": [3, 12], "rejected": [4, 5], "chosen_prob": p} for p in (1, 0.75, 0.0)]
+    path = tmp_path / "soft.json"
+    write_labels(path, rows, label_type=label_type, **SIZES)
+    assert _read(path, label_type) == rows
+    tensors = labels_to_tensors(rows, label_type=label_type)
+    assert tensors["chosen_prob"].dtype == torch.float32 and tensors["chosen_prob"].tolist() == [1.0, 0.75, 0.0]
+    assert set(tensors) == {"query", "chosen", "rejected", "chosen_prob"}
+    for bad in (1.5, -0.1, "0.5", None):
+        rows[1]["chosen_prob"] = bad
+        path.write_text(json.dumps(rows))
+        with pytest.raises(LabelFileError, match=r"soft\.json: row 1, field 'chosen_prob': expected a probability"):
+            _read(path, label_type)

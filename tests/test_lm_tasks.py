@@ -2,6 +2,7 @@ import torch
 
 from lm_human_preferences.lm_tasks import (apply_penalty, format_policy_queries, response_has_truncation,
                                            truncate_responses)
+from lm_human_preferences.lm_tasks import eos_mask
 
 P = 50259  # padding token
 
@@ -62,3 +63,12 @@ def test_no_truncate_token_means_no_penalty():
     assert response_has_truncation(responses, truncate_token=None, truncate_after=0).all()
     assert torch.equal(apply_penalty(scores, responses, truncate_token=None, truncate_after=0,
                                      penalty_reward_value=-1), scores)
+
+
+def test_eos_mask_keeps_tokens_up_to_the_first_eos():
+    E = 50256
+    responses = torch.tensor([[5, E, 7, E], [E, 1, 2, 3], [1, 2, 3, 4]])
+    mask = eos_mask(responses, eos_token=E)
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, False], [True] * 4]
+    stopped = truncate_responses(responses, truncate_token=E, truncate_after=0, pad_token=P)
+    assert torch.equal(stopped, responses.masked_fill(~mask, P))

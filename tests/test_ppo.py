@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from lm_human_preferences.ppo import (
+    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     advantages_and_returns,
     entropy_from_logits,
     gae,
+    kl_estimate,
+    kl_loss,
     kl_penalty_rewards,
     linear_lr,
     logprobs_and_entropies,
@@ -373,3 +376,80 @@ def test_logits_helpers_upcast_low_precision():
     assert torch.equal(lp, ref)  # log_softmax computed after the fp32 cast
     # deterministic: same inputs -> bitwise same logprobs (ratio exactly 1 at first step)
     assert torch.equal(lp, logprobs_from_logits(logits, tokens))
+
+
+# ------------------------------------------------------------------------------------- KL estimators
+
+
+def test_kl_estimators_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -0.25]], dtype=torch.float64)
+    r = [0.5, 0.0, -0.25]  # logp - ref_logp
+    expected = {
+        "k1": r,
+        "k2": [0.5 * x * x for x in r],
+        "k3": [math.exp(-x) - 1 + x for x in r],
+        "k1_clamped": [max(x, 0.0) for x in r],
+    }
+    for name, values in expected.items():
+        torch.testing.assert_close(kl_estimate(logprobs, ref_logprobs, estimator=name),
+                                   torch.tensor([values], dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'; expected one of k1, k2, k3, k1_clamped"):
+        kl_estimate(logprobs, ref_logprobs, estimator="k4")
+    assert KL_ESTIMATORS == ("k1", "k2", "k3", "k1_clamped")
+
+
+def test_kl_estimators_agree_in_expectation():
+    """Tokens sampled from p: mean k1 and mean k3 estimate KL(p || q); k2, k3, k1_clamped are >= 0."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    tokens = torch.multinomial(p, 200000, replacement=True, generator=g)
+    logp, logq = p.log()[tokens].reshape(1, -1), q.log()[tokens].reshape(1, -1)
+    true_kl = float((p * (p.log() - q.log())).sum())
+    for name in ("k1", "k3"):
+        assert kl_estimate(logp, logq, estimator=name).mean().item() == pytest.approx(true_kl, abs=0.01)
+    for name in ("k2", "k3", "k1_clamped"):
+        assert kl_estimate(logp, logq, estimator=name).min().item() >= 0.0
+
+
+def test_kl_penalty_rewards_default_is_the_original_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    logprobs, ref_logprobs, scores = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g), torch.randn(4, generator=g)
+    rewards, non_score, kl = kl_penalty_rewards(logprobs, ref_logprobs, scores, kl_coef=0.15)
+    explicit = kl_penalty_rewards(logprobs, ref_logprobs, scores, kl_coef=0.15, estimator="k1", mask=None)
+    original_kl = logprobs - ref_logprobs
+    original = -0.15 * original_kl
+    assert torch.equal(kl, original_kl) and torch.equal(non_score, original)
+    original = original.clone()
+    original[:, -1] += scores
+    assert torch.equal(rewards, original)
+    assert all(torch.equal(x, y) for x, y in zip(explicit, (rewards, non_score, kl)))
+
+
+def test_kl_penalty_rewards_with_an_estimator_and_a_mask():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -1.0], [-0.1, -0.4, -0.2]])
+    scores = torch.tensor([3.0, -1.0])
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # row 0 ends at its second token
+    rewards, non_score, kl = kl_penalty_rewards(logprobs, ref_logprobs, scores, kl_coef=0.2, estimator="k2",
+                                                mask=mask)
+    # k2 = 0.5 * (logp - ref)^2 = [[0.125, 0, 0.125], [0, 0.02, 0.005]], zero after the mask
+    torch.testing.assert_close(kl, torch.tensor([[0.125, 0.0, 0.0], [0.0, 0.02, 0.005]]))
+    torch.testing.assert_close(non_score, -0.2 * kl)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.025, 3.0, 0.0], [0.0, -0.004, -0.001 - 1.0]]))
+
+
+def test_kl_loss_term():
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.25]], requires_grad=True)
+    ref_logprobs = torch.tensor([[-1.5, -2.0], [-0.25, -0.25]])
+    loss = kl_loss(logprobs, ref_logprobs, kl_coef=0.1, estimator="k3")
+    r = [0.5, 0.0, -0.25, 0.0]
+    assert loss.item() == pytest.approx(0.1 * sum(math.exp(-x) - 1 + x for x in r) / 4, rel=1e-6)
+    loss.backward()
+    # d/dlogp of k3 = 1 - exp(-(logp - ref)); averaged over 4 tokens, times 0.1
+    expected = torch.tensor([[1 - math.exp(-0.5), 0.0], [1 - math.exp(0.25), 0.0]]) * 0.1 / 4
+    torch.testing.assert_close(logprobs.grad, expected)
+    mask = torch.tensor([[True, False], [True, True]])
+    masked = kl_loss(logprobs, ref_logprobs, kl_coef=1.0, estimator="k1", mask=mask)
+    assert masked.item() == pytest.approx((0.5 - 0.25 + 0.0) / 3)
