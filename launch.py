@@ -149,12 +149,12 @@ def unknown_command(command: str) -> str:
     return f"error: unknown command {command!r}{hint}\ncommands: {', '.join(COMMANDS)} (see launch.py --help)"
 
 
-def print_error(message: str, *, alike: bool = False) -> None:
+def print_error(message: str, *, alike: bool = False, own: bool = False) -> None:
     """`error: message` on stderr, once for the whole job (see distributed.speaks): from rank 0,
     or from the one rank that met it, which it names."""
     from lm_human_preferences import distributed
 
-    if distributed.speaks(message, alike=alike):
+    if distributed.speaks(message, alike=alike, own=own):
         rank = distributed.launch_rank()
         print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
 
@@ -201,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(e), alike=True)
         return 3
     except RuntimeError as e:  # another rank exited or hangs: one line, not the backend's traceback
-        from lm_human_preferences.distributed import peer_failure
+        from lm_human_preferences.distributed import PeerLost, peer_failure
 
         lost = peer_failure(e)
         if debug or lost is None:
             raise
-        print_error(lost)
+        print_error(lost, own=isinstance(e, PeerLost))
         return 1
     finally:
         from lm_human_preferences.distributed import cleanup

@@ -18,11 +18,8 @@ value, so trainers call the same functions either way::
 
 ONE process group per command: the first :func:`init` creates it, later calls (each pipeline
 stage, a trainer started by another) reuse it, and the command destroys it at the end (launch.py
-does). Re-creating it hung multi-stage torchrun jobs: torchrun's rendezvous store outlives the
-group, and a new group read the old one's stale addresses. Every wait, from reaching the store
-to each collective, is bounded by ``timeout_s``. When another rank dies or hangs,
-:func:`peer_failure` turns the backend's error into one line; :func:`speaks` picks which rank
-prints an error, so that a job prints it once.
+does); every wait, from reaching the store to each collective, is bounded by ``timeout_s``.
+:func:`peer_failure` and :func:`speaks` keep a job's errors to one line each.
 
 All helpers return NEW, detached tensors (they are for statistics and control flow, not for
 autograd) on the device of their input.  Collectives must be called by every rank in the same
@@ -85,11 +82,10 @@ class PeerLost(RuntimeError):
 
 
 @dataclass
-class _Group:
-    """What this process keeps of its process group besides torch's own state."""
-
+class _Group:  # what this process keeps of its process group besides torch's own state
     store: Any  # the rendezvous store (prefixed): messages between ranks outside collectives
     timeout_s: float
+    hosts_store: bool = False  # rank 0 without a torchrun agent: the store ends with this process
     created: int = 0  # process groups this process created so far (each gets fresh store keys)
 
 
@@ -182,8 +178,8 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> Dist
 
 def _create_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
     """The process group, from the env:// rendezvous, with every wait bounded by `timeout_s`.
-    Its store keys are fresh for each group this process creates and each restart of the
-    launcher, whose store lives on between them."""
+    Store keys are fresh for each group and launcher restart: torchrun's store outlives them, and
+    a second group under the same keys read the first one's stale addresses (and hung)."""
     timeout = timedelta(seconds=timeout_s)
     attempt = f"{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}.{_group.created}"
     try:
@@ -198,6 +194,7 @@ def _create_group(backend: str, rank: int, world_size: int, timeout_s: float) ->
                        f"({_first_line(e)})") from e
     _group.store = dist.PrefixStore(f"lm_human_preferences/{attempt}", store)
     _group.timeout_s, _group.created = timeout_s, _group.created + 1
+    _group.hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
 
 def cleanup() -> None:
@@ -385,32 +382,41 @@ def peer_failure(error: BaseException) -> str | None:
     return None
 
 
-def speaks(message: str, *, alike: bool = False, wait_s: float = 5.0) -> bool:
+def _within(seconds: float, done) -> bool:
+    """Poll `done()` (a store query) for up to `seconds`: a store wait that times out logs warnings."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def speaks(message: str, *, alike: bool = False, own: bool = False, wait_s: float = 10.0) -> bool:
     """Whether this rank should print `message`, the error it stops with, so that a job prints
-    each error once.  Rank 0 always does (and tells the others through the rendezvous store).
-    Another rank does not before the process group exists (every rank is then checking the same
-    settings and files), nor when `alike` (an error every rank raises together, such as a stop on
-    a non-finite loss); otherwise it waits up to `wait_s` seconds (at most the group's timeout)
-    for rank 0's error and prints its own unless it is the same: an error only it met."""
-    rank = get_rank()
-    store = _group.store
-    if rank == 0:
-        if store is not None:
-            try:
-                store.set("error", message)
-            except RuntimeError:  # the store went away (its host died): nobody is waiting
-                pass
+    each error once.  Rank 0 always does (and tells the others through the rendezvous store), and
+    so does every rank when `own` (the ranks did not all join: each saw it its own way).  Another
+    rank does not before the process group exists (every rank is then checking the same settings
+    and files), nor when `alike` (an error every rank raises together, such as a stop on a
+    non-finite loss); otherwise it waits up to `wait_s` seconds (at most the group's timeout) for
+    rank 0's error and prints its own unless it is the same: an error only it met.  A rank 0 that
+    hosts the store (no torchrun agent) keeps it up until the others have read its error, or
+    `wait_s` seconds."""
+    if own:
         return True
-    if not _initialized() or alike:
+    rank, store, wait = get_rank(), _group.store, min(wait_s, _group.timeout_s)
+    if rank != 0 and (alike or not _initialized()):
         return False
-    if store is None:  # a group created elsewhere: no way to compare
+    if store is None:  # no process group, or one created elsewhere: nothing to compare with
         return True
-    deadline = time.monotonic() + min(wait_s, _group.timeout_s)
     try:
-        while not store.check(["error"]):  # polled: a timed-out wait would log the store's warnings
-            if time.monotonic() > deadline:
-                return True  # rank 0 said nothing in time
-            time.sleep(0.05)
-        return store.get("error").decode(errors="replace") != message
-    except RuntimeError:  # the store went away with rank 0
+        if rank == 0:
+            store.set("error", message)
+            if _group.hosts_store and not alike:
+                _within(wait, lambda: store.add("read", 0) >= get_world_size() - 1)
+            return True
+        same = _within(wait, lambda: store.check(["error"])) and store.get("error").decode(errors="replace") == message
+        store.add("read", 1)
+        return not same
+    except RuntimeError:  # the store went away with its host (rank 0, or the launcher)
         return True

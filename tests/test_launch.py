@@ -286,28 +286,51 @@ def two_ranks(cwd, rank1: str, *args: str) -> list:
 
 def outcome(proc) -> tuple[int, list[str]]:
     """Exit status, and what the process printed about errors (a traceback as `Traceback`)."""
-    err = proc.communicate(timeout=50)[1]
+    err = proc.communicate(timeout=100)[1]
     return proc.returncode, re.findall(r"error[^\n]*|Traceback", err)
 
 
 def test_under_two_ranks_an_error_is_printed_once_and_a_dead_peer_is_one_line(tmp_path):
     """A user error both ranks meet once their process group exists is printed by rank 0 alone;
-    one that only rank 1 meets, by rank 1, naming itself. When rank 1 dies or hangs, rank 0 says so in one line (no backend traceback)
-    and exits with status 1, at once or after --run.timeout_s."""
+    one that only rank 1 meets, by rank 1, naming itself. When rank 1 dies or hangs, rank 0 says
+    so in one line (no backend traceback) and exits with status 1, at once or after
+    --run.timeout_s."""
     jobs = {
-        "setting": two_ranks(tmp_path / "setting", "none", "--seq_length=64", "--run.timeout_s=60"),
-        "own": two_ranks(tmp_path / "own", "raise", "--run.timeout_s=60"),
-        "exit": two_ranks(tmp_path / "exit", "exit", "--run.timeout_s=60"),
+        "setting": two_ranks(tmp_path / "setting", "none", "--seq_length=64", "--run.timeout_s=120"),
+        "own": two_ranks(tmp_path / "own", "raise", "--run.timeout_s=120"),
+        "exit": two_ranks(tmp_path / "exit", "exit", "--run.timeout_s=120"),
         "hang": two_ranks(tmp_path / "hang", "hang", "--run.timeout_s=5"),
     }
-    try:  # each rank 0 is done well before its --run.timeout_s=60 (and the hung rank 1 is left to the end)
+    try:  # each rank 0 is done well before its --run.timeout_s=120 (and the hung rank 1 is left to the end)
         said = {case: [outcome(p) for p in (procs[:1] if case == "hang" else procs)] for case, procs in jobs.items()}
     finally:
         for procs in jobs.values():
             for p in procs:
                 p.kill()
                 p.wait()
-    assert said["setting"] == [(2, ["error: invalid hyperparameter 'seq_length': longer than the model's context (32)"]), (2, [])]
+    too_long = "error: invalid hyperparameter 'seq_length': longer than the model's context (32)"
+    assert said["setting"] == [(2, [too_long]), (2, [])]
     assert said["own"] == [(1, ["error: rank 1 exited; stopping"]), (2, ["error (rank 1): only rank 1 sees this"])]
     assert said["exit"] == [(1, ["error: rank 1 exited; stopping"]), (7, [])]
     assert said["hang"][0] == (1, ["error: rank 1 did not answer within 5 s (--run.timeout_s); stopping"])
+
+
+def test_a_rank_whose_peer_never_comes_gives_up_after_the_timeout(tmp_path):
+    """Every wait of the rendezvous is bounded by --run.timeout_s: rank 0 of 2 alone (hosting the
+    store) and rank 1 of 2 alone (with no store to reach) each stop with one line and status 1."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "train_sft", "offline_sentiment", "x",
+                               *TINY_SFT, f"--run.save_dir={tmp_path}/{rank}", "--run.timeout_s=2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_PORT": str(free_port())})
+             for rank in (0, 1)]
+    try:
+        said = [outcome(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for rank, (status, lines) in enumerate(said):
+        assert status == 1 and len(lines) == 1, said
+        who = " (rank 1)" if rank else ""
+        assert lines[0].startswith(f"error{who}: not all 2 ranks joined within 2 s (--run.timeout_s); stopping ("), said
