@@ -291,12 +291,13 @@ def outcome(proc) -> tuple[int, list[str]]:
 
 
 def test_under_two_ranks_an_error_is_printed_once_and_a_dead_peer_is_one_line(tmp_path):
-    """A user error both ranks meet once their process group exists is printed by rank 0 alone;
-    one that only rank 1 meets, by rank 1, naming itself. When rank 1 dies or hangs, rank 0 says
+    """A user error or a non-finite stop both ranks meet once their process group exists is
+    printed by rank 0 alone; a user error that only rank 1 meets, by rank 1, naming itself. When rank 1 dies or hangs, rank 0 says
     so in one line (no backend traceback) and exits with status 1, at once or after
     --run.timeout_s."""
     jobs = {
         "setting": two_ranks(tmp_path / "setting", "none", "--seq_length=64", "--run.timeout_s=120"),
+        "non-finite": two_ranks(tmp_path / "non-finite", "none", "--lr=1e30", "--run.timeout_s=120"),
         "own": two_ranks(tmp_path / "own", "raise", "--run.timeout_s=120"),
         "exit": two_ranks(tmp_path / "exit", "exit", "--run.timeout_s=120"),
         "hang": two_ranks(tmp_path / "hang", "hang", "--run.timeout_s=5"),
@@ -310,6 +311,8 @@ def test_under_two_ranks_an_error_is_printed_once_and_a_dead_peer_is_one_line(tm
                 p.wait()
     too_long = "error: invalid hyperparameter 'seq_length': longer than the model's context (32)"
     assert said["setting"] == [(2, [too_long]), (2, [])]
+    (status, lines), rank1 = said["non-finite"]
+    assert status == 3 and len(lines) == 1 and lines[0].startswith("error: step 2: non-finite") and rank1 == (3, [])
     assert said["own"] == [(1, ["error: rank 1 exited; stopping"]), (2, ["error (rank 1): only rank 1 sees this"])]
     assert said["exit"] == [(1, ["error: rank 1 exited; stopping"]), (7, [])]
     assert said["hang"][0] == (1, ["error: rank 1 did not answer within 5 s (--run.timeout_s); stopping"])
