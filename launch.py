@@ -15,7 +15,8 @@ its value and description, by section. Several processes: `torchrun --nproc_per_
 User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
 non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; Ctrl-C exits with
 status 130 (a training run resumes from its last checkpoint when rerun); `--debug` shows the
-traceback.
+traceback. Under torchrun an error is printed once (by rank 0, or by the one rank that met it),
+and a rank whose peer exited or stopped answering says so in one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -154,6 +155,16 @@ def unknown_command(command: str) -> str:
     return f"error: unknown command {command!r}{hint}\ncommands: {', '.join(COMMANDS)} (see launch.py --help)"
 
 
+def print_error(message: str, *, alike: bool = False, own: bool = False) -> None:
+    """`error: message` on stderr, once for the whole job (see distributed.speaks): from rank 0,
+    or from the one rank that met it, which it names."""
+    from lm_human_preferences import distributed
+
+    if distributed.speaks(message, alike=alike, own=own):
+        rank = distributed.launch_rank()
+        print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -174,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # faster CPU training steps; see its docstring
         COMMANDS[argv[0]](argv[1:])
     except KeyboardInterrupt:
-        # Under torchrun every process gets the signal and unwinds (trainers close their process
-        # group on the way); one line from the first is enough, and the status is not 0, so the
+        # Under torchrun every process gets the signal and unwinds (the process group is closed
+        # on the way); one line from the first is enough, and the status is not 0, so the
         # launcher reports the job as stopped.
         if debug:
             raise
@@ -188,13 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
-    except FloatingPointError as e:  # a non-finite loss or gradient stopped training
+    except FloatingPointError as e:  # a non-finite loss or gradient stopped training, on every rank alike
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e), alike=True)
         return 3
+    except RuntimeError as e:  # another rank exited or hangs: one line, not the backend's traceback
+        from lm_human_preferences.distributed import PeerLost, peer_failure
+
+        lost = peer_failure(e)
+        if debug or lost is None:
+            raise
+        print_error(lost, own=isinstance(e, PeerLost))
+        return 1
+    finally:
+        from lm_human_preferences.distributed import cleanup
+
+        cleanup()  # the command's one process group, if it made one
     return 0
 
 

@@ -16,6 +16,11 @@ value, so trainers call the same functions either way::
     finally:
         distributed.cleanup()
 
+ONE process group per command: the first :func:`init` creates it, later calls (each pipeline
+stage, a trainer started by another) reuse it, and the command destroys it at the end (launch.py
+does); every wait, from reaching the store to each collective, is bounded by ``timeout_s``.
+:func:`peer_failure` and :func:`speaks` keep a job's errors to one line each.
+
 All helpers return NEW, detached tensors (they are for statistics and control flow, not for
 autograd) on the device of their input.  Collectives must be called by every rank in the same
 order with the same shapes (and, for :func:`all_reduce_stats`, the same keys).  Nothing happens
@@ -25,6 +30,7 @@ at import time.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,6 +55,9 @@ __all__ = [
     "broadcast_object",
     "any_rank",
     "seed_for_rank",
+    "PeerLost",
+    "peer_failure",
+    "speaks",
 ]
 
 _SEED_STRIDE = 100003  # a prime, so per-rank seed streams of nearby base seeds don't collide
@@ -66,6 +75,21 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class PeerLost(RuntimeError):
+    """Another rank exited or stopped answering, so this one cannot go on."""
+
+
+@dataclass
+class _Group:  # what this process keeps of its process group besides torch's own state
+    store: Any  # the rendezvous store (prefixed): messages between ranks outside collectives
+    timeout_s: float
+    hosts_store: bool = False  # rank 0 without a torchrun agent: the store ends with this process
+    created: int = 0  # process groups this process created so far (each gets fresh store keys)
+
+
+_group = _Group(store=None, timeout_s=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,8 +144,9 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> Dist
     Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by torchrun; a plain run is rank 0 of
     1).  When ``WORLD_SIZE > 1`` and no process group exists yet, creates one (``env://``
     rendezvous via ``MASTER_ADDR``/``MASTER_PORT``) with backend NCCL for CUDA devices and gloo
-    otherwise; ``timeout_s`` bounds how long a collective may wait for a missing rank.  If a
-    process group already exists it is reused as is.
+    otherwise; ``timeout_s`` bounds every wait for a missing rank: reaching the rendezvous store,
+    all ranks joining (else :class:`PeerLost`), each collective.  If a process group already
+    exists it is reused as is, with the timeout it was created with.
 
     ``device``: ``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``"cpu"``;
     ``"cuda"`` (-> ``cuda:LOCAL_RANK``) or ``"cuda:N"``.  Asking for CUDA on a machine without
@@ -147,17 +172,36 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> Dist
     if world_size > 1 and not _initialized():
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
-        dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=timeout_s),
-        )
+        _create_group("nccl" if dev.type == "cuda" else "gloo", rank, world_size, timeout_s)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _create_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """The process group, from the env:// rendezvous, with every wait bounded by `timeout_s`.
+    Store keys are fresh for each group and launcher restart: torchrun's store outlives them, and
+    a second group under the same keys read the first one's stale addresses (and hung)."""
+    timeout = timedelta(seconds=timeout_s)
+    attempt = f"{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}.{_group.created}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"default_pg/{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+    except RuntimeError as e:
+        if not _from_backend(e):
+            raise
+        raise PeerLost(f"not all {world_size} ranks joined within {timeout_s:g} s (--run.timeout_s); stopping "
+                       f"({_first_line(e)})") from e
+    _group.store = dist.PrefixStore(f"lm_human_preferences/{attempt}", store)
+    _group.timeout_s, _group.created = timeout_s, _group.created + 1
+    _group.hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
 
 def cleanup() -> None:
     """Destroy the process group if one exists (safe to call always, and more than once)."""
     if _initialized():
         dist.destroy_process_group()
+    _group.store = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +214,9 @@ def _initialized() -> bool:
 
 
 def get_rank() -> int:
-    """This process's rank in the process group; 0 when there is none."""
-    return dist.get_rank() if _initialized() else 0
+    """This process's rank in the process group; before one exists, the rank the launcher gave
+    it (so that a multi-rank job prints once from the start); 0 in a plain run."""
+    return dist.get_rank() if _initialized() else launch_rank()
 
 
 def get_world_size() -> int:
@@ -298,3 +343,80 @@ def any_rank(flag: bool) -> bool:
     buf = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return bool(buf.item())
+
+
+# --------------------------------------------------------------------------------------------
+# When a rank stops: what the others say, and who prints an error
+# --------------------------------------------------------------------------------------------
+
+# What gloo, NCCL and the store say when the other end of a connection went away (gloo raises
+# plain RuntimeErrors that name its source file; NCCL and the store raise DistErrors).
+_GONE = ("closed by peer", "reset by peer", "connection refused", "broken pipe", "communicator was aborted",
+         "end of file")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _from_backend(error: RuntimeError) -> bool:
+    """Whether `error` came from the store or a collective rather than from this rank's own code."""
+    return isinstance(error, dist.DistError) or any(k in str(error).lower() for k in ("gloo", "nccl", "c10d"))
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """One line for `error` when it means another rank exited or stopped answering (a
+    collective or the rendezvous failed because of it); None for any other error.  With two
+    ranks the line names the other; with more it cannot tell which rank it was."""
+    if isinstance(error, PeerLost):
+        return str(error)
+    if not (isinstance(error, RuntimeError) and _initialized() and get_world_size() > 1 and _from_backend(error)):
+        return None
+    text = str(error).lower()
+    who = f"rank {1 - get_rank()}" if get_world_size() == 2 else "another rank"
+    if any(gone in text for gone in _GONE):
+        return f"{who} exited; stopping"
+    if "timed out" in text or "timeout" in text:
+        return f"{who} did not answer within {_group.timeout_s:g} s (--run.timeout_s); stopping"
+    return None
+
+
+def _within(seconds: float, done) -> bool:
+    """Poll `done()` (a store query) for up to `seconds`: a store wait that times out logs warnings."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def speaks(message: str, *, alike: bool = False, own: bool = False, wait_s: float = 10.0) -> bool:
+    """Whether this rank should print `message`, the error it stops with, so that a job prints
+    each error once.  Rank 0 always does (and tells the others through the rendezvous store), and
+    so does every rank when `own` (the ranks did not all join: each saw it its own way).  Another
+    rank does not before the process group exists (every rank is then checking the same settings
+    and files), nor when `alike` (an error every rank raises together, such as a stop on a
+    non-finite loss); otherwise it waits up to `wait_s` seconds (at most the group's timeout) for
+    rank 0's error and prints its own unless it is the same: an error only it met.  A rank 0 that
+    hosts the store (no torchrun agent) keeps it up until the others have read its error, or
+    `wait_s` seconds."""
+    if own:
+        return True
+    rank, store, wait = get_rank(), _group.store, min(wait_s, _group.timeout_s)
+    if rank != 0 and (alike or not _initialized()):
+        return False
+    if store is None:  # no process group, or one created elsewhere: nothing to compare with
+        return True
+    try:
+        if rank == 0:
+            store.set("error", message)
+            if _group.hosts_store and not alike:
+                _within(wait, lambda: store.add("read", 0) >= get_world_size() - 1)
+            return True
+        same = _within(wait, lambda: store.check(["error"])) and store.get("error").decode(errors="replace") == message
+        store.add("read", 1)
+        return not same
+    except RuntimeError:  # the store went away with its host (rank 0, or the launcher)
+        return True

@@ -1,6 +1,10 @@
 """What every trainer process shares: ranks and devices, seeds, precision, the run directory,
 logging and resumable checkpoints. Trainers build one `Run` and ask it for these.
 
+Compute setup is the command's, not the run's: the first `Run` of a command creates the process
+group (`distributed.init`), every later one reuses it, and `Run.close` leaves it alone; the
+command destroys it once at the end (`distributed.cleanup`, which launch.py calls).
+
 Run directory (the stable contract, see the README):
     hparams.json        resolved config          metrics.jsonl   one object per logged step
     samples.jsonl       decoded samples          checkpoints/    step_000010.pt + .sha256
@@ -62,7 +66,7 @@ class RunHParams(HParams):
     resume: str = "auto"  # auto | never (start over, dropping old checkpoints) | PATH to a checkpoint file
     data_dir: str = "datasets"  # prepared query datasets and the label cache
     skip_nonfinite: bool = False  # skip a batch with a non-finite loss or gradient instead of stopping
-    timeout_s: float = 600.0  # how long a collective waits for the other ranks before failing
+    timeout_s: float = 600.0  # how long any wait for the other ranks (joining, collectives) may last
 
     def _validate(self):
         for key in ("log_interval", "keep_checkpoints"):
@@ -212,7 +216,8 @@ def load_verified(path: Path) -> dict:
 class Run:
     def __init__(self, hp: RunHParams, *, exp_name: str, config: HParams):
         self.hp, self.config = hp, config
-        self._owns_group = distributed.get_world_size() == 1  # else a caller's group is reused
+        # The command's one process group: created by its first Run, reused by every later one
+        # (pipeline stages, a trainer started by another) and destroyed when the command ends.
         self.dist = distributed.init(hp.device, timeout_s=hp.timeout_s)
         self.device = self.dist.device
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
@@ -309,8 +314,6 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
         if self.logger is not None:
             self.logger.close()
-        if self._owns_group:
-            distributed.cleanup()
 
     # ---- checkpoints ------------------------------------------------------------------
     @property

@@ -2,10 +2,14 @@
 fault and exit status 2 for usage errors, 130 for an interrupt, and nothing half-done."""
 
 import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import free_port
 
 import launch
 import tiny
@@ -15,6 +19,7 @@ from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.encodings import get_encoding
 from tiny import make_model, small_encoding
 
+ROOT = Path(__file__).resolve().parents[1]
 MISSING = "no/such/model"  # flag checks come before the model is loaded, so it is never read
 
 
@@ -297,3 +302,106 @@ def test_help_describes_every_key_grouped_by_section(capsys):
     assert "rewards.adaptive_kl: adapt β toward a target KL (off: β stays kl_coef)" in out
     described = [i for i, line in enumerate(lines) if line.startswith("  --")]
     assert all(lines[i + 1].startswith("      ") and lines[i + 1].strip() for i in described)
+
+
+# --------------------------------------------------------------------------------------------
+# Two ranks: an error is printed once, a peer's death is one line
+# --------------------------------------------------------------------------------------------
+
+TWO_RANK_CHILD = """
+import os, sys, time
+import launch
+from lm_human_preferences import distributed
+from lm_human_preferences.hparams import HParamsError
+if os.environ["RANK"] == "1" and sys.argv[1] != "none":
+    def stop(*args, **kwargs):  # where rank 1 would reduce its first training statistics
+        if sys.argv[1] == "exit":
+            os._exit(7)
+        if sys.argv[1] == "hang":
+            time.sleep(3600)
+        raise HParamsError("only rank 1 sees this")
+    distributed.all_reduce_stats = stop
+sys.exit(launch.main(sys.argv[2:]))
+"""
+TINY_SFT = ["--steps=2", "--batch_size=4", "--seq_length=16", "--eval_interval=2", "--eval_batches=1",
+            "--warmup_steps=1", "--vocab_passages=200", "--model.n_embd=16", "--model.n_head=2", "--model.n_layer=1",
+            "--model.n_ctx=32", "--run.wandb=off"]
+
+
+def test_a_flag_error_under_torchrun_is_printed_by_rank_0_alone(monkeypatch, capsys):
+    """Every rank checks the same flags before the process group exists: rank 0 speaks for all."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", ""), ("0", "error: invalid hyperparameter 'run.log_interval': must be >= 1\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert launch.main(["train_sft", "offline_sentiment", "x", "--run.log_interval=0"]) == 2
+        assert capsys.readouterr() == ("", printed)
+
+
+def two_ranks(cwd, rank1: str, *args: str) -> list:
+    """`launch.py train_sft` as ranks 0 and 1 of one job (as torchrun starts them, without its
+    agent, which would stop the survivor of a failed rank itself); rank 1 exits, hangs or raises
+    a user error of its own at its first training statistics (`rank1`), or runs as it is ("none")."""
+    cwd.mkdir()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    return [subprocess.Popen([sys.executable, "-c", TWO_RANK_CHILD, rank1, "train_sft", "offline_sentiment", "x",
+                              *TINY_SFT, f"--run.save_dir={cwd}/run", *args], cwd=cwd, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in (0, 1)]
+
+
+def outcome(proc) -> tuple[int, list[str]]:
+    """Exit status, and what the process printed about errors (a traceback as `Traceback`)."""
+    err = proc.communicate(timeout=100)[1]
+    return proc.returncode, re.findall(r"error[^\n]*|Traceback", err)
+
+
+def test_under_two_ranks_an_error_is_printed_once_and_a_dead_peer_is_one_line(tmp_path):
+    """A user error or a non-finite stop both ranks meet once their process group exists is
+    printed by rank 0 alone; a user error that only rank 1 meets, by rank 1, naming itself. When rank 1 dies or hangs, rank 0 says
+    so in one line (no backend traceback) and exits with status 1, at once or after
+    --run.timeout_s."""
+    jobs = {
+        "setting": two_ranks(tmp_path / "setting", "none", "--seq_length=64", "--run.timeout_s=120"),
+        "non-finite": two_ranks(tmp_path / "non-finite", "none", "--lr=1e30", "--run.timeout_s=120"),
+        "own": two_ranks(tmp_path / "own", "raise", "--run.timeout_s=120"),
+        "exit": two_ranks(tmp_path / "exit", "exit", "--run.timeout_s=120"),
+        "hang": two_ranks(tmp_path / "hang", "hang", "--run.timeout_s=5"),
+    }
+    try:  # each rank 0 is done well before its --run.timeout_s=120 (and the hung rank 1 is left to the end)
+        said = {case: [outcome(p) for p in (procs[:1] if case == "hang" else procs)] for case, procs in jobs.items()}
+    finally:
+        for procs in jobs.values():
+            for p in procs:
+                p.kill()
+                p.wait()
+    too_long = "error: invalid hyperparameter 'seq_length': longer than the model's context (32)"
+    assert said["setting"] == [(2, [too_long]), (2, [])]
+    (status, lines), rank1 = said["non-finite"]
+    assert status == 3 and len(lines) == 1 and lines[0].startswith("error: step 2: non-finite") and rank1 == (3, [])
+    assert said["own"] == [(1, ["error: rank 1 exited; stopping"]), (2, ["error (rank 1): only rank 1 sees this"])]
+    assert said["exit"] == [(1, ["error: rank 1 exited; stopping"]), (7, [])]
+    assert said["hang"][0] == (1, ["error: rank 1 did not answer within 5 s (--run.timeout_s); stopping"])
+
+
+def test_a_rank_whose_peer_never_comes_gives_up_after_the_timeout(tmp_path):
+    """Every wait of the rendezvous is bounded by --run.timeout_s: rank 0 of 2 alone (hosting the
+    store) and rank 1 of 2 alone (with no store to reach) each stop with one line and status 1."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "train_sft", "offline_sentiment", "x",
+                               *TINY_SFT, f"--run.save_dir={tmp_path}/{rank}", "--run.timeout_s=2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_PORT": str(free_port())})
+             for rank in (0, 1)]
+    try:
+        said = [outcome(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for rank, (status, lines) in enumerate(said):
+        assert status == 1 and len(lines) == 1, said
+        who = " (rank 1)" if rank else ""
+        assert lines[0].startswith(f"error{who}: not all 2 ranks joined within 2 s (--run.timeout_s); stopping ("), said

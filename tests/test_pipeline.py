@@ -3,10 +3,16 @@ the labeler's gold score moves the right way, and a second run reuses what exist
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from dist_utils import free_port
 
 import launch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [  # the offline presets, scaled down; robust over seeds 1-4 (gold +0.33 to +0.64)
     "--train_sft.steps=300", "--train_sft.batch_size=16", "--train_sft.seq_length=32", "--train_sft.eval_interval=300",
@@ -103,3 +109,32 @@ def test_a_rerun_keeps_the_stage_times_of_reused_stages(tmp_path, monkeypatch, c
     # a base model cached by another experiment: its time is not known here
     assert launch.main([*args[:2], "other", *args[3:]]) == 0
     assert "| pretrain | — (reused) |" in (tmp_path / "runs" / "other" / "report.md").read_text()
+
+
+TWO_RANK_TINY = [  # smaller still: only the ranks' coordination is under test
+    "--train_sft.steps=4", "--train_sft.batch_size=4", "--train_sft.seq_length=16", "--train_sft.eval_interval=4",
+    "--train_sft.eval_batches=1", "--train_sft.warmup_steps=1", "--train_sft.vocab_passages=200",
+    "--train_sft.model.n_embd=16", "--train_sft.model.n_head=2", "--train_sft.model.n_layer=1",
+    "--train_sft.model.n_ctx=32", "--collect_labels.num_labels=64", "--collect_labels.batch_size=16",
+    "--train_reward.labels.num_train=32", "--train_reward.batch_size=8", "--train_reward.rollout_batch_size=16",
+    "--train_reward.normalize_samples=32", "--train_policy.ppo.total_episodes=32", "--train_policy.ppo.batch_size=16",
+    "--train_policy.ppo.nminibatches=2", "--task.response_length=4", "--task.query_length=4", "--run.wandb=off",
+    "--run.timeout_s=30", "--eval_queries=4",
+]
+
+
+def test_two_rank_pipeline_under_torchrun_finishes_every_time(tmp_path):
+    """Under torchrun all stages share the command's one process group (a group per stage used to
+    fail or hang at a later stage's rendezvous): the 2-rank pipeline finishes run after run, with
+    every stage trained, some reused, or all reused; each stage's header is printed once, and no
+    rank prints anything of its own."""
+    for exp in ("a", "b", "b"):  # a: every stage; b: the base model reused; b again: every stage reused
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={free_port()}", str(ROOT / "launch.py"), "pipeline", "offline_sentiment",
+                               exp, f"--task.policy.initial_model={tmp_path}/base", *TWO_RANK_TINY],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=150)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        headers = [line[:5] for line in proc.stdout.splitlines() if line.startswith("[")]
+        assert headers == [f"[{i}/5]" for i in range(1, 6)], proc.stdout
+        assert "[rank" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "b" / "report.md").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_distributed
 
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.gpt import GPT, GPTConfig
@@ -89,3 +90,28 @@ def test_compile_needs_torch_2_5(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
     with pytest.raises(HParamsError, match=r"'compile': needs torch >= 2.5 \(this is 2.4.1\+cu121\)"):
         hp.validate()
+
+
+def _runs_one_after_another(rank, world_size, save_dir):
+    """Two runs in one process, as the pipeline's stages are; how many groups were created."""
+    created = []
+    init_process_group = torch.distributed.init_process_group
+
+    def counted(*args, **kwargs):
+        created.append(1)
+        return init_process_group(*args, **kwargs)
+
+    torch.distributed.init_process_group = counted
+    for name in ("first", "second"):
+        hp = RunHParams()
+        hp.override_from_dict({"device": "cpu", "wandb": "off", "save_dir": f"{save_dir}/{name}", "timeout_s": 30})
+        run = Run(hp, exp_name=name, config=hp)
+        run.start()  # a collective (barrier)
+        run.close()
+    return len(created), torch.distributed.is_initialized()
+
+
+def test_the_runs_of_one_command_share_its_process_group(tmp_path):
+    """The first run creates the process group, closing it keeps the group, and the next run uses
+    the same one: one group per command, destroyed when the command ends."""
+    assert run_distributed(_runs_one_after_another, 2, str(tmp_path), init_group=False, timeout=60) == [(1, True)] * 2
