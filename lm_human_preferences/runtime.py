@@ -35,7 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line, temp_file_beside
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import Logger, print0
@@ -64,13 +64,11 @@ class RunHParams(HParams):
     timeout_s: float = 600.0  # how long a collective waits for the other ranks before failing
 
     def _validate(self):
+        check_count(self, "seed", at_least=0, at_most=2**32 - 1)
         for key in ("log_interval", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
-        if self.save_interval < 0:
-            raise HParamsError("must be >= 0", key="save_interval")
-        if not self.timeout_s > 0:
-            raise HParamsError("must be > 0", key="timeout_s")
+            check_count(self, key)
+        check_count(self, "save_interval", at_least=0)
+        check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
             device = torch.device(self.device) if self.device != "auto" else None
         except RuntimeError:
@@ -365,7 +363,6 @@ class Run:
             if changed:
                 raise HParamsError(f"{path}: its run was started with other settings ({list_changes(changed)}); "
                                    f"rerun with those to resume it, or pass --run.resume=never to start over")
-            print0(f"resuming from {path}")
             self.resumed_from = path
             return state
         return None
@@ -383,6 +380,7 @@ class Run:
             raise CheckpointError(f"{self.resumed_from}: does not fit this run ({type(e).__name__}: {one_line(e)}); "
                                   "pass --run.resume=PATH to another checkpoint, or --run.resume=never to start "
                                   "over") from None
+        print0(f"resuming from {self.resumed_from}")
         return True
 
     def already_finished(self, output: str = "config.json") -> bool:

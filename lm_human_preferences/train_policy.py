@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from lm_human_preferences import distributed, lm_tasks, ppo
-from lm_human_preferences.hparams import HParams, HParamsError, check_number
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0, progress, summary_line
@@ -49,8 +50,7 @@ class AdaptiveKLParams(HParams):
     horizon: int = 10000  # in episodes
 
     def _validate(self):
-        if self.horizon <= 0:
-            raise HParamsError("must be > 0", key="horizon")
+        check_count(self, "horizon")
         check_number(self, "target", above=0)
 
 
@@ -84,15 +84,14 @@ class PPOHParams(HParams):
 
     def _validate(self):
         for key in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
+            check_count(self, key)
         if self.total_episodes < self.batch_size:
             raise HParamsError(f"fewer episodes than one batch ({self.batch_size})", key="total_episodes")
         if self.batch_size % self.nminibatches:
             raise HParamsError(f"batch_size={self.batch_size} is not divisible by nminibatches={self.nminibatches}",
                                key="nminibatches")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        if self.micro_batch_size is not None:  # None: no gradient accumulation
+            check_count(self, "micro_batch_size")
         check_number(self, "lr", above=0)
         for key in ("vf_coef", "cliprange", "cliprange_value"):
             check_number(self, key, at_least=0)
@@ -107,6 +106,25 @@ class TrainPolicyHParams(HParams):
     rewards: RewardsHParams = field(default_factory=RewardsHParams)
     ppo: PPOHParams = field(default_factory=PPOHParams)
     num_logged_samples: int = 4  # decoded query/response/score rows per log interval
+
+    def _validate(self):
+        check_count(self, "num_logged_samples", at_least=0)
+
+
+def check_memory(hp: TrainPolicyHParams, model: lm_tasks.PretrainedModel, run: Run) -> None:
+    """Before anything runs: a rank's sampling batch and training micro-batch must be able to fit
+    in memory (lower bounds, see `language.memory`)."""
+    config, tokens = model.gpt.config, lm_tasks.context_length(hp.task, model.encoding)
+    value_bytes = 2 if run.bf16 else 4
+    per_rank = run.per_rank(hp.ppo.batch_size, "ppo.batch_size")
+    minibatch = per_rank // hp.ppo.nminibatches
+    micro = min(hp.ppo.micro_batch_size or minibatch, minibatch)
+    lm_tasks.check_memory(run.device, [
+        ("ppo.batch_size", memory.kv_cache_bytes(config, rows=per_rank, tokens=tokens, value_bytes=value_bytes),
+         f"sampling {per_rank} responses at once (a rank's share of the batch)"),
+        ("ppo.micro_batch_size" if hp.ppo.micro_batch_size else "ppo.batch_size",
+         memory.training_bytes(config, rows=micro, tokens=tokens, value_bytes=value_bytes, logits=True),
+         f"a training micro-batch of {micro} episodes (--ppo.micro_batch_size accumulates smaller ones)")])
 
 
 def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
@@ -377,6 +395,7 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
             return run.save_dir
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
+        check_memory(hp, initial, run)
         encoding = initial.encoding
         if score_fn is None:
             rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
