@@ -178,6 +178,7 @@ FLAGS = {
                           r"'ppo\.total_episodes': must be an integer >= 1 and <= 2\*\*40 \(got 10{20}\)"),
     "seed 1e23": Case(sft(**{"run.seed": "1e23"}), r"'run\.seed': must be an integer >= 0 and <= 4294967295"),
     "negative seed": Case(reward(**{"run.seed": -1}), r"'run\.seed': must be an integer >= 0"),
+    "negative thread count": Case(sft(**{"run.threads": -1}), r"'run\.threads': must be an integer >= 0"),
     "negative truncate token": Case(policy(**{"task.truncate_token": -1}), r"'task\.truncate_token': must be"),
     "negative logged samples": Case(policy(num_logged_samples=-1), r"'num_logged_samples': must be an integer >= 0"),
     "negative warmup": Case(sft(warmup_steps=-1), r"'warmup_steps': must be an integer >= 0"),
