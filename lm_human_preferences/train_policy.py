@@ -183,7 +183,8 @@ class PPOTrainer:
         if self.minibatch % self.micro:
             raise HParamsError(f"per-rank minibatch {self.minibatch} is not a multiple of {self.micro}",
                                key="ppo.micro_batch_size")
-        self.n_updates = hp.ppo.total_episodes // hp.ppo.batch_size
+        # The original's ceil_div: a last partial batch is one more update (1M / 512 -> 1954).
+        self.n_updates = -(-hp.ppo.total_episodes // hp.ppo.batch_size)
         self.update = 0
         self.pad = encoding.padding_token
 
@@ -312,6 +313,8 @@ class PPOTrainer:
         if self.extra_stats is not None:
             stats.update(self.extra_stats(data["queries"], data["shown"]))
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
+        if "ppo/val/error" in stats:  # as the original: from the averages over minibatches and ranks
+            stats["ppo/val/var_explained"] = ppo.var_explained(stats["ppo/val/error"], stats["ppo/returns/var"])
         if self.run.hp.skip_nonfinite:
             stats["run/skipped_batches"] = self.run.skipped_batches
         # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.

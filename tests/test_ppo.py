@@ -18,6 +18,7 @@ from lm_human_preferences.ppo import (
     policy_loss,
     ppo_losses,
     value_loss,
+    var_explained,
     whiten,
 )
 
@@ -373,3 +374,11 @@ def test_logits_helpers_upcast_low_precision():
     assert torch.equal(lp, ref)  # log_softmax computed after the fp32 cast
     # deterministic: same inputs -> bitwise same logprobs (ratio exactly 1 at first step)
     assert torch.equal(lp, logprobs_from_logits(logits, tokens))
+
+
+def test_var_explained_of_averages():
+    # minibatch errors 1 and 2, returns variances 1 and 4: 1 - 1.5 / 2.5 = 0.4 (a mean of the
+    # per-minibatch ratios would give (0 + 0.5) / 2 = 0.25)
+    assert var_explained((1.0 + 2.0) / 2, (1.0 + 4.0) / 2) == pytest.approx(0.4)
+    assert var_explained(0.0, 2.0) == 1.0
+    assert math.isnan(var_explained(1.0, 0.0))
