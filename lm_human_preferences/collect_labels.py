@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from lm_human_preferences import distributed, labelers, lm_tasks
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.label_types import BestOfN
+from lm_human_preferences.language import memory
 from lm_human_preferences.labels import write_labels
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.policy import Policy
@@ -41,10 +42,8 @@ class CollectLabelsHParams(HParams):
         except ValueError as e:
             raise HParamsError(str(e), key="labeler") from None
         for key in ("num_labels", "batch_size"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
-        if self.num_responses < 2:
-            raise HParamsError("must be >= 2", key="num_responses")
+            check_count(self, key)
+        check_count(self, "num_responses", at_least=2)
 
 
 @torch.no_grad()
@@ -86,6 +85,10 @@ def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
             return run.save_dir / "labels.json"
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
+        rows = hp.batch_size * hp.num_responses
+        lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
+            initial.gpt.config, rows=rows, tokens=lm_tasks.context_length(hp.task, initial.encoding),
+            value_bytes=2 if run.bf16 else 4), f"sampling {rows} responses at once ({hp.num_responses} a query)")])
         labeler = labelers.get_labeler(hp.labeler)
         out = run.save_dir / "labels.json"
         run.start()

@@ -28,6 +28,8 @@ it is off first turns it on with defaults::
 Each field's description (``--help``) is the comment at the end of its line, or the comment
 lines right above it: the declaration is the one place that says what a field means
 (:func:`field_docs`, :func:`help_lines`).
+validate() also refuses non-finite floats and ints beyond int64 in every field; sections state
+the ranges of their own fields in ``_validate`` (``check_number``, ``check_count``).
 
 String parsing: ints accept integral floats ("1e6" -> 1000000); bools accept
 true/false/1/0/yes/no/on/off in any case; containers split on commas ("" -> empty).  For
@@ -53,10 +55,14 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-__all__ = ["HParams", "HParamsError", "check_number", "field_docs", "help_lines"]
+__all__ = ["HParams", "HParamsError", "MAX_COUNT", "check_count", "check_number", "field_docs", "help_lines"]
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _NONE_STRINGS = {"", "none", "None", "null"}
+# The most episodes, steps, labels or rows any count or size option takes: far beyond any run
+# (the paper's longest: 5 * 10**6 episodes), so a larger value is a typo (an extra exponent).
+MAX_COUNT = 2**40
+_INT64 = 2**63
 
 
 def check_number(hp: HParams, key: str, *, above: float | None = None, at_least: float | None = None,
@@ -69,6 +75,24 @@ def check_number(hp: HParams, key: str, *, above: float | None = None, at_least:
     if not (math.isfinite(value) and all(test(value) for _, test in wanted)):
         raise HParamsError(f"must be a finite number {' and '.join(text for text, _ in wanted)} (got {value})",
                            key=key)
+
+
+def check_count(hp: HParams, key: str, *, at_least: int = 1, at_most: int = MAX_COUNT) -> None:
+    """An integer `hp.<key>` within [at_least, at_most] (at most MAX_COUNT), else an HParamsError."""
+    value = getattr(hp, key)
+    if not at_least <= value <= at_most:
+        most = "2**40" if at_most == MAX_COUNT else at_most
+        raise HParamsError(f"must be an integer >= {at_least} and <= {most} (got {value})", key=key)
+
+
+def _out_of_range(value: Any, tp: Any) -> str | None:
+    """Why a value of a float or int field cannot be used anywhere: not finite, or beyond int64."""
+    inner = _split_optional(tp)[0]
+    if inner is float and isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number (got {value})"
+    if inner is int and isinstance(value, int) and not -_INT64 <= value < _INT64:
+        return f"must be an integer between -2**63 and 2**63 - 1 (got {value})"
+    return None
 
 
 class HParamsError(ValueError):
@@ -272,8 +296,10 @@ class HParams:
             i += 1
 
     def validate(self, _prefix: str = "") -> None:
-        """Check every field's type, then run ``_validate`` here and in every enabled section."""
-        for name, tp in _field_types(type(self)).items():
+        """Check every field's type, run ``_validate`` (the section's own ranges), check that every
+        float is finite and every int within int64, then do the same in every enabled section."""
+        fields = _field_types(type(self))
+        for name, tp in fields.items():
             value, key = getattr(self, name), _prefix + name
             checked = _coerce(value, tp, key, parse=False)
             if checked is not value and checked != value:  # e.g. a list in a tuple field
@@ -284,7 +310,10 @@ class HParams:
             if e.key is None or not _prefix:
                 raise
             raise HParamsError(e.message, key=_prefix + e.key) from None
-        for name in _field_types(type(self)):
+        for name, tp in fields.items():
+            if problem := _out_of_range(getattr(self, name), tp):
+                raise HParamsError(problem, key=_prefix + name)
+        for name in fields:
             if isinstance(sub := getattr(self, name), HParams):
                 sub.validate(f"{_prefix}{name}.")
 

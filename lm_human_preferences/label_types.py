@@ -104,6 +104,10 @@ class BestOfN(LabelType):
         return tuple(f"sample{i}" for i in range(self.n))
 
     @property
+    def num_responses(self) -> int:  # without building n field names
+        return self.n
+
+    @property
     def target_fields(self) -> dict[str, str]:
         return {"best": "int"}
 

@@ -23,10 +23,11 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
 from lm_human_preferences.language.datasets import QueryDataset, get_passages
-from lm_human_preferences.language.encodings import Encoding, encoding_from_meta
+from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
 from lm_human_preferences.language.gpt import GPT, HF_NAMES
 
 
@@ -36,8 +37,7 @@ class PolicyHParams(HParams):
     initial_model: str = ""  # a model directory, or a name under saved_models/ (e.g. gpt2)
 
     def _validate(self):
-        if self.temperature <= 0:
-            raise HParamsError("must be > 0", key="temperature")
+        check_number(self, "temperature", above=0)
 
 
 @dataclass
@@ -58,8 +58,9 @@ class TaskHParams(HParams):
 
     def _validate(self):
         for key in ("query_length", "response_length"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
+            check_count(self, key)
+        if self.truncate_token is not None:
+            check_count(self, "truncate_token", at_least=0)
         if not 0 <= self.truncate_after <= self.response_length:
             raise HParamsError(f"must be within [0, response_length={self.response_length}]", key="truncate_after")
 
@@ -95,28 +96,44 @@ def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved
     weights = load_weights(path)
     if weights.meta.get("kind") == "reward":
         raise CheckpointError(f"{path}: is a reward model; start from a language model or a policy")
+    try:
+        encoding = encoding_from_meta(weights.meta.get("encoding"))
+    except EncodingError as e:
+        raise CheckpointError(f"{path}: cannot build the encoding its config.json names ({e})") from None
+    if encoding.n_vocab != weights.config.n_vocab:
+        raise CheckpointError(f"{path}: model vocab {weights.config.n_vocab} does not match the "
+                              f"{encoding.name!r} encoding ({encoding.n_vocab})")
     gpt = GPT(weights.config)
     trunk = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(gpt, trunk, path)
     gpt.load_state_dict(trunk)
-    encoding = encoding_from_meta(weights.meta.get("encoding"))
-    if encoding.n_vocab != weights.config.n_vocab:
-        raise CheckpointError(f"{path}: model vocab {weights.config.n_vocab} does not match the "
-                              f"{encoding.name!r} encoding ({encoding.n_vocab})")
     return PretrainedModel(gpt=gpt, encoding=encoding, path=path)
 
 
 def check_task_fits(task: TaskHParams, model: PretrainedModel) -> None:
     """The policy's context (prefix ‖ query ‖ suffix) and the response must fit the model's n_ctx."""
     enc = model.encoding
-    need = len(enc.encode(task.query_prefix)) + task.query_length + len(enc.encode(task.query_suffix)) \
-        + task.response_length
+    need = context_length(task, enc)
     if need > model.gpt.config.n_ctx:
         raise HParamsError(f"query, prefix, suffix and response take {need} tokens, more than the context of "
                            f"{model.path} ({model.gpt.config.n_ctx})", key="task.response_length")
     if task.truncate_token is not None and not 0 <= task.truncate_token < enc.n_vocab:
         raise HParamsError(f"{task.truncate_token} is not a token of {model.path}'s vocabulary (0 to "
                            f"{enc.n_vocab - 1}), so no response could ever be truncated", key="task.truncate_token")
+
+
+def check_memory(device: torch.device, needs: list[tuple[str, int, str]]) -> None:
+    """`needs`: (option, bytes, what they hold) per `language.memory`'s lower bounds. An
+    HParamsError names the first option whose batch cannot fit in `device`'s memory at all."""
+    for key, nbytes, what in needs:
+        if problem := memory.shortfall(nbytes, device, what):
+            raise HParamsError(problem, key=key)
+
+
+def context_length(task: TaskHParams, encoding: Encoding) -> int:
+    """Tokens of prefix ‖ query ‖ suffix ‖ response: what the policy's passes see."""
+    return (len(encoding.encode(task.query_prefix)) + task.query_length + len(encoding.encode(task.query_suffix))
+            + task.response_length)
 
 
 def query_dataset(task: TaskHParams, *, encoding: Encoding, data_dir: str, batch_size: int, rank: int,

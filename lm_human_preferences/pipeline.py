@@ -28,7 +28,7 @@ import torch
 import json
 
 from lm_human_preferences import collect_labels, distributed, labelers, lm_tasks, train_policy, train_reward, train_sft
-from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.hparams import MAX_COUNT, HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
@@ -172,8 +172,8 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
         return hp
 
     # Every stage's settings are checked before the first stage starts.
-    if eval_queries < 1:
-        raise HParamsError("must be >= 1", key="eval_queries")
+    if not 1 <= eval_queries <= MAX_COUNT:
+        raise HParamsError(f"must be >= 1 and <= 2**40 (got {eval_queries})", key="eval_queries")
     policy_hp = configure("train_policy", train_policy.TrainPolicyHParams())
     if policy_hp.rewards.function is not None:
         raise HParamsError("the pipeline trains the policy against the reward model it trains; run train_policy "

@@ -34,6 +34,7 @@ __all__ = [
     "FixedKLController",
     "AdaptiveKLController",
     "linear_lr",
+    "var_explained",
     "entropy_from_logits",
     "logprobs_and_entropies",
     "logprobs_from_logits",
@@ -224,6 +225,13 @@ def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return torch.where(var_target == 0, torch.full_like(ev, float("nan")), ev)
 
 
+def var_explained(error: float, returns_var: float) -> float:
+    """The original's logged ``ppo/val/var_explained``: ``1 - error / returns_var``, from the
+    value error ``mean((V - ret)^2)`` and the returns' variance, each averaged over the
+    minibatches of an update first; NaN if ``returns_var == 0``."""
+    return 1.0 - error / returns_var if returns_var else float("nan")
+
+
 def ppo_losses(
     *,
     logprobs: torch.Tensor,
@@ -259,7 +267,8 @@ def ppo_losses(
         other entry is detached: ``ppo/policy/{approxkl,clipfrac,ratio_mean[,entropy]}``,
         ``ppo/val/{clipfrac,error,vpred,mean,var,var_explained}`` (``mean``/``var`` are of the
         rollout values as in OAI; ``var_explained`` = ``1 - var(returns - values)/var(returns)``
-        with the current predictions), ``ppo/returns/{mean,var}``,
+        with the current predictions, for this minibatch alone: the trainer logs
+        :func:`var_explained` of the averages instead), ``ppo/returns/{mean,var}``,
         ``ppo/policy/advantages_{mean,var}``.
     """
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, cliprange=cliprange)

@@ -40,7 +40,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line, temp_file_beside
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import Logger, print0
@@ -67,15 +67,15 @@ class RunHParams(HParams):
     data_dir: str = "datasets"  # prepared query datasets and the label cache
     skip_nonfinite: bool = False  # skip a batch with a non-finite loss or gradient instead of stopping
     timeout_s: float = 600.0  # how long any wait for the other ranks (joining, collectives) may last
+    threads: int = 0  # torch's CPU threads (0: its default); hparams.json records the number used
 
     def _validate(self):
+        check_count(self, "seed", at_least=0, at_most=2**32 - 1)
         for key in ("log_interval", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
-        if self.save_interval < 0:
-            raise HParamsError("must be >= 0", key="save_interval")
-        if not self.timeout_s > 0:
-            raise HParamsError("must be > 0", key="timeout_s")
+            check_count(self, key)
+        check_count(self, "save_interval", at_least=0)
+        check_count(self, "threads", at_least=0, at_most=1024)
+        check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
             device = torch.device(self.device) if self.device != "auto" else None
         except RuntimeError:
@@ -138,7 +138,7 @@ def to_floats(acc: dict[str, torch.Tensor]) -> dict[str, float]:
 # as finished, under other values of these.
 OPERATIONAL_SETTINGS = frozenset({"save_dir", "device", "dtype", "tf32", "compile", "wandb", "log_interval",
                                   "save_interval", "keep_checkpoints", "resume", "data_dir", "timeout_s",
-                                  "skip_nonfinite"})
+                                  "skip_nonfinite", "threads"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -173,6 +173,31 @@ def changed_settings(saved: Path, config: HParams) -> list[str]:
 def list_changes(changed: list[str], most: int = 4) -> str:
     """`changed_settings` output for a message: the first few, and how many more."""
     return "; ".join(changed[:most]) + (f"; and {len(changed) - most} more" if len(changed) > most else "")
+
+
+def use_threads(hp: RunHParams) -> int | None:
+    """Apply `run.threads` and record in it the number of CPU threads torch uses, which
+    hparams.json then holds (see `other_threads`). Returns the number before when it changed it
+    (`Run.close` restores it), else None."""
+    before = torch.get_num_threads()
+    if hp.threads and hp.threads != before:
+        torch.set_num_threads(hp.threads)
+    hp.threads = torch.get_num_threads()
+    return before if hp.threads != before else None
+
+
+def other_threads(checkpoint: Path, threads: int) -> str | None:
+    """A warning when `checkpoint`'s run (its hparams.json) used other than `threads` CPU threads:
+    CPU kernels split their sums by thread count, so the resumed run is not bitwise the one an
+    uninterrupted run gives (it is otherwise fine). None when they agree or are not recorded."""
+    try:
+        before = json.loads((checkpoint.parent.parent / "hparams.json").read_text())["run"]["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(before, int) or before in (0, threads):
+        return None
+    return (f"warning: {checkpoint} was written with {before} CPU threads, this process has {threads}: the "
+            f"run goes on, but not bitwise as one uninterrupted run (rerun with --run.threads={before} for that)")
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -231,6 +256,7 @@ class Run:
             # its inputs to 10 mantissa bits (bf16 has 7) but keeps fp32 sums and outputs.
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
+        self._threads_before = use_threads(hp)
         self.logger: Logger | None = None
         self.resumed_from: Path | None = None
         self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
@@ -312,6 +338,8 @@ class Run:
 
     def close(self):
         torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
         if self.logger is not None:
             self.logger.close()
 
@@ -373,7 +401,6 @@ class Run:
             if changed:
                 raise HParamsError(f"{path}: its run was started with other settings ({list_changes(changed)}); "
                                    f"rerun with those to resume it, or pass --run.resume=never to start over")
-            print0(f"resuming from {path}")
             self.resumed_from = path
             return state
         return None
@@ -391,6 +418,9 @@ class Run:
             raise CheckpointError(f"{self.resumed_from}: does not fit this run ({type(e).__name__}: {one_line(e)}); "
                                   "pass --run.resume=PATH to another checkpoint, or --run.resume=never to start "
                                   "over") from None
+        if self.device.type == "cpu" and (warning := other_threads(self.resumed_from, self.hp.threads)):
+            print0(warning, file=sys.stderr)
+        print0(f"resuming from {self.resumed_from}")
         return True
 
     def already_finished(self, output: str = "config.json") -> bool:

@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from lm_human_preferences import distributed, lm_tasks, plugins, ppo
-from lm_human_preferences.hparams import HParams, HParamsError, check_number
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0, progress, summary_line
@@ -49,8 +50,7 @@ class AdaptiveKLParams(HParams):
     horizon: int = 10000  # episodes over which β closes the gap to the target
 
     def _validate(self):
-        if self.horizon <= 0:
-            raise HParamsError("must be > 0", key="horizon")
+        check_count(self, "horizon")
         check_number(self, "target", above=0)
 
 
@@ -87,15 +87,14 @@ class PPOHParams(HParams):
 
     def _validate(self):
         for key in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
+            check_count(self, key)
         if self.total_episodes < self.batch_size:
             raise HParamsError(f"fewer episodes than one batch ({self.batch_size})", key="total_episodes")
         if self.batch_size % self.nminibatches:
             raise HParamsError(f"batch_size={self.batch_size} is not divisible by nminibatches={self.nminibatches}",
                                key="nminibatches")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        if self.micro_batch_size is not None:  # None: no gradient accumulation
+            check_count(self, "micro_batch_size")
         check_number(self, "lr", above=0)
         for key in ("vf_coef", "cliprange", "cliprange_value"):
             check_number(self, key, at_least=0)
@@ -110,6 +109,25 @@ class TrainPolicyHParams(HParams):
     rewards: RewardsHParams = field(default_factory=RewardsHParams)  # the reward: reward model and KL penalty
     ppo: PPOHParams = field(default_factory=PPOHParams)  # PPO optimisation
     num_logged_samples: int = 4  # samples.jsonl rows per logged update
+
+    def _validate(self):
+        check_count(self, "num_logged_samples", at_least=0)
+
+
+def check_memory(hp: TrainPolicyHParams, model: lm_tasks.PretrainedModel, run: Run) -> None:
+    """Before anything runs: a rank's sampling batch and training micro-batch must be able to fit
+    in memory (lower bounds, see `language.memory`)."""
+    config, tokens = model.gpt.config, lm_tasks.context_length(hp.task, model.encoding)
+    value_bytes = 2 if run.bf16 else 4
+    per_rank = run.per_rank(hp.ppo.batch_size, "ppo.batch_size")
+    minibatch = per_rank // hp.ppo.nminibatches
+    micro = min(hp.ppo.micro_batch_size or minibatch, minibatch)
+    lm_tasks.check_memory(run.device, [
+        ("ppo.batch_size", memory.kv_cache_bytes(config, rows=per_rank, tokens=tokens, value_bytes=value_bytes),
+         f"sampling {per_rank} responses at once (a rank's share of the batch)"),
+        ("ppo.micro_batch_size" if hp.ppo.micro_batch_size else "ppo.batch_size",
+         memory.training_bytes(config, rows=micro, tokens=tokens, value_bytes=value_bytes, logits=True),
+         f"a training micro-batch of {micro} episodes (--ppo.micro_batch_size accumulates smaller ones)")])
 
 
 def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
@@ -168,7 +186,8 @@ class PPOTrainer:
         if self.minibatch % self.micro:
             raise HParamsError(f"per-rank minibatch {self.minibatch} is not a multiple of {self.micro}",
                                key="ppo.micro_batch_size")
-        self.n_updates = hp.ppo.total_episodes // hp.ppo.batch_size
+        # The original's ceil_div: a last partial batch is one more update (1M / 512 -> 1954).
+        self.n_updates = -(-hp.ppo.total_episodes // hp.ppo.batch_size)
         self.update = 0
         self.pad = encoding.padding_token
 
@@ -297,6 +316,8 @@ class PPOTrainer:
         if self.extra_stats is not None:
             stats.update(self.extra_stats(data["queries"], data["shown"]))
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
+        if "ppo/val/error" in stats:  # as the original: from the averages over minibatches and ranks
+            stats["ppo/val/var_explained"] = ppo.var_explained(stats["ppo/val/error"], stats["ppo/returns/var"])
         if self.run.hp.skip_nonfinite:
             stats["run/skipped_batches"] = self.run.skipped_batches
         # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
@@ -384,6 +405,7 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
             return run.save_dir
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
+        check_memory(hp, initial, run)
         encoding = initial.encoding
         if score_fn is None and r.function:
             score_fn = plugins.text_score_fn(r.function, key="rewards.function", encoding=encoding)

@@ -20,13 +20,17 @@ from typing import Optional
 import torch
 
 from lm_human_preferences import distributed, label_types, labels, lm_tasks
-from lm_human_preferences.hparams import HParams, HParamsError, check_number
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, normalization_constants
 from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
+
+
+MAX_RESPONSES = 1024  # responses a label compares (the paper's: 4); more is no labeling task
 
 
 @dataclass
@@ -37,11 +41,12 @@ class LabelHParams(HParams):
 
     def _validate(self):
         try:
-            label_types.get_label_type(self.type)
+            label_type = label_types.get_label_type(self.type)
         except ValueError as e:
             raise HParamsError(str(e), key="type") from None
-        if self.num_train < 1:
-            raise HParamsError("must be >= 1", key="num_train")
+        if label_type.num_responses > MAX_RESPONSES:
+            raise HParamsError(f"at most {MAX_RESPONSES} responses per label", key="type")
+        check_count(self, "num_train")
 
 
 @dataclass
@@ -60,12 +65,10 @@ class RewardTrainingHParams(HParams):
 
     def _validate(self):
         for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
-        if self.normalize_samples < 0:
-            raise HParamsError("must be >= 0 (0: no normalization)", key="normalize_samples")
+            check_count(self, key)
+        if self.micro_batch_size is not None:  # None: no gradient accumulation
+            check_count(self, "micro_batch_size")
+        check_count(self, "normalize_samples", at_least=0)  # 0: no normalization
         check_number(self, "lr", above=0)
         if self.labels.num_train % self.batch_size:
             raise HParamsError(f"labels.num_train={self.labels.num_train} is not a multiple of "
@@ -76,6 +79,25 @@ class RewardTrainingHParams(HParams):
 class TrainRewardHParams(RewardTrainingHParams):
     run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
+
+
+def check_memory(hp: TrainRewardHParams, model: lm_tasks.PretrainedModel, run: Run) -> None:
+    """Before anything runs: a rank's normalization sampling batch and training micro-batch must be
+    able to fit in memory (lower bounds, see `language.memory`)."""
+    config, value_bytes = model.gpt.config, 2 if run.bf16 else 4
+    rollout = run.per_rank(hp.rollout_batch_size, "rollout_batch_size")
+    per_rank = run.per_rank(hp.batch_size, "batch_size")
+    micro = min(hp.micro_batch_size or per_rank, per_rank)
+    rows = micro * label_types.get_label_type(hp.labels.type).num_responses
+    lm_tasks.check_memory(run.device, [
+        ("rollout_batch_size", memory.kv_cache_bytes(config, rows=rollout, value_bytes=value_bytes,
+                                                     tokens=lm_tasks.context_length(hp.task, model.encoding)),
+         f"sampling {rollout} responses at once (a rank's share of the batch)"),
+        ("micro_batch_size" if hp.micro_batch_size else "batch_size",
+         memory.training_bytes(config, rows=rows, tokens=hp.task.query_length + hp.task.response_length,
+                               value_bytes=value_bytes, logits=False),
+         f"a training micro-batch of {micro} labels ({rows} responses; micro_batch_size accumulates smaller "
+         "ones)")])
 
 
 def load_label_rows(hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, *, encoding,
@@ -269,6 +291,7 @@ def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
             return run.save_dir
         initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
         lm_tasks.check_task_fits(hp.task, initial)
+        check_memory(hp, initial, run)
         encoding = initial.encoding
         label_type, rows = load_label_rows(hp, hp.task, encoding=encoding, data_dir=hp.run.data_dir)
         trainer = RewardTrainer(run=run, hp=hp, task=hp.task, encoding=encoding,

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from lm_human_preferences import distributed, lm_tasks
-from lm_human_preferences.hparams import HParams, HParamsError, check_number
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.datasets import get_passages
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
@@ -43,6 +44,12 @@ class ModelShape(HParams):
     n_head: int = 4  # attention heads per block
     n_embd: int = 64  # width of the residual stream
     n_ctx: int = 128  # context length in tokens
+
+    def _validate(self):
+        for key in ("n_layer", "n_head", "n_embd", "n_ctx"):
+            check_count(self, key)
+        if self.n_embd % self.n_head:
+            raise HParamsError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}", key="n_head")
 
 
 @dataclass
@@ -63,11 +70,11 @@ class TrainSFTHParams(HParams):
     eval_batches: int = 4  # held-out batches per evaluation
 
     def _validate(self):
-        for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches"):
-            if getattr(self, key) < 1:
-                raise HParamsError("must be >= 1", key=key)
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise HParamsError("must be >= 1 (or None: no gradient accumulation)", key="micro_batch_size")
+        for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches", "vocab_passages"):
+            check_count(self, key)
+        check_count(self, "warmup_steps", at_least=0)
+        if self.micro_batch_size is not None:  # None: no gradient accumulation
+            check_count(self, "micro_batch_size")
         check_number(self, "lr", above=0)
 
 
@@ -185,7 +192,9 @@ def read_passages(hp: TrainSFTHParams, *, split: str = "train"):
         raise HParamsError(str(e), key="data") from None
 
 
-def initial_model(hp: TrainSFTHParams) -> tuple[GPT, Encoding]:
+def initial_model(hp: TrainSFTHParams, run: Run) -> tuple[GPT, Encoding]:
+    """The model to train: `initial_model`, or a new one of shape `model` (refused before it is
+    built when it cannot fit in memory with its gradients and optimizer state)."""
     if hp.initial_model:
         pre = lm_tasks.load_pretrained(hp.initial_model)
         return pre.gpt, pre.encoding
@@ -194,9 +203,11 @@ def initial_model(hp: TrainSFTHParams) -> tuple[GPT, Encoding]:
     else:
         encoding = get_encoding(hp.encoding)
     m = hp.model
+    config = GPTConfig(n_vocab=encoding.n_vocab, n_ctx=m.n_ctx, n_embd=m.n_embd, n_head=m.n_head, n_layer=m.n_layer)
+    lm_tasks.check_memory(run.device, [("model", memory.training_parameters_bytes(config),
+                                        f"training a model of {m.n_layer} layers of width {m.n_embd}")])
     torch.manual_seed(hp.run.seed)
-    gpt = GPT(GPTConfig(n_vocab=encoding.n_vocab, n_ctx=m.n_ctx, n_embd=m.n_embd, n_head=m.n_head, n_layer=m.n_layer))
-    return gpt, encoding
+    return GPT(config), encoding
 
 
 def make_batches(hp: TrainSFTHParams, *, encoding: Encoding, run: Run, split: str, per_rank: int):
@@ -222,15 +233,20 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
     try:
         if run.already_finished():
             return run.save_dir
-        gpt, encoding = initial_model(hp)
+        gpt, encoding = initial_model(hp, run)
         if hp.seq_length > gpt.config.n_ctx:
             raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
-        model = run.place(gpt)
-        ddp_model = run.ddp(model)
         per_rank = run.per_rank(hp.batch_size, "batch_size")
         micro = min(hp.micro_batch_size or per_rank, per_rank)
         if per_rank % micro:
             raise HParamsError(f"per-rank batch {per_rank} is not a multiple of {micro}", key="micro_batch_size")
+        lm_tasks.check_memory(run.device, [(
+            "micro_batch_size" if hp.micro_batch_size else "batch_size",
+            memory.training_bytes(gpt.config, rows=micro, tokens=hp.seq_length, value_bytes=2 if run.bf16 else 4,
+                                  logits=True),
+            f"a training micro-batch of {micro} sequences (--micro_batch_size accumulates smaller ones)")])
+        model = run.place(gpt)
+        ddp_model = run.ddp(model)
         train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
         optimizer = TFAdam(model.parameters(), lr=hp.lr)
         step = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_human_preferences.language.checkpoints import CheckpointError, load_gpt, load_weights, save_model  # noqa: E402
-from lm_human_preferences.language.encodings import encoding_from_meta, get_encoding  # noqa: E402
+from lm_human_preferences.language.encodings import EncodingError, encoding_from_meta, get_encoding  # noqa: E402
 from lm_human_preferences.language.gpt import HF_NAMES  # noqa: E402
 
 HUB_IDS = {name: f"openai-community/{name}" for name in HF_NAMES}
@@ -62,7 +62,10 @@ def main(argv=None):
     if weights.meta.get("kind") == "reward":
         fail(f"{source}: is a reward model; convert a language model or a policy")
     encoding = args.encoding or weights.meta.get("encoding") or "gpt2"
-    n_vocab = encoding_from_meta(encoding).n_vocab
+    try:
+        n_vocab = encoding_from_meta(encoding).n_vocab
+    except EncodingError as e:
+        fail(f"{source}: cannot build the encoding its config.json names ({e})")
     if n_vocab != model.config.n_vocab:  # still written (its weights load), but no trainer or sampler takes it
         print(f"warning: {source}: the model has {model.config.n_vocab} tokens, its encoding {n_vocab}; training "
               f"and sampling will refuse it (pass the --encoding it was trained with)", file=sys.stderr)

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from lm_human_preferences.hparams import HParams, HParamsError
+from lm_human_preferences.hparams import HParams, HParamsError, check_count
 
 
 @dataclass
@@ -439,3 +439,47 @@ def test_help_lines_group_keys_by_section_with_values_and_descriptions():
     lines = help_lines(hp)
     assert "kl: adaptive KL (text after '#' # is kept)" in lines and "  --kl=on" in " ".join(lines)
     assert lines[lines.index("kl: adaptive KL (text after '#' # is kept)") + 1] == "  --kl.target=3.0"
+
+
+@dataclass
+class Numbers(HParams):
+    x: float = 1.0
+    maybe: Optional[float] = None
+    n: int = 1
+
+    def _validate(self):
+        check_count(self, "n")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("x", "nan", "'x': must be a finite number (got nan)"),
+    ("x", "-inf", "'x': must be a finite number (got -inf)"),
+    ("maybe", "1e400", "'maybe': must be a finite number (got inf)"),
+    ("n", "0", "'n': must be an integer >= 1 and <= 2**40 (got 0)"),
+    ("n", "1e20", "'n': must be an integer >= 1 and <= 2**40 (got 100000000000000000000)"),
+])
+def test_every_number_has_a_range(key, value, message):
+    hp = Numbers()
+    hp.override_from_pair(key, value)  # parsing accepts it; validate() refuses it
+    with pytest.raises(HParamsError) as e:
+        hp.validate()
+    assert str(e.value) == f"invalid hyperparameter {message}"
+    hp.maybe, hp.x, hp.n = None, -1e300, 2**40  # finite floats and counts up to 2**40 are fine
+    hp.validate()
+
+
+def test_ints_beyond_int64_are_refused_in_every_section():
+    @dataclass
+    class Inner(HParams):
+        seed: int = 0  # no range of its own
+
+    @dataclass
+    class Outer(HParams):
+        inner: Inner = field(default_factory=Inner)
+
+    hp = Outer()
+    hp.override_from_pair("inner.seed", str(2**63))
+    with pytest.raises(HParamsError, match=r"'inner.seed': must be an integer between -2\*\*63 and 2\*\*63 - 1"):
+        hp.validate()
+    hp.override_from_pair("inner.seed", str(-2**63))
+    hp.validate()

@@ -64,6 +64,7 @@ def test_pipeline_smoke(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("task, args, says", [
     ("offline_sentiment", ["--eval_queries=-5"], "'eval_queries': must be >= 1"),
+    ("offline_sentiment", [f"--eval_queries={2**41}"], "'eval_queries': must be >= 1 and <= 2**40 (got 2199023255552)"),
     ("offline_sentiment", ["--train_reward.batch_size=33"], "is not a multiple of batch_size=33"),
     ("sentiment", [], "model 'gpt2' not found (looked at gpt2 and saved_models/gpt2); convert it first"),
 ])

@@ -21,6 +21,7 @@ from lm_human_preferences.ppo import (
     policy_loss,
     ppo_losses,
     value_loss,
+    var_explained,
     whiten,
 )
 
@@ -453,3 +454,11 @@ def test_kl_loss_term():
     mask = torch.tensor([[True, False], [True, True]])
     masked = kl_loss(logprobs, ref_logprobs, kl_coef=1.0, estimator="k1", mask=mask)
     assert masked.item() == pytest.approx((0.5 - 0.25 + 0.0) / 3)
+
+
+def test_var_explained_of_averages():
+    # minibatch errors 1 and 2, returns variances 1 and 4: 1 - 1.5 / 2.5 = 0.4 (a mean of the
+    # per-minibatch ratios would give (0 + 0.5) / 2 = 0.25)
+    assert var_explained((1.0 + 2.0) / 2, (1.0 + 4.0) / 2) == pytest.approx(0.4)
+    assert var_explained(0.0, 2.0) == 1.0
+    assert math.isnan(var_explained(1.0, 0.0))

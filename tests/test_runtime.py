@@ -1,5 +1,6 @@
 """Process-level runtime settings made by the command line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,43 @@ def test_the_runs_of_one_command_share_its_process_group(tmp_path):
     """The first run creates the process group, closing it keeps the group, and the next run uses
     the same one: one group per command, destroyed when the command ends."""
     assert run_distributed(_runs_one_after_another, 2, str(tmp_path), init_group=False, timeout=60) == [(1, True)] * 2
+
+
+def test_hparams_json_records_the_thread_count_and_a_resume_under_another_warns(tmp_path, capsys):
+    """CPU kernels split their sums by thread count, so a resume is bitwise only under the count
+    the run had: hparams.json records it, and another count is a warning, not a refused resume."""
+    from lm_human_preferences.train_sft import TrainSFTHParams
+
+    def run_with(threads: int) -> Run:
+        config = TrainSFTHParams()
+        config.run.override_from_dict({"device": "cpu", "wandb": "off", "save_dir": str(tmp_path), "threads": threads})
+        config.validate()
+        return Run(config.run, exp_name="threads", config=config)
+
+    assert torch.get_num_threads() == 1  # conftest
+    run = run_with(2)
+    try:
+        assert torch.get_num_threads() == 2
+        run.start()
+        run.save_checkpoint(1, {"step": 1})
+    finally:
+        run.close()
+    assert torch.get_num_threads() == 1  # restored
+    assert json.loads((tmp_path / "hparams.json").read_text())["run"]["threads"] == 2
+    capsys.readouterr()
+
+    def resume(threads: int) -> str:
+        run = run_with(threads)
+        try:
+            loaded = []
+            assert run.resume(loaded.append) and loaded == [{"step": 1}]
+        finally:
+            run.close()
+        out, err = capsys.readouterr()
+        assert "resuming from" in out
+        return err
+
+    checkpoint = tmp_path / "checkpoints" / "step_000001.pt"
+    assert resume(0) == (f"warning: {checkpoint} was written with 2 CPU threads, this process has 1: the run goes "
+                         "on, but not bitwise as one uninterrupted run (rerun with --run.threads=2 for that)\n")
+    assert resume(2) == ""

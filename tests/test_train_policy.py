@@ -503,3 +503,41 @@ def test_resume_after_crash_equals_uninterrupted_run(files, tmp_path, monkeypatc
     for x, y in zip(rows_full, rows_resumed):
         assert {k: v for k, v in x.items() if not k.startswith(("time/", "elapsed/"))} == \
                {k: v for k, v in y.items() if not k.startswith(("time/", "elapsed/"))}
+
+
+# --------------------------------------------------------------------------------------------
+# The original's update count and explained variance
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_partial_last_batch_is_one_more_update_as_in_the_original(files, tmp_path):
+    """ceil_div(total_episodes, batch_size) updates (the original's nupdates): 20 episodes in
+    batches of 8 are 3 updates, and the learning rate anneals over 3: lr * (1 - k/3)."""
+    run = train_policy.train(hparams(files, tmp_path / "run", {"ppo.total_episodes": 20}), exp_name="ceil",
+                             score_fn=token_score)
+    rows = metrics(run)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["ppo/lr"] for row in rows] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rel=1e-12)
+
+
+def test_var_explained_is_the_originals_formula_over_minibatch_averages(files, tmp_path, monkeypatch):
+    """The original logs 1 - error / returns_var with each term first averaged over the update's
+    minibatches, not the mean of per-minibatch explained variances."""
+    per_minibatch = []
+    losses = ppo.ppo_losses
+
+    def spy(**kw):
+        out = losses(**kw)
+        per_minibatch.append({k: float(out[k]) for k in ("ppo/val/error", "ppo/returns/var", "ppo/val/var_explained")})
+        return out
+
+    monkeypatch.setattr(ppo, "ppo_losses", spy)
+    run = train_policy.train(hparams(files, tmp_path / "run", {"ppo.nminibatches": 4, "ppo.total_episodes": 8}),
+                             exp_name="ve", score_fn=token_score)
+    [row] = metrics(run)
+    assert len(per_minibatch) == 8  # 2 epochs of 4 minibatches
+    error = sum(m["ppo/val/error"] for m in per_minibatch) / 8
+    returns_var = sum(m["ppo/returns/var"] for m in per_minibatch) / 8
+    assert row["ppo/val/var_explained"] == pytest.approx(1 - error / returns_var, rel=1e-9)
+    mean_of_ratios = sum(m["ppo/val/var_explained"] for m in per_minibatch) / 8
+    assert abs(row["ppo/val/var_explained"] - mean_of_ratios) > 1e-3  # the two formulas differ here

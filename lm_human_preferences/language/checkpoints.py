@@ -92,12 +92,33 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path, n_head: int | None) -
         n_ctx = sd["wpe.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"{path}: no {e.args[0]} tensor; is this a GPT-2 checkpoint?") from None
-    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
+    n_layer = _n_layers(sd)
     n_head = n_head or STANDARD_N_HEAD.get(n_embd)
     if n_head is None:
         raise CheckpointError(f"{path}: cannot tell the number of heads for n_embd={n_embd}; "
                               "put the model's config.json beside it")
     return GPTConfig(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
+
+
+def _n_layers(sd: dict[str, torch.Tensor]) -> int:
+    return len({k.split(".")[1] for k in sd if k.startswith("h.")})
+
+
+def _check_config(cfg: GPTConfig, sd: dict[str, torch.Tensor], where: Path) -> None:
+    """The sizes a config file states must be positive integers, and the sizes of its weights:
+    checked before a model of those sizes is allocated (n_layer=100000 would take gigabytes)."""
+    sizes = cfg.to_dict()
+    if not all(type(v) is int and v > 0 for v in sizes.values()) or cfg.n_embd % cfg.n_head:
+        raise CheckpointError(f"{where}: bad sizes {sizes} (positive integers expected, n_embd a multiple of "
+                              "n_head)")
+    wte, wpe = sd.get("wte.weight"), sd.get("wpe.weight")
+    if wte is None or wpe is None or wte.dim() != 2 or wpe.dim() != 2:
+        raise CheckpointError(f"{where}: its weights have no wte.weight and wpe.weight matrices; "
+                              "is this a GPT-2 checkpoint?")
+    found = {"n_vocab": wte.shape[0], "n_embd": wte.shape[1], "n_ctx": wpe.shape[0], "n_layer": _n_layers(sd)}
+    wrong = [f"{k}={sizes[k]} but the weights have {v}" for k, v in found.items() if sizes[k] != v]
+    if wrong:
+        raise CheckpointError(f"{where}: does not match its weights ({'; '.join(wrong)})")
 
 
 def _from_conv1d(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -126,6 +147,7 @@ def _load_hf(path: Path) -> LoadedWeights:
     sd = _from_conv1d(_read_tensor_file(path), path)
     hf_cfg = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
     cfg = _infer_config(sd, path, hf_cfg.get("n_head"))
+    _check_config(cfg, sd, folder / CONFIG_FILE if hf_cfg else path)
     return LoadedWeights(config=cfg, trunk=sd)
 
 
@@ -157,7 +179,9 @@ def _load_tf(folder: Path) -> LoadedWeights:
         if parts[-1] == "w":
             tensor = tensor.squeeze(0)  # [1, in, out] -> [in, out]
         sd[".".join(parts[1:-1] + [names[parts[-1]]])] = tensor
-    return LoadedWeights(config=cfg, trunk=_from_conv1d(sd, folder))
+    sd = _from_conv1d(sd, folder)
+    _check_config(cfg, sd, folder / "hparams.json")
+    return LoadedWeights(config=cfg, trunk=sd)
 
 
 def _load_own(folder: Path, meta: dict) -> LoadedWeights:
@@ -166,11 +190,8 @@ def _load_own(folder: Path, meta: dict) -> LoadedWeights:
         cfg = GPTConfig.from_dict(meta["gpt"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad 'gpt' section ({e})") from None
-    sizes = cfg.to_dict()
-    if not all(type(v) is int and v > 0 for v in sizes.values()) or cfg.n_embd % cfg.n_head:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: bad 'gpt' section {sizes} (positive integers expected, "
-                              "n_embd a multiple of n_head)")
     trunk = {k: v for k, v in sd.items() if not k.startswith("heads.")}
+    _check_config(cfg, trunk, folder / CONFIG_FILE)
     heads = {k.removeprefix("heads."): v for k, v in sd.items() if k.startswith("heads.")}
     return LoadedWeights(config=cfg, trunk=trunk, heads=heads,
                          meta={k: v for k, v in meta.items() if k != "gpt"})

@@ -177,8 +177,12 @@ def encoding_from_meta(meta: str | dict | None) -> Encoding:
     if meta is None:
         return get_encoding("gpt2")
     if isinstance(meta, str):
-        return get_encoding(meta)
-    if isinstance(meta, dict) and meta.get("name") == SubsetEncoding.name and isinstance(meta.get("ids"), list):
+        try:
+            return get_encoding(meta)
+        except ValueError as e:  # a name no encoding has
+            raise EncodingError(str(e)) from None
+    if isinstance(meta, dict) and meta.get("name") == SubsetEncoding.name and isinstance(meta.get("ids"), list) \
+            and all(type(t) is int for t in meta["ids"]):
         return SubsetEncoding(meta["ids"])
     raise EncodingError(f"unknown encoding description {str(meta)[:80]!r}")
 

@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from lm_human_preferences.language import memory
+
 
 def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None = None,
                        shard: tuple[int, int] | None = None) -> torch.Tensor:
@@ -95,7 +97,8 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     is exactly what the prompt alone would give.
 
     Raises `SampleError` for arguments that cannot work (checked before the model is loaded,
-    except a prompt's fit to the model's encoding and context). `model`: a directory, or a name
+    except a prompt's fit to the model's encoding and context, and whether the batch can fit in
+    memory at all: see `language.memory`). `model`: a directory, or a name
     under saved_models/ (e.g. gpt2). A prompt that the encoding can
     only approximate (the words a gpt2-subset vocabulary lacks become its unknown token) is
     sampled anyway, with a warning on stderr.
@@ -134,6 +137,12 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
             raise SampleError(f"prompt {_short(p)} ({len(tokens)} tokens) + --length {length} exceeds the "
                               f"model's context of {n_ctx} tokens; {fix}")
         encoded[p] = tokens
+    rows = len(prompts) * num_samples
+    width = max(len(e) for e in encoded.values()) + length
+    too_big = memory.shortfall(memory.kv_cache_bytes(pretrained.gpt.config, rows=rows, tokens=width, value_bytes=4),
+                               dev, f"sampling {rows} continuations at once ({len(prompts)} prompts x {num_samples})")
+    if too_big:
+        raise SampleError(f"--num_samples {num_samples}: {too_big}")
     for p, tokens in encoded.items():  # once every prompt is known to fit
         seen = enc.decode(tokens)
         if seen != p:
