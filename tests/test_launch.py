@@ -331,7 +331,7 @@ TINY_SFT = ["--steps=2", "--batch_size=4", "--seq_length=16", "--eval_interval=2
 def test_a_flag_error_under_torchrun_is_printed_by_rank_0_alone(monkeypatch, capsys):
     """Every rank checks the same flags before the process group exists: rank 0 speaks for all."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, printed in (("1", ""), ("0", "error: invalid hyperparameter 'run.log_interval': must be >= 1\n")):
+    for rank, printed in (("1", ""), ("0", "error: invalid hyperparameter 'run.log_interval': must be an integer >= 1 and <= 2**40 (got 0)\n")):
         monkeypatch.setenv("RANK", rank)
         assert launch.main(["train_sft", "offline_sentiment", "x", "--run.log_interval=0"]) == 2
         assert capsys.readouterr() == ("", printed)
