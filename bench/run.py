@@ -467,6 +467,7 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
     memory allocated."""
     from lm_human_preferences import train_policy
     from lm_human_preferences.policy import Policy
+    from lm_human_preferences import scoring
     from lm_human_preferences.rewards import RewardModel
     from lm_human_preferences.runtime import Run
 
@@ -476,8 +477,8 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
         run = Run(hp.run, exp_name="bench_ppo", config=hp)
         try:
             reward_model = run.place(RewardModel(copy.deepcopy(gpt))).eval().requires_grad_(False)
-            score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=encoding.padding_token,
-                                                          autocast=run.autocast)
+            scorer = scoring.reward_model_scorer(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
+            score_fn = scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token, scorer=scorer)
             trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
                                               ref_policy=Policy(copy.deepcopy(gpt)), score_fn=score_fn,
                                               encoding=encoding, queries=make_queries(hp))

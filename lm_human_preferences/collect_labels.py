@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import distributed, labelers, lm_tasks
+from lm_human_preferences import distributed, labelers, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.label_types import BestOfN
 from lm_human_preferences.language import memory
@@ -62,9 +62,8 @@ def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, lab
                                                       encoding=encoding,
                                                       generator=run.generator("labels", step))  # (B*n, Lr)
             step += 1
-            shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
-                                                truncate_after=task.truncate_after, pad_token=encoding.padding_token)
-            shown = shown.view(queries.shape[0], n, -1).cpu()
+            postprocessed_responses = scoring.postprocess(responses, task=task, pad_token=encoding.padding_token)
+            shown = postprocessed_responses.view(queries.shape[0], n, -1).cpu()  # (B, n, Lr)
             for query, samples in zip(queries.cpu().tolist(), shown):
                 if len(rows) == hp.num_labels:
                     break

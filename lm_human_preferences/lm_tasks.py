@@ -25,7 +25,7 @@ import torch
 
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights
+from lm_human_preferences.language.checkpoints import CheckpointError, build_gpt, load_weights
 from lm_human_preferences.language.datasets import QueryDataset, get_passages
 from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
 from lm_human_preferences.language.gpt import GPT, HF_NAMES
@@ -103,11 +103,7 @@ def load_pretrained(name_or_path: str, *, models_dir: str | os.PathLike = "saved
     if encoding.n_vocab != weights.config.n_vocab:
         raise CheckpointError(f"{path}: model vocab {weights.config.n_vocab} does not match the "
                               f"{encoding.name!r} encoding ({encoding.n_vocab})")
-    gpt = GPT(weights.config)
-    trunk = {k: v.float() for k, v in weights.trunk.items()}
-    check_state_dict(gpt, trunk, path)
-    gpt.load_state_dict(trunk)
-    return PretrainedModel(gpt=gpt, encoding=encoding, path=path)
+    return PretrainedModel(gpt=build_gpt(weights, path), encoding=encoding, path=path)
 
 
 def check_task_fits(task: TaskHParams, model: PretrainedModel) -> None:

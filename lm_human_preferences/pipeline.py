@@ -27,7 +27,8 @@ import torch
 
 import json
 
-from lm_human_preferences import collect_labels, distributed, labelers, lm_tasks, train_policy, train_reward, train_sft
+from lm_human_preferences import (collect_labels, distributed, labelers, lm_tasks, rewards, scoring, train_policy,
+                                  train_reward, train_sft)
 from lm_human_preferences.hparams import MAX_COUNT, HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.logs import print0
@@ -61,20 +62,17 @@ def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, ref_policy: Policy, *, score_fn, labeler, queries: torch.Tensor, task, encoding,
-             device, seed: int) -> dict:
+def evaluate(policy: Policy, ref_policy: Policy, *, score_fn: scoring.ComposedScoreFn, labeler, queries: torch.Tensor,
+             task, encoding, device, seed: int) -> dict:
     """Reward-model score, gold score and KL(policy || reference) on fixed queries."""
     queries = queries.to(device)
     contexts = lm_tasks.policy_contexts(queries, task=task, encoding=encoding)
     gen = torch.Generator(device=device).manual_seed(seed)
     responses = policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
                                pad_token=encoding.padding_token, generator=gen)
-    shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
-                                        truncate_after=task.truncate_after, pad_token=encoding.padding_token)
-    scores = lm_tasks.apply_penalty(score_fn(queries, shown), responses, truncate_token=task.truncate_token,
-                                    truncate_after=task.truncate_after, penalty_reward_value=task.penalty_reward_value)
-    gold = torch.tensor(labeler.score([encoding.decode(r) for r in shown.tolist()]))  # as the labels were made
-    texts = [encoding.decode(r, skip_special=True) for r in shown.tolist()]  # for the report
+    scores, postprocessed_responses, _ = score_fn(queries, responses)
+    gold = scoring.labeler_scorer(labeler, encoding=encoding)(queries, postprocessed_responses)  # as labels were made
+    texts = [encoding.decode(r, skip_special=True) for r in postprocessed_responses.tolist()]  # for the report
     kw = dict(temperature=task.policy.temperature, pad_token=encoding.padding_token)
     kl = (policy(contexts, responses, **kw).logprobs - ref_policy(contexts, responses, **kw).logprobs).sum(1)
     return {"score": float(scores.mean()), "gold": float(gold.mean()), "gold_std": float(gold.std()),
@@ -252,8 +250,9 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     initial = lm_tasks.load_pretrained(policy_hp.task.policy.initial_model)
     enc = initial.encoding
 
-    def gold_stats(queries, shown):
-        return {"objective/gold": sum(labeler.score([enc.decode(r) for r in shown.tolist()])) / shown.shape[0]}
+    def gold_stats(queries, postprocessed_responses):
+        texts = [enc.decode(r) for r in postprocessed_responses.tolist()]
+        return {"objective/gold": sum(labeler.score(texts)) / len(texts)}
 
     policy_reused = finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp,
                              inputs=(base, rm_output))
@@ -270,9 +269,10 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
     t = time.time()
     print0("[5/5] evaluating")
     task = policy_hp.task
-    reward_model = train_policy.load_reward_model(rm_hp.run.save_dir, encoding=enc).eval()
-    score_fn = train_policy.reward_model_score_fn(reward_model, pad_token=enc.padding_token,
-                                                  autocast=lambda: torch.autocast("cpu", enabled=False))
+    reward_model = rewards.load_reward_model(rm_hp.run.save_dir, encoding=enc).eval()
+    scorer = scoring.reward_model_scorer(reward_model, pad_token=enc.padding_token,
+                                         autocast=lambda: torch.autocast("cpu", enabled=False))
+    score_fn = scoring.make_score_fn(task=task, pad_token=enc.padding_token, scorer=scorer)
     eval_task = copy.deepcopy(task)
     queries = next(lm_tasks.query_dataset(eval_task, encoding=enc, data_dir=policy_hp.run.data_dir,
                                           batch_size=eval_queries, rank=0, world_size=1, seed=EVAL_SEED))

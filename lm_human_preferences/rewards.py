@@ -12,11 +12,12 @@ Normalization (SPEC §5) sets gain and bias from statistics of raw rewards, see
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lm_human_preferences.language.checkpoints import CheckpointError
+from lm_human_preferences.language.checkpoints import CheckpointError, build_gpt, load_weights
 from lm_human_preferences.language.gpt import GPT
 
 
@@ -71,3 +72,17 @@ def normalization_constants(*, mean: float, std: float, target_mean: float, targ
     """Gain and bias mapping raw rewards of the given mean/std to the target statistics."""
     gain = target_std / std
     return gain, target_mean - gain * mean
+
+
+def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
+    """A reward model saved by `train_reward` (trunk, head, gain and bias) for a policy of `encoding`."""
+    weights = load_weights(path)
+    if weights.meta.get("kind") != "reward":
+        raise CheckpointError(f"{path}: not a reward model (kind={weights.meta.get('kind')!r}); "
+                              "train one with `launch.py train_reward`")
+    if weights.meta.get("encoding", "gpt2") != encoding.to_meta():
+        raise CheckpointError(f"{path}: the reward model and the policy use different encodings "
+                              f"({str(weights.meta.get('encoding'))[:60]} vs {str(encoding.to_meta())[:60]})")
+    model = RewardModel(build_gpt(weights, path))
+    model.load_head_state(weights.heads, path)
+    return model

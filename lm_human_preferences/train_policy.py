@@ -8,8 +8,9 @@ One update (`PPOTrainer.step`) reads like the paper:
   3. analyze: logprobs and values of the policy, logprobs of the frozen reference policy
      (full forward passes on the micro-batches the first training epoch uses, so the first
      ratio is exactly 1);
-  4. score: truncate the responses, score them (the reward model, or any `ScoreFn`), and
-     give responses without a truncation token the penalty;
+  4. score (`scoring.make_score_fn`): truncate the responses (`postprocessed_responses`), score
+     them (the reward model, a function of the user's, or any `ScoreFn`), and give responses
+     without a truncation token the penalty;
   5. rewards: -kl_coef * (logp - ref_logp) per token, plus the score on the last token;
   6. train: `noptepochs` epochs of shuffled minibatches (each split into micro-batches for
      gradient accumulation); per minibatch whiten rewards, GAE, whiten advantages;
@@ -22,26 +23,22 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from lm_human_preferences import distributed, lm_tasks, plugins, ppo
+from lm_human_preferences import distributed, lm_tasks, plugins, ppo, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import CheckpointError, check_state_dict, load_weights, save_model
-from lm_human_preferences.language.gpt import GPT
+from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress, summary_line
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Analysis, Policy
-from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.rewards import load_reward_model
 from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
 from lm_human_preferences.train_reward import RewardTrainingHParams
 
-# A score function: raw queries (B, Lq) and truncated responses (B, Lr) -> scores (B,) fp32.
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# Extra statistics to log for each rollout (e.g. a gold score): same inputs -> {name: float}.
-StatsFn = Callable[[torch.Tensor, torch.Tensor], dict]
+ScoreFn, StatsFn = scoring.ScoreFn, scoring.StatsFn  # what `train` takes in place of a reward model
 
 
 @dataclass
@@ -130,30 +127,6 @@ def check_memory(hp: TrainPolicyHParams, model: lm_tasks.PretrainedModel, run: R
          f"a training micro-batch of {micro} episodes (--ppo.micro_batch_size accumulates smaller ones)")])
 
 
-def load_reward_model(path: str | Path, *, encoding) -> RewardModel:
-    weights = load_weights(path)
-    if weights.meta.get("kind") != "reward":
-        raise CheckpointError(f"{path}: not a reward model (kind={weights.meta.get('kind')!r}); "
-                              "train one with `launch.py train_reward`")
-    if weights.meta.get("encoding", "gpt2") != encoding.to_meta():
-        raise CheckpointError(f"{path}: the reward model and the policy use different encodings "
-                              f"({str(weights.meta.get('encoding'))[:60]} vs {str(encoding.to_meta())[:60]})")
-    model = RewardModel(GPT(weights.config))
-    trunk = {k: v.float() for k, v in weights.trunk.items()}
-    check_state_dict(model.gpt, trunk, path)
-    model.gpt.load_state_dict(trunk)
-    model.load_head_state(weights.heads, path)
-    return model
-
-
-def reward_model_score_fn(reward_model: RewardModel, *, pad_token: int, autocast) -> ScoreFn:
-    @torch.no_grad()
-    def score(queries, responses):
-        with autocast():
-            return reward_model(queries, responses, pad_token=pad_token).float()
-    return score
-
-
 def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """`ppo.whiten` with mean and (biased) variance over every rank's elements."""
     s = distributed.all_reduce_sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), device=x.device)]))
@@ -165,12 +138,11 @@ def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float 
 
 class PPOTrainer:
     def __init__(self, *, run: Run, hp: TrainPolicyHParams, policy: Policy, ref_policy: Policy,
-                 score_fn: ScoreFn, encoding, queries, extra_stats: StatsFn | None = None):
+                 score_fn: scoring.ComposedScoreFn, encoding, queries):
         self.run, self.hp, self.encoding = run, hp, encoding
         self.policy = run.place(policy)
         self.ref_policy = run.place(ref_policy).eval().requires_grad_(False)
-        self.score_fn = score_fn
-        self.extra_stats = extra_stats
+        self.score_fn = score_fn  # (queries, responses) -> (scores, postprocessed responses, stats), see scoring
         self.queries = queries
         self.ddp_policy = run.ddp(self.policy)
         self.optimizer = TFAdam(self.policy.parameters(), lr=hp.ppo.lr)
@@ -233,14 +205,10 @@ class PPOTrainer:
                                             shard=(self.run.rank, self.run.world_size))  # (B, Lr)
         cur = self.analyze(self.policy, contexts, responses, order)
         ref = self.analyze(self.ref_policy, contexts, responses, order)
-        shown = lm_tasks.truncate_responses(responses, truncate_token=task.truncate_token,
-                                            truncate_after=task.truncate_after, pad_token=self.pad)
-        scores = self.score_fn(queries, shown).float()  # (B,)
-        scores = lm_tasks.apply_penalty(scores, responses, truncate_token=task.truncate_token,
-                                        truncate_after=task.truncate_after,
-                                        penalty_reward_value=task.penalty_reward_value)
-        return dict(queries=queries, contexts=contexts, responses=responses, shown=shown, logprobs=cur.logprobs,
-                    values=cur.values, ref_logprobs=ref.logprobs, scores=scores)
+        scores, postprocessed_responses, score_stats = self.score_fn(queries, responses)  # (B,), (B, Lr)
+        return dict(queries=queries, contexts=contexts, responses=responses,
+                    postprocessed_responses=postprocessed_responses, logprobs=cur.logprobs, values=cur.values,
+                    ref_logprobs=ref.logprobs, scores=scores, score_stats=score_stats)
 
     # ---- training -----------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor):
@@ -309,12 +277,11 @@ class PPOTrainer:
             "objective/score_total": float((non_score.sum(1) + scores).mean()),
             "objective/non_score_reward": float(non_score.sum(1).mean()),
             "objective/scores_std": float(scores.std(unbiased=False)),
-            "objective/truncated_frac": float((data["shown"] != data["responses"]).any(1).float().mean()),
+            "objective/truncated_frac": float((data["postprocessed_responses"] != data["responses"]).any(1).float().mean()),
             "ppo/lr": lr,
             "time/rollout": t_rollout,
         })
-        if self.extra_stats is not None:
-            stats.update(self.extra_stats(data["queries"], data["shown"]))
+        stats.update(data["score_stats"])
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
         if "ppo/val/error" in stats:  # as the original: from the averages over minibatches and ranks
             stats["ppo/val/var_explained"] = ppo.var_explained(stats["ppo/val/error"], stats["ppo/returns/var"])
@@ -345,7 +312,7 @@ class PPOTrainer:
         """samples.jsonl rows: query and (truncated) response as text to read (no special tokens),
         the score, and the token ids the texts come from (padding included)."""
         dec = self.encoding.decode
-        queries, shown, scores = (data[k][:n].tolist() for k in ("queries", "shown", "scores"))
+        queries, shown, scores = (data[k][:n].tolist() for k in ("queries", "postprocessed_responses", "scores"))
         return [{"query": dec(q, skip_special=True), "response": dec(r, skip_special=True), "score": float(s),
                  "query_tokens": q, "response_tokens": r} for q, r, s in zip(queries, shown, scores)]
 
@@ -412,13 +379,15 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
         elif score_fn is None:
             rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
             reward_model = run.place(load_reward_model(rm_dir, encoding=encoding)).eval().requires_grad_(False)
-            score_fn = reward_model_score_fn(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
+            score_fn = scoring.reward_model_scorer(reward_model, pad_token=encoding.padding_token,
+                                                   autocast=run.autocast)
         queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
                                          batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
                                          rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
         trainer = PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)),
-                             ref_policy=Policy(initial.gpt), score_fn=score_fn, encoding=encoding, queries=queries,
-                             extra_stats=extra_stats)
+                             ref_policy=Policy(initial.gpt), encoding=encoding, queries=queries,
+                             score_fn=scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token,
+                                                            scorer=score_fn, stats_fn=extra_stats))
         resumed = run.resume(trainer.load_state_dict)
         logger = run.start(resume_step=trainer.update if resumed else None)
         trainer.train(logger)

@@ -202,13 +202,13 @@ def test_samples_are_text_to_read_with_their_token_ids(files, tmp_path, updates)
     enc = tiny.small_encoding()
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 1, 1, 2, 2, 2]
-    for row, q, r, score in zip(rows[3:], *(updates[1]["data"][k] for k in ("queries", "shown", "scores"))):
+    for row, q, r, score in zip(rows[3:], *(updates[1]["data"][k] for k in ("queries", "postprocessed_responses", "scores"))):
         assert row["query_tokens"] == q.tolist() and row["response_tokens"] == r.tolist()
         assert row["query"] == enc.decode(q, skip_special=True) and row["response"] == enc.decode(r, skip_special=True)
         assert row["score"] == float(score)
     # end-of-text is left out of the text, not out of the ids
     eot, the = enc.eot_token, enc.encode(" the")[0]
-    data = {"queries": torch.tensor([[the, eot, files.small_pad]]), "shown": torch.tensor([[eot, the, eot]]),
+    data = {"queries": torch.tensor([[the, eot, files.small_pad]]), "postprocessed_responses": torch.tensor([[eot, the, eot]]),
             "scores": torch.tensor([0.5])}
     [row] = train_policy.PPOTrainer.sample_rows(SimpleNamespace(encoding=enc), data, 4)
     assert row == {"query": " the", "response": " the", "score": 0.5, "query_tokens": [the, eot, files.small_pad],
@@ -227,7 +227,7 @@ def test_truncation_and_penalty_per_response(files, tmp_path, updates):
     train_policy.train(hp, exp_name="truncate", score_fn=shown_length)
     data = updates[0]["data"]
     outcomes = set()
-    for response, shown, score in zip(data["responses"].tolist(), data["shown"].tolist(), data["scores"].tolist()):
+    for response, shown, score in zip(data["responses"].tolist(), data["postprocessed_responses"].tolist(), data["scores"].tolist()):
         hits = [i for i in range(after, len(response)) if response[i] == files.period]
         if hits:
             cut = hits[0] + 1
@@ -410,7 +410,7 @@ def test_train_new_reward_model_then_ppo(new_reward_model_run):
     # the policy was scored by that reward model
     reward_model = train_policy.load_reward_model(run / "reward_model", encoding=get_encoding("gpt2"))
     with torch.no_grad():
-        scores = reward_model(rollout["queries"], rollout["shown"], pad_token=GPT2_PAD)
+        scores = reward_model(rollout["queries"], rollout["postprocessed_responses"], pad_token=GPT2_PAD)
     assert torch.equal(scores, rollout["scores"]) and scores.std() > 0
 
 

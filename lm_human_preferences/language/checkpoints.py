@@ -231,14 +231,19 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
         raise CheckpointError("\n".join(lines))
 
 
-def load_gpt(source: str | os.PathLike) -> GPT:
-    """A GPT (on CPU, fp32) with the trunk weights of any source `load_weights` reads."""
-    w = load_weights(source)
-    model = GPT(w.config)
-    sd = {k: v.float() for k, v in w.trunk.items()}
+def build_gpt(weights: LoadedWeights, source) -> GPT:
+    """A GPT (on CPU, fp32) of `weights`' config with its trunk weights, checked against it; the
+    one place a model is built from loaded weights (`source` names them in errors)."""
+    model = GPT(weights.config)
+    sd = {k: v.float() for k, v in weights.trunk.items()}
     check_state_dict(model, sd, source)
     model.load_state_dict(sd)
     return model
+
+
+def load_gpt(source: str | os.PathLike) -> GPT:
+    """A GPT (on CPU, fp32) with the trunk weights of any source `load_weights` reads."""
+    return build_gpt(load_weights(source), source)
 
 
 def plain_file_mode() -> int:
