@@ -12,11 +12,13 @@
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
 --run.save_dir is given). `python launch.py <subcommand> [task] --help` lists every key with
 its value and description, by section. Several processes: `torchrun --nproc_per_node N launch.py ...`.
-User errors (bad flags, labels, checkpoints) print one paragraph and exit with status 2; a
-non-finite loss or gradient (see --run.skip_nonfinite) exits with status 3; Ctrl-C exits with
-status 130 (a training run resumes from its last checkpoint when rerun); `--debug` shows the
-traceback. Under torchrun an error is printed once (by rank 0, or by the one rank that met it),
-and a rank whose peer exited or stopped answering says so in one line and exits with status 1.
+User errors (bad flags, labels, checkpoints, an unwritable run directory) print one paragraph
+and exit with status 2; a non-finite loss or gradient (see --run.skip_nonfinite) exits with
+status 3; Ctrl-C exits with status 130 and SIGTERM with 143 (a trainer first finishes its step
+and saves a checkpoint; a rerun resumes from it); `--debug` shows the traceback. A run's
+status.json records its exit status (torchrun itself reports 1 whatever its ranks returned).
+Under torchrun an error is printed once (by rank 0, or by the one rank that met it), and a
+rank whose peer exited or stopped answering says so in one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -26,17 +28,14 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import sys
 
 import params
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from lm_human_preferences.hparams import HParamsError
-    from lm_human_preferences.labels import LabelFileError
-    from lm_human_preferences.language.checkpoints import CheckpointError
-    from lm_human_preferences.language.encodings import EncodingError
-    from lm_human_preferences.language.sample import SampleError
-    return (HParamsError, LabelFileError, CheckpointError, EncodingError, SampleError, FileNotFoundError)
+    from lm_human_preferences import run_status  # which also records them as exit status 2 in status.json
+    return run_status.user_errors()
 
 
 # subcommand -> (module, hyperparameter class); each module has `train(hp, *, exp_name)`.
@@ -177,22 +176,25 @@ def main(argv: list[str] | None = None) -> int:
         print(unknown_command(argv[0]), file=sys.stderr)
         return 2
     first_process = True  # until the launcher's rank is known (Ctrl-C may come during the imports)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         from lm_human_preferences.distributed import launch_rank
+        from lm_human_preferences.run_status import raise_interrupted
         from lm_human_preferences.runtime import keep_freed_memory
 
+        signal.signal(signal.SIGTERM, raise_interrupted)  # SIGTERM stops like Ctrl-C, with status 143
         first_process = launch_rank() == 0
         keep_freed_memory()  # faster CPU training steps; see its docstring
         COMMANDS[argv[0]](argv[1:])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # Under torchrun every process gets the signal and unwinds (the process group is closed
         # on the way); one line from the first is enough, and the status is not 0, so the
-        # launcher reports the job as stopped.
+        # launcher reports the job as stopped. A trainer's interrupt says what a rerun does.
         if debug:
             raise
         if first_process:
-            print(interrupted_message(argv[0]), file=sys.stderr, flush=True)
-        return 130
+            print(str(e) or interrupted_message(argv[0]), file=sys.stderr, flush=True)
+        return getattr(e, "exit_status", 130)
     except BrokenPipeError:  # the reader of our output went away (`... --help | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(lost, own=isinstance(e, PeerLost))
         return 1
     finally:
+        signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
         from lm_human_preferences.distributed import cleanup
 
         cleanup()  # the command's one process group, if it made one

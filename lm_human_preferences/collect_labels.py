@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import distributed, labelers, lm_tasks, scoring
+from lm_human_preferences import labelers, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.label_types import BestOfN
 from lm_human_preferences.language import memory
@@ -90,15 +90,19 @@ def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
             value_bytes=2 if run.bf16 else 4), f"sampling {rows} responses at once ({hp.num_responses} a query)")])
         labeler = labelers.get_labeler(hp.labeler)
         out = run.save_dir / "labels.json"
-        run.start()
+        run.start(stop_at_step_end=False)
+        rows: list[dict] = []
         if run.is_main:
             policy = Policy(initial.gpt).to(run.device).eval()
             rows = collect(hp, run=run, policy=policy, encoding=initial.encoding, labeler=labeler)
-            write_labels(out, rows, label_type=BestOfN(hp.num_responses), query_length=hp.task.query_length,
-                         response_length=hp.task.response_length, vocab_size=initial.encoding.n_vocab,
-                         pad_token=initial.encoding.padding_token)
-            print0(f"wrote {len(rows)} labels to {out}")
-        distributed.barrier()
+        enc = initial.encoding
+        run.finish(lambda d: write_labels(out, rows, label_type=BestOfN(hp.num_responses),
+                                          query_length=hp.task.query_length, response_length=hp.task.response_length,
+                                          vocab_size=enc.n_vocab, pad_token=enc.padding_token))
+        print0(f"wrote {len(rows)} labels to {out}")
         return out
+    except BaseException as e:
+        run.stopped(e)
+        raise
     finally:
         run.close()

@@ -10,8 +10,9 @@
   5. evaluate the initial and final policies on fixed held-out queries and write
      `report.md` + `curves.png` into runs/<experiment>/.
 
-Each stage writes its own run directory under runs/<experiment>/ and is skipped when its
-final output already exists, so rerunning after a crash continues where it stopped.
+Each stage writes its own run directory under runs/<experiment>/ and is skipped when that run
+finished (its status.json says so and its final output exists), so rerunning after a crash
+continues where it stopped.
 Stage options: `--<stage>.<key>=value` (stage: train_sft, collect_labels, train_reward,
 train_policy); `--run.<key>` applies to every stage, `--task.<key>` to every stage but
 train_sft.
@@ -33,7 +34,7 @@ from lm_human_preferences.hparams import MAX_COUNT, HParamsError
 from lm_human_preferences.language.checkpoints import CheckpointError
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.runtime import changed_settings, list_changes
+from lm_human_preferences.run_status import changed_settings, list_changes, run_finished
 
 STAGES = ("train_sft", "collect_labels", "train_reward", "train_policy")
 EVAL_SEED = 12345
@@ -144,10 +145,11 @@ def earlier_seconds(summary: Path) -> dict[str, float]:
 
 def finished(stage_dir: Path, output: Path, hp, *, inputs: tuple[Path, ...] = (),
              remedy: str = "delete it, or use another experiment name, to run it with these") -> bool:
-    """Whether a stage's `output` exists, to be reused; an error if its run (hparams.json in
-    `stage_dir`) had other settings than `hp`, or if one of the `inputs` it was built from (an
-    earlier stage's output) was written after it, which a rerun would otherwise silently mix."""
-    if not output.is_file():
+    """Whether a stage's run finished with its `output`, to be reused (`run_status.run_finished`);
+    an error if that run (hparams.json in `stage_dir`) had other settings than `hp`, or if one of
+    the `inputs` it was built from (an earlier stage's output) was written after it, which a rerun
+    would otherwise silently mix."""
+    if not run_finished(stage_dir, (output.name,)):
         return False
     changed = changed_settings(stage_dir / "hparams.json", hp)
     if changed:

@@ -9,6 +9,7 @@ Run directory (the stable contract, see the README):
     hparams.json        resolved config          metrics.jsonl   one object per logged step
     samples.jsonl       decoded samples          checkpoints/    step_000010.pt + .sha256
     model.safetensors + config.json              the final model
+    status.json         running, or how the run ended and its exit status (see run_status)
 
 Randomness is derived, not carried: every update draws from generators seeded by
 (seed, rank, purpose, update), so a resumed run repeats an uninterrupted one without saving
@@ -16,7 +17,9 @@ RNG states.
 
 Before each optimizer step trainers ask `Run.finite_or_skip` whether the loss and the gradient
 norm are finite on every rank; if not, every rank stops with a FloatingPointError naming the
-step and the statistic, or with `run.skip_nonfinite` skips that batch and counts it.
+step and the statistic, or with `run.skip_nonfinite` skips that batch and counts it (and stops
+after more than `run.max_skipped_in_a_row` in a row). After each step they call
+`Run.step_boundary`, which checkpoints when due and stops the run after SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +45,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
-from lm_human_preferences.language.checkpoints import CheckpointError, load_failure, one_line, temp_file_beside
+from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes, one_line
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import Logger, print0
+from lm_human_preferences.run_status import (MODEL_FILES, CheckpointCorrupt, Interrupted, RunDirError, StopSignals,
+                                             changed_settings, ending, list_changes, load_verified, nonfinite_names,
+                                             prepare_run_dir, rerun_after_interrupt, rerun_after_nonfinite,
+                                             run_finished, write_failure, write_status)
 
 PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
 SAMPLING_PURPOSES = ("sample", "labels")  # generators that `language.sample` draws from
@@ -61,20 +69,24 @@ class RunHParams(HParams):
     compile: bool = False  # torch.compile the transformer blocks of full passes (for GPUs; see GPT.compile_blocks)
     wandb: Literal["auto", "on", "off"] = "auto"  # also log to wandb: auto (when installed and logged in) | on | off
     log_interval: int = 1  # updates between rows of metrics.jsonl and samples.jsonl
-    save_interval: int = 0  # updates between checkpoints (0: only at the end)
+    save_interval: int = 0  # updates between checkpoints (0: none on a count; see save_every_s)
+    save_every_s: float = 600.0  # also a checkpoint once this many seconds passed since the last (0: off)
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    keep_checkpoints_after_finish: bool = False  # a finished run keeps its checkpoints (default: deletes them)
     resume: str = "auto"  # auto | never (start over, dropping old checkpoints) | PATH to a checkpoint file
     data_dir: str = "datasets"  # prepared query datasets and the label cache
     skip_nonfinite: bool = False  # skip a batch with a non-finite loss or gradient instead of stopping
+    max_skipped_in_a_row: int = 16  # skip_nonfinite: stop (status 3) when more batches in a row are skipped
     timeout_s: float = 600.0  # how long any wait for the other ranks (joining, collectives) may last
     threads: int = 0  # torch's CPU threads (0: its default); hparams.json records the number used
 
     def _validate(self):
         check_count(self, "seed", at_least=0, at_most=2**32 - 1)
-        for key in ("log_interval", "keep_checkpoints"):
+        for key in ("log_interval", "keep_checkpoints", "max_skipped_in_a_row"):
             check_count(self, key)
         check_count(self, "save_interval", at_least=0)
         check_count(self, "threads", at_least=0, at_most=1024)
+        check_number(self, "save_every_s", at_least=0)
         check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
             device = torch.device(self.device) if self.device != "auto" else None
@@ -134,47 +146,6 @@ def to_floats(acc: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(acc, torch.stack(list(acc.values())).tolist())) if acc else {}
 
 
-# Run settings that change how a run executes, not what it computes: a run resumes, or counts
-# as finished, under other values of these.
-OPERATIONAL_SETTINGS = frozenset({"save_dir", "device", "dtype", "tf32", "compile", "wandb", "log_interval",
-                                  "save_interval", "keep_checkpoints", "resume", "data_dir", "timeout_s",
-                                  "skip_nonfinite", "threads"})
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def changed_settings(saved: Path, config: HParams) -> list[str]:
-    """'key: saved -> now' for each setting of `config` that differs from the hparams.json a run
-    saved (`saved`); run settings in OPERATIONAL_SETTINGS, and keys only one side has (another
-    version of the library), aside. [] without a readable file."""
-    try:
-        old = _flatten(json.loads(saved.read_text()))
-    except (OSError, ValueError, AttributeError):
-        return []
-    new = _flatten(json.loads(json.dumps(config.to_dict())))
-    changed = []
-    for key in sorted(old.keys() & new.keys()):
-        parts = key.split(".")
-        if len(parts) >= 2 and parts[-2] == "run" and parts[-1] in OPERATIONAL_SETTINGS:
-            continue
-        if old[key] != new[key]:
-            changed.append(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}")
-    return changed
-
-
-def list_changes(changed: list[str], most: int = 4) -> str:
-    """`changed_settings` output for a message: the first few, and how many more."""
-    return "; ".join(changed[:most]) + (f"; and {len(changed) - most} more" if len(changed) > most else "")
-
-
 def use_threads(hp: RunHParams) -> int | None:
     """Apply `run.threads` and record in it the number of CPU threads torch uses, which
     hparams.json then holds (see `other_threads`). Returns the number before when it changed it
@@ -200,44 +171,6 @@ def other_threads(checkpoint: Path, threads: int) -> str | None:
             f"run goes on, but not bitwise as one uninterrupted run (rerun with --run.threads={before} for that)")
 
 
-class CheckpointCorrupt(CheckpointError):
-    """A training checkpoint that is missing, truncated, unverifiable or unreadable."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_verified(path: Path) -> dict:
-    """A checkpoint whose sha256 matches the one recorded beside it (weights_only: no pickle)."""
-    sidecar = path.with_name(path.name + ".sha256")
-    if not path.is_file():
-        raise CheckpointCorrupt(f"{path}: no such checkpoint file")
-    if not sidecar.is_file():
-        raise CheckpointCorrupt(f"{path}: no {sidecar.name} beside it (an interrupted write?)")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sidecar.read_text(errors="replace").strip():
-        raise CheckpointCorrupt(f"{path}: contents do not match {sidecar.name} (truncated or corrupt)")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or a pickle payload weights_only refused
-        raise CheckpointCorrupt(f"{path}: not a readable checkpoint ({load_failure(e)})") from None
-    if not isinstance(state, dict):
-        raise CheckpointCorrupt(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict)")
-    return state
-
-
 class Run:
     def __init__(self, hp: RunHParams, *, exp_name: str, config: HParams):
         self.hp, self.config = hp, config
@@ -260,6 +193,12 @@ class Run:
         self.logger: Logger | None = None
         self.resumed_from: Path | None = None
         self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
+        self.skipped_in_a_row = 0
+        self.step = 0  # steps done, as `step_boundary` was last told
+        self.outputs = MODEL_FILES  # the final outputs, which `start` invalidates (see `already_finished`)
+        self._started = False  # status.json says running: `stopped` records how the run ended
+        self._signals = StopSignals(announce=self.is_main)
+        self._last_save = time.monotonic()
 
     # ---- randomness -------------------------------------------------------------------
     def generator(self, purpose: str, step: int = 0, *, shared: bool = False) -> torch.Generator:
@@ -304,7 +243,8 @@ class Run:
         """Call between backward and the optimizer step: True when `losses` and the gradient norm
         of `parameters` are finite on every rank. Otherwise, on every rank alike, False with
         `run.skip_nonfinite` (skip the optimizer step; counted in `skipped_batches`), else a
-        FloatingPointError naming the step (as metrics.jsonl counts them) and the statistic."""
+        FloatingPointError naming the step (as metrics.jsonl counts them) and the statistic; also
+        that error once more than `run.max_skipped_in_a_row` batches in a row were skipped."""
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         grads = [p.grad.detach() for p in parameters if p.grad is not None]
         if grads and not bad:
@@ -312,29 +252,75 @@ class Run:
             if not math.isfinite(float(norm)):
                 bad.append("gradient norm")
         if not distributed.any_rank(bool(bad)):
+            self.skipped_in_a_row = 0
             return True
         what = f"non-finite {' and '.join(bad)}" + (f" on rank {self.rank}" if bad else " on another rank")
-        if self.hp.skip_nonfinite:
-            self.skipped_batches += 1
-            print0(f"warning: step {step}: {what}; batch skipped ({self.skipped_batches} so far)", file=sys.stderr)
-            return False
-        kept = ("rerun to resume from its last checkpoint" if self.checkpoints() else
-                "it saved no checkpoint (--run.save_interval), so a rerun starts over")
-        raise FloatingPointError(f"step {step}: {what}; the run stopped ({kept}, or pass "
-                                 f"--run.skip_nonfinite=true to skip such batches)")
+        if not self.hp.skip_nonfinite:
+            raise self.nonfinite_error(step, what, hint="or pass --run.skip_nonfinite=true to skip such batches")
+        self.skipped_batches += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > self.hp.max_skipped_in_a_row:
+            raise self.nonfinite_error(step, f"{what}; {self.skipped_in_a_row} batches in a row skipped, more than "
+                                             f"--run.max_skipped_in_a_row={self.hp.max_skipped_in_a_row}")
+        print0(f"warning: step {step}: {what}; batch skipped ({self.skipped_batches} so far)", file=sys.stderr)
+        return False
+
+    def nonfinite_error(self, step: int, what: str, *, hint: str = "") -> FloatingPointError:
+        """The error that stops the run at `step` (exit status 3), saying what a rerun does."""
+        rerun = rerun_after_nonfinite(self.newest_checkpoint(), save_interval=self.hp.save_interval)
+        return FloatingPointError(f"step {step}: {what}; the run stopped ({rerun}{', ' + hint if hint else ''})")
 
     # ---- run directory ----------------------------------------------------------------
-    def start(self, *, resume_step: int | None = None) -> Logger:
-        """Create the run directory and the logger; call once inputs are validated."""
-        if self.is_main:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.save_dir / "hparams.json",
-                               (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+    def start(self, *, resume_step: int | None = None, stop_at_step_end: bool = True) -> Logger:
+        """Mark the run directory as running (status.json), remove a previous run's final outputs
+        and the temporary files of interrupted writes, write hparams.json and create the logger;
+        call once inputs are validated. With `stop_at_step_end`, SIGINT and SIGTERM stop the run
+        at the next `step_boundary` (a trainer that has none passes False)."""
+        self.step = resume_step or 0
+        hparams = (json.dumps(self.config.to_dict(), indent=2) + "\n").encode()
+
+        def prepare():
+            prepare_run_dir(self.save_dir, outputs=self.outputs, hparams=hparams)
             self._drop_checkpoints_after(-1 if resume_step is None else resume_step)
-        distributed.barrier()
+
+        self._main_writes(prepare, doing="starting the run")
+        self._started = True
         self.logger = Logger(self.save_dir, enabled=self.is_main, wandb=self.hp.wandb,
                              run_name=self.exp_name, config=self.config.flat_items(), resume_step=resume_step)
+        if stop_at_step_end:
+            self._signals.install()
+        self._last_save = time.monotonic()
         return self.logger
+
+    def _main_writes(self, write: Callable[[], None], *, doing: str) -> None:
+        """Rank 0 runs `write`; then every rank raises what stopped it: a RunDirError for an
+        OSError (the directory is read-only, full, ...), or its FloatingPointError."""
+        failure = None
+        if self.is_main:
+            try:
+                write()
+            except OSError as e:
+                failure = ("write", write_failure(e, doing=doing, save_dir=self.save_dir,
+                                                  newest=self.newest_checkpoint()))
+            except FloatingPointError as e:
+                failure = ("nonfinite", str(e))
+        failure = distributed.broadcast_object(failure)  # also the barrier after rank 0's writes
+        if failure is not None:
+            raise (RunDirError if failure[0] == "write" else FloatingPointError)(failure[1])
+
+    def stopped(self, error: BaseException) -> None:
+        """Call with the exception that stops the trainer, then re-raise it. A started run records
+        how it ended in status.json (`run_status.ending`); an interrupt that does not say what a
+        rerun does is given that line."""
+        self._signals.uninstall()
+        if not self._started:
+            return
+        state, status = ending(error)
+        if isinstance(error, KeyboardInterrupt) and not str(error) and self._signals.installed:
+            error.args = (rerun_after_interrupt(self.newest_checkpoint()),)
+        if self.is_main:
+            with contextlib.suppress(OSError):
+                write_status(self.save_dir, state, exit_status=status, step=self.step, error=one_line(error))
 
     def close(self):
         torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
@@ -354,6 +340,13 @@ class Run:
                  if (m := CHECKPOINT_NAME.fullmatch(p.name))]
         return sorted(found)
 
+    def newest_checkpoint(self) -> int | None:
+        """The step of the newest checkpoint on disk, for messages (None: none, or unreadable)."""
+        with contextlib.suppress(OSError):
+            found = self.checkpoints()
+            return found[-1][0] if found else None
+        return None
+
     @staticmethod
     def _remove_checkpoint(path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -368,19 +361,48 @@ class Run:
         for tmp in self.checkpoint_dir.glob(".step_*.tmp-*"):
             tmp.unlink(missing_ok=True)
 
+    def step_boundary(self, step: int, total: int, state: Callable[[], dict]) -> None:
+        """Call after each of `total` steps (`step` done so far). Before the last, saves
+        `state()` as a checkpoint every `run.save_interval` steps, once `run.save_every_s` seconds
+        passed since the last save, and when SIGINT or SIGTERM came: then it stops the run
+        (`Interrupted`, exit status 130 or 143). Every rank decides alike, in one collective."""
+        self.step = step
+        if step >= total:
+            return
+        timed = self.hp.save_every_s > 0 and time.monotonic() - self._last_save >= self.hp.save_every_s
+        signum, timed = distributed.all_reduce_max(torch.tensor([self._signals.pending, int(timed)])).tolist()
+        if signum or timed or (self.hp.save_interval and step % self.hp.save_interval == 0):
+            self.save_checkpoint(step, state())
+        if signum:
+            raise Interrupted(signum, f"interrupted after step {step}, saved as a checkpoint; rerun the same "
+                                      f"command to resume from it")
+
     def save_checkpoint(self, step: int, state: dict) -> None:
         """Rank 0 writes `checkpoints/step_{step:06d}.pt` and its sha256 (each to a temporary file,
-        then renamed), then keeps only the newest `run.keep_checkpoints`."""
-        if self.is_main:
+        then renamed), then keeps only the newest `run.keep_checkpoints`. A state with non-finite
+        values is not saved: the run stops (FloatingPointError)."""
+        path = self.checkpoint_dir / f"step_{step:06d}.pt"
+
+        def write():
+            bad = nonfinite_names(state)
+            if bad:
+                raise self.nonfinite_error(step, f"non-finite values in the training state ({bad}), which was not "
+                                                 f"saved")
             buf = io.BytesIO()
             torch.save(state, buf)
             data = buf.getvalue()
-            path = self.checkpoint_dir / f"step_{step:06d}.pt"
-            atomic_write_bytes(path, data)
-            atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+            try:
+                atomic_write_bytes(path, data)
+                atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)  # not a checkpoint without its sha256
+                raise
             for _, old in self.checkpoints()[:-self.hp.keep_checkpoints]:
                 self._remove_checkpoint(old)
-        distributed.barrier()
+
+        self._main_writes(write, doing=f"saving the checkpoint of step {step}")
+        self._last_save = time.monotonic()
 
     def load_checkpoint(self) -> dict | None:
         """The newest good checkpoint per `run.resume` (auto | never | PATH), or None; its path
@@ -423,11 +445,13 @@ class Run:
         print0(f"resuming from {self.resumed_from}")
         return True
 
-    def already_finished(self, output: str = "config.json") -> bool:
-        """Under `run.resume=auto`, True when the run directory holds this run's final `output`
-        (a model's config.json, written by `finish`) and no checkpoint: rerunning a finished
-        command does nothing. With other settings than the finished run's, an error saying so."""
-        if self.hp.resume != "auto" or not (self.save_dir / output).is_file() or self.checkpoints():
+    def already_finished(self, *outputs: str) -> bool:
+        """Under `run.resume=auto`, True when the run directory holds this run, finished (status.json
+        says so and its final `outputs` exist; default: the model files `finish` writes): rerunning
+        a finished command does nothing. With other settings than the finished run's, an error
+        saying so. `outputs` are also what `start` removes before a new run writes them again."""
+        self.outputs = outputs or MODEL_FILES
+        if self.hp.resume != "auto" or not run_finished(self.save_dir, self.outputs):
             return False
         changed = changed_settings(self.save_dir / "hparams.json", self.config)
         if changed:
@@ -437,9 +461,21 @@ class Run:
         print0(f"{self.save_dir} holds this run, finished; nothing to do (--run.resume=never trains it again)")
         return True
 
-    def finish(self, write_final) -> None:
-        """Rank 0 runs `write_final(save_dir)`; then checkpoints are no longer needed."""
-        if self.is_main:
+    def finish(self, write_final: Callable[[Path], object], *, model: torch.nn.Module | None = None) -> None:
+        """Rank 0 checks that `model` is finite, runs `write_final(save_dir)`, records the run as
+        finished (status.json) and deletes the checkpoints, unless `run.keep_checkpoints_after_finish`.
+        A non-finite model is not saved: the run stops (FloatingPointError)."""
+        self._signals.uninstall()
+        if self._signals.pending:
+            print0("no step was left to stop after; the run finishes", file=sys.stderr)
+
+        def write():
+            bad = nonfinite_names(model.state_dict()) if model is not None else ""
+            if bad:
+                raise self.nonfinite_error(self.step, f"non-finite parameters ({bad}); the model was not saved")
             write_final(self.save_dir)
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        distributed.barrier()
+            write_status(self.save_dir, "finished", exit_status=0, step=self.step)
+            if not self.hp.keep_checkpoints_after_finish:
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+        self._main_writes(write, doing="saving the final outputs")

@@ -20,6 +20,7 @@ One update (`PPOTrainer.step`) reads like the paper:
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +290,8 @@ class PPOTrainer:
             stats["run/skipped_batches"] = self.run.skipped_batches
         # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
         self.kl_ctl.update(stats["objective/kl"], p.batch_size)
+        if not math.isfinite(self.kl_ctl.value):
+            raise self.run.nonfinite_error(self.update + 1, f"the KL coefficient β became {self.kl_ctl.value}")
         elapsed = time.time() - t0
         stats["elapsed/fps"] = p.batch_size * hp.task.response_length / elapsed
         stats["elapsed/episodes_per_s"] = p.batch_size / elapsed
@@ -329,8 +332,7 @@ class PPOTrainer:
                 if self.update % run.hp.log_interval == 0 or self.update == self.n_updates:
                     logger.log(self.update, stats)
                     logger.log_samples(self.update, self.sample_rows(data, self.hp.num_logged_samples))
-                if run.hp.save_interval and self.update % run.hp.save_interval == 0 and self.update < self.n_updates:
-                    run.save_checkpoint(self.update, self.state_dict())
+                run.step_boundary(self.update, self.n_updates, self.state_dict)
         if stats:
             print0(summary_line(self.update, stats, ["objective/score", "objective/kl", "objective/kl_coef"]))
         return stats
@@ -392,8 +394,11 @@ def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = N
         logger = run.start(resume_step=trainer.update if resumed else None)
         trainer.train(logger)
         run.finish(lambda d: save_model(d, gpt=trainer.policy.gpt, heads=trainer.policy.head_state(),
-                                        meta={"kind": "policy", "encoding": encoding.to_meta()}))
+                                        meta={"kind": "policy", "encoding": encoding.to_meta()}), model=trainer.policy)
         print0(f"policy saved to {run.save_dir}")
         return run.save_dir
+    except BaseException as e:
+        run.stopped(e)
+        raise
     finally:
         run.close()

@@ -259,8 +259,7 @@ class RewardTrainer:
                 skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
                 if self.step % run.hp.log_interval == 0 and self.step < n_steps:  # the last step: below
                     logger.log(self.step, {**{f"train/{k}": v for k, v in stats.items()}, **skipped})
-                if run.hp.save_interval and self.step % run.hp.save_interval == 0 and self.step < n_steps:
-                    run.save_checkpoint(self.step, self.state_dict())
+                run.step_boundary(self.step, n_steps, self.state_dict)
                 last = {**{f"train/{k}": v for k, v in stats.items()}, **skipped}
         final = dict(last)  # the last step's statistics, with the evaluation: one row
         final.update(self.evaluate())
@@ -300,9 +299,13 @@ def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
         resumed = run.resume(trainer.load_state_dict)
         logger = run.start(resume_step=trainer.step if resumed else None)
         final = trainer.train(logger)
-        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.to_meta()))
+        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.to_meta()),
+                   model=trainer.reward_model)
         print0(f"reward model saved to {run.save_dir} "
                + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
         return run.save_dir
+    except BaseException as e:
+        run.stopped(e)
+        raise
     finally:
         run.close()

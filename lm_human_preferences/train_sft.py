@@ -291,13 +291,16 @@ def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
                     stats.update(evaluate(hp, model, encoding=encoding, run=run, per_rank=per_rank))
                 if step % run.hp.log_interval == 0 or step == hp.steps or "eval/loss" in stats:
                     logger.log(step, stats)
-                if run.hp.save_interval and step % run.hp.save_interval == 0 and step < hp.steps:
-                    run.save_checkpoint(step, {"step": step, "model": model.state_dict(),
-                                               "optimizer": optimizer.state_dict(), "data": train_data.state_dict(),
-                                               "skipped_batches": run.skipped_batches})
-        run.finish(lambda d: save_model(d, gpt=model, meta={"kind": "gpt", "encoding": encoding.to_meta()}))
+                run.step_boundary(step, hp.steps, lambda: {
+                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "data": train_data.state_dict(), "skipped_batches": run.skipped_batches})
+        run.finish(lambda d: save_model(d, gpt=model, meta={"kind": "gpt", "encoding": encoding.to_meta()}),
+                   model=model)
         print0(f"language model saved to {run.save_dir}")
         return run.save_dir
+    except BaseException as e:
+        run.stopped(e)
+        raise
     finally:
         run.close()
 

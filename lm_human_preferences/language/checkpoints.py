@@ -15,6 +15,7 @@ Our directories are written atomically: into a temporary sibling, then renamed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 
@@ -262,24 +264,37 @@ def temp_file_beside(target: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it, synced, then renamed over it: a
+    crash leaves the old file or the new one, never a part. An OSError names `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = temp_file_beside(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
 def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,
                meta: dict | None = None) -> Path:
     """Write `model.safetensors` then `config.json` into `out_dir`, each atomically (temp + rename)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in gpt.state_dict().items()}
     for k, v in (heads or {}).items():
         tensors[f"heads.{k}"] = v.detach().to("cpu", torch.float32).contiguous().reshape(v.shape)
     config = {"format": FORMAT, **(meta or {}), "gpt": gpt.config.to_dict()}
-    for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p)),
-                        (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = temp_file_beside(out_dir / name)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, plain_file_mode())  # safetensors writes a file of its own, 0600
-            os.replace(tmp, out_dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    # Serialized in memory and written by Python, so a full or read-only disk is an OSError naming
+    # the file (safetensors' own file writer reports it as a SafetensorError).
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, save_safetensors(tensors))
+    atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return out_dir
