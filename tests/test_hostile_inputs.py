@@ -363,7 +363,22 @@ CHECKPOINTS = {
 # that refuse them.
 # --------------------------------------------------------------------------------------------
 
-OUTPUT_DIRECTORIES: dict[str, Case] = {}
+def occupied(make: Callable, where: str) -> Callable:
+    """`make`'s command line with --run.save_dir at `where` under a plain file the case writes."""
+    def argv(files, tmp):
+        (tmp / "occupied").write_text("not a directory\n")
+        return [*make(files, tmp), f"--run.save_dir={tmp / where}"]
+    return argv
+
+
+# A read-only or full disk cannot be made here for root; tests/test_run_integrity.py simulates
+# those (EROFS, ENOSPC) at the start, at a checkpoint and at the final save.
+OUTPUT_DIRECTORIES: dict[str, Case] = {
+    "save_dir is a file (train_reward)": Case(occupied(reward(), "occupied"), r"occupied"),
+    "save_dir is a file (train_policy)": Case(occupied(policy(), "occupied"), r"occupied"),
+    "save_dir inside a file (train_sft)": Case(occupied(sft(), "occupied/run"), r"occupied"),
+    "save_dir inside a file (collect_labels)": Case(occupied(collect(), "occupied/run"), r"occupied"),
+}
 
 CASES = {f"{group}: {name}": case for group, cases in (
     ("label file", LABEL_FILES), ("flag", FLAGS), ("model config", MODEL_CONFIGS), ("checkpoint", CHECKPOINTS),
