@@ -6,6 +6,8 @@
     python launch.py collect_labels <task> <experiment>  # best-of-4 labels from a scripted labeler
     python launch.py train_reward <task> <experiment> [--key.sub=value ...]
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
+    python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
+    python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
@@ -44,6 +46,8 @@ TRAINERS = {
     "collect_labels": ("lm_human_preferences.collect_labels", "CollectLabelsHParams"),
     "train_reward": ("lm_human_preferences.train_reward", "TrainRewardHParams"),
     "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
+    "generate": ("lm_human_preferences.generate", "GenerateHParams"),
+    "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
 }
 
 
@@ -54,7 +58,7 @@ def stage_presets(subcommand: str, task: str) -> dict:
     if task not in params.TASKS:
         raise HParamsError(f"unknown task {task!r}; expected one of {sorted(params.TASKS)}")
     preset = {} if subcommand == "train_sft" else {f"task.{k}": v for k, v in params.TASKS[task].items()}
-    return {**preset, **params.EXPERIMENTS[subcommand].get(task, {})}
+    return {**preset, **params.EXPERIMENTS.get(subcommand, {}).get(task, {})}
 
 
 def trainer_hparams(subcommand: str, task: str, args: list[str]):

@@ -1,4 +1,4 @@
-"""Small pure sampling functions: temperature sampling with a KV cache.
+"""Small pure sampling functions: temperature and top-p (nucleus) sampling with a KV cache.
 
 The model is used through `new_cache`, `pack_for_decoding`, `model(tokens, pad_token=...,
 cache=..., logits=False)` and `lm_logits(hidden, cache)` (see `language/gpt.py`).
@@ -14,10 +14,22 @@ import torch
 from lm_human_preferences.language import memory
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p (nucleus) filtering of probabilities (B, V): keep, in each row, the most probable
+    tokens whose probabilities first add up to at least `top_p` (in (0, 1]; always at least the
+    most probable token; equal probabilities in token order), and set the others to 0. The rows
+    are not renormalized: `sample_from_logits` draws in proportion to what is left."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    before = sorted_probs.cumsum(-1, dtype=torch.float64) - sorted_probs  # (B, V) mass of the more probable
+    keep = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before < top_p)  # (B, V)
+    return probs.masked_fill(~keep, 0)
+
+
 def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None = None,
-                       shard: tuple[int, int] | None = None) -> torch.Tensor:
+                       shard: tuple[int, int] | None = None, top_p: float = 1.0) -> torch.Tensor:
     """One token per row from logits (B, V): categorical over logits / temperature, no top-k,
-    no top-p; temperature 0 is greedy. Returns (B,) long.
+    restricted to the `nucleus` of `top_p` when it is below 1 (1: every token, as the original
+    samples); temperature 0 is greedy. Returns (B,) long.
 
     `shard=(rank, world_size)`: the rows are rows `rank::world_size` of a global batch (the
     query sharding of `QueryDataset`). The noise is then drawn for the whole global batch and
@@ -26,6 +38,8 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: t
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1:
+        probs = nucleus(probs, top_p)
     # Inverse CDF: one uniform per row picks the first token whose cumulative probability
     # exceeds it (a zero-probability token never does). float64 sums keep the tail exact enough.
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
@@ -38,9 +52,10 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: t
 
 @torch.no_grad()
 def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: float, pad_token: int | None,
-                    generator: torch.Generator | None = None, shard: tuple[int, int] | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, shard: tuple[int, int] | None = None,
+                    top_p: float = 1.0) -> torch.Tensor:
     """Sample exactly `length` tokens after `context` (B, Tc), which may contain pads; no stop
-    token. Returns the new tokens (B, length). `shard`: see `sample_from_logits`."""
+    token. Returns the new tokens (B, length). `shard`, `top_p`: see `sample_from_logits`."""
     B, Tc = context.shape
     cache = model.new_cache(B, Tc + length)
     model.pack_for_decoding(cache)
@@ -51,7 +66,8 @@ def sample_sequence(model, context: torch.Tensor, *, length: int, temperature: f
     tokens = []
     for i in range(length):
         logits = model.lm_logits(out.hidden[:, -1], cache)  # (B, V) fp32
-        token = sample_from_logits(logits, temperature=temperature, generator=generator, shard=shard)  # (B,)
+        token = sample_from_logits(logits, temperature=temperature, generator=generator, shard=shard,
+                                   top_p=top_p)  # (B,)
         tokens.append(token)
         if i + 1 < length:
             out = model(token[:, None], pad_token=step_pad, cache=cache, logits=False)

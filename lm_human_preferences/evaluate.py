@@ -1,0 +1,251 @@
+"""Scores of an output file (`launch.py evaluate`): a reward model's, and a judge's win rate
+against a baseline output file.
+
+    python launch.py evaluate offline_sentiment my_eval --outputs=runs/tuned/outputs.jsonl \\
+        --reward_model=runs/demo/reward_model --judge=sentiment --baseline=runs/base/outputs.jsonl
+
+An output file holds one JSON object a line with string `"prompt"` and `"response"` fields, as
+`generate` writes them (other fields are ignored; `sample` is copied to scores.jsonl).
+
+- Reward model (`reward_model`): each prompt and response is encoded with the reward model's
+  encoding and scored as PPO scores its rollouts (`scoring.make_score_fn`): the response cut
+  after `task.truncate_token`, and `task.penalty_reward_value` for a response without it.
+- Judge (`judge`, `judges.get_judge` seeded with `run.seed`): each response (A) is compared with
+  the baseline file's response on the same row (B); both files must hold the same prompts in the
+  same order (made from the same prompt file with the same `num_samples`). The win rate counts
+  ties as half, and its interval is a percentile bootstrap over prompts
+  (`judges.bootstrap_interval` of each prompt's mean): a prompt's samples are resampled together,
+  as they are not independent. With one sample per prompt it is `judges.win_rate_files`'s.
+
+Writes `<save_dir>/scores.jsonl`, one row per output row (`prompt`, `response`, `sample`, and
+`score` and/or `judge`: "win", "tie" or "loss" against the baseline), one row (step 0) of
+metrics.jsonl (`eval/score_mean`, `eval/score_std`, `eval/penalized`, `eval/win_rate`,
+`eval/win_rate_low`, `eval/win_rate_high`, `eval/wins`, `eval/ties`, `eval/losses`,
+`eval/prompts`, `eval/rows`), and prints a summary line. It runs on rank 0; other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lm_human_preferences import judges, lm_tasks, scoring
+from lm_human_preferences.hparams import HParams, HParamsError, check_count
+from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
+from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
+from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.preferences import PreferenceFileError, read_json_rows
+from lm_human_preferences.rewards import RewardModel, load_reward_model
+from lm_human_preferences.runtime import Run, RunHParams
+
+SCORES_FILE = "scores.jsonl"
+OUTCOME = {judges.A: "win", judges.TIE: "tie", judges.B: "loss"}  # of the outputs against the baseline
+
+
+@dataclass
+class EvaluateHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # the responses' truncation, penalty
+    outputs: str = ""  # the output file to score: JSON lines with "prompt" and "response" (generate's)
+    reward_model: str = ""  # a reward model directory (train_reward's) to score every row with (empty: none)
+    judge: str = ""  # sentiment, length_biased, length_neutral or MODULE:FUNCTION, against baseline (empty: none)
+    baseline: str = ""  # the output file the judge compares with: the same prompts in the same order
+    batch_size: int = 64  # rows the reward model scores at once
+    num_resamples: int = 1000  # bootstrap resamples of the win rate's interval
+    confidence: float = 0.95  # the win rate interval's confidence level
+
+    def _validate(self):
+        for key, what in (("outputs", "file"), ("baseline", "file"), ("reward_model", "directory")):
+            path = Path(getattr(self, key))
+            if getattr(self, key) and not (path.is_file() if what == "file" else path.is_dir()):
+                raise HParamsError(f"{path}: no such {what}", key=key)
+        if not self.outputs:
+            raise HParamsError("no output file given; pass --outputs=FILE (e.g. runs/<exp>/outputs.jsonl of "
+                               "generate)", key="outputs")
+        if bool(self.judge) != bool(self.baseline):
+            raise HParamsError("a judge compares the outputs with a baseline output file; pass both --judge=NAME "
+                               "and --baseline=FILE", key="judge" if self.baseline else "baseline")
+        if not self.reward_model and not self.judge:
+            raise HParamsError("nothing to evaluate with; pass --reward_model=DIR, or --judge=NAME with "
+                               "--baseline=FILE, or both", key="reward_model")
+        if self.judge:
+            try:
+                judges.get_judge(self.judge)
+            except HParamsError:  # a function of the user's that cannot be loaded: already names the key
+                raise
+            except ValueError as e:
+                raise HParamsError(str(e), key="judge") from None
+        for key in ("batch_size", "num_resamples"):
+            check_count(self, key)
+        if not 0 < self.confidence < 1:
+            raise HParamsError(f"must be a number between 0 and 1, both excluded (got {self.confidence})",
+                               key="confidence")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of an output file: {"prompt", "response", "sample"} (`sample`: None when absent).
+    A problem is a PreferenceFileError naming the file, the line and the field."""
+    rows = []
+    for where, row in read_json_rows(path):
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                found = "missing" if key not in row else f"expected a string, got {type(row[key]).__name__}"
+                raise PreferenceFileError(f"{where}, field {key!r}: {found}")
+        rows.append({"prompt": row["prompt"], "response": row["response"], "sample": row.get("sample")})
+    return rows
+
+
+def check_same_prompts(rows: list[dict], baseline: list[dict], hp: EvaluateHParams) -> None:
+    """The judge pairs row i of both files: they must hold the same prompts in the same order."""
+    if len(rows) != len(baseline):
+        raise HParamsError(f"{hp.baseline} has {len(baseline)} rows and {hp.outputs} {len(rows)}; expected the "
+                           f"same prompts in the same order (the same prompt file and --num_samples)", key="baseline")
+    for i, (a, b) in enumerate(zip(rows, baseline), 1):
+        if a["prompt"] != b["prompt"]:
+            raise HParamsError(f"row {i}: the prompts of {hp.outputs} and {hp.baseline} differ ({a['prompt']!r:.50} "
+                               f"vs {b['prompt']!r:.50}); expected the same prompts in the same order",
+                               key="baseline")
+
+
+def load_scorer(path: str) -> tuple[RewardModel, Encoding]:
+    """A reward model saved by `train_reward` and the encoding its config.json names."""
+    config = Path(path) / "config.json"
+    try:
+        meta = json.loads(config.read_text()) if config.is_file() else {}
+        encoding = encoding_from_meta(meta.get("encoding") if isinstance(meta, dict) else None)
+    except (OSError, ValueError, EncodingError) as e:
+        raise CheckpointError(f"{config}: cannot read the reward model's encoding ({e})") from None
+    return load_reward_model(path, encoding=encoding), encoding
+
+
+def encode_rows(rows: list[dict], hp: EvaluateHParams, *, encoding: Encoding, n_ctx: int) -> list[tuple[list, list]]:
+    """(prompt tokens, response tokens) of every row, checked to fit the reward model."""
+    truncate = hp.task.truncate_token
+    if truncate is not None and not 0 <= truncate < encoding.n_vocab:
+        raise HParamsError(f"{truncate} is not a token of {hp.reward_model}'s vocabulary (0 to "
+                           f"{encoding.n_vocab - 1})", key="task.truncate_token")
+    encoded = []
+    for i, row in enumerate(rows, 1):
+        try:
+            pair = encoding.encode(row["prompt"]), encoding.encode(row["response"])
+        except ValueError as e:  # the 'test' encoding has no token for some characters
+            raise HParamsError(f"{hp.outputs}: row {i}: {e}", key="outputs") from None
+        if not 0 < len(pair[0]) + len(pair[1]) <= n_ctx:
+            raise HParamsError(f"{hp.outputs}: row {i}: prompt and response take {len(pair[0]) + len(pair[1])} "
+                               f"tokens; the reward model {hp.reward_model} reads 1 to {n_ctx}", key="outputs")
+        encoded.append(pair)
+    return encoded
+
+
+def right_padded(rows: list[list[int]], pad_token: int, device) -> torch.Tensor:
+    width = max(1, *map(len, rows))
+    return torch.tensor([r + [pad_token] * (width - len(r)) for r in rows], device=device)
+
+
+@torch.no_grad()
+def reward_scores(hp: EvaluateHParams, *, run: Run, reward_model: RewardModel, encoding: Encoding,
+                  encoded: list[tuple[list, list]]) -> tuple[list[float], int]:
+    """Every row's score and how many rows got the penalty (see the module docstring)."""
+    pad = encoding.padding_token
+    score = scoring.make_score_fn(task=hp.task, pad_token=pad, scorer=scoring.reward_model_scorer(
+        reward_model, pad_token=pad, autocast=run.autocast))
+    scores, penalized = [], 0
+    bar = progress(total=len(encoded), desc="evaluate", unit="row")
+    for start in range(0, len(encoded), hp.batch_size):
+        chunk = encoded[start:start + hp.batch_size]
+        queries = right_padded([q for q, _ in chunk], pad, run.device)  # (B, Lq)
+        responses = right_padded([r for _, r in chunk], pad, run.device)  # (B, Lr)
+        batch_scores, _, _ = score(queries, responses)
+        scores += batch_scores.tolist()
+        penalized += int((~lm_tasks.response_has_truncation(responses, truncate_token=hp.task.truncate_token,
+                                                             truncate_after=hp.task.truncate_after)).sum())
+        bar.update(len(chunk))
+    bar.close()
+    return scores, penalized
+
+
+def judge_win_rate(hp: EvaluateHParams, rows: list[dict], baseline: list[dict]) -> tuple[dict, list[str]]:
+    """The judge's win rate of the outputs against the baseline, with its bootstrap interval over
+    prompts, as metrics; and each row's outcome."""
+    judge = judges.get_judge(hp.judge, seed=hp.run.seed)
+    outcomes = judge.compare_batch([r["prompt"] for r in rows], [r["response"] for r in rows],
+                                   [r["response"] for r in baseline])
+    by_prompt: dict[str, list[float]] = {}
+    for row, outcome in zip(rows, outcomes):
+        by_prompt.setdefault(row["prompt"], []).append(judges.CREDIT[outcome])
+    per_prompt = [sum(c) / len(c) for c in by_prompt.values()]
+    low, high = judges.bootstrap_interval(per_prompt, num_resamples=hp.num_resamples, confidence=hp.confidence,
+                                          seed=hp.run.seed)
+    stats = {"eval/win_rate": sum(per_prompt) / len(per_prompt), "eval/win_rate_low": low,
+             "eval/win_rate_high": high, "eval/wins": outcomes.count(judges.A), "eval/ties": outcomes.count(judges.TIE),
+             "eval/losses": outcomes.count(judges.B), "eval/prompts": len(per_prompt)}
+    return stats, [OUTCOME[o] for o in outcomes]
+
+
+def summary(hp: EvaluateHParams, stats: dict) -> str:
+    """One line: the reward model's mean score and the judge's win rate."""
+    parts = []
+    if "eval/score_mean" in stats:
+        parts.append(f"reward model score {stats['eval/score_mean']:.3f} (std {stats['eval/score_std']:.3f})")
+    if "eval/win_rate" in stats:
+        parts.append(f"judge {hp.judge}: win rate {stats['eval/win_rate']:.3f} "
+                     f"[{stats['eval/win_rate_low']:.3f}, {stats['eval/win_rate_high']:.3f}] "
+                     f"({hp.confidence:.0%} interval over {stats['eval/prompts']} prompts; {stats['eval/wins']} wins, "
+                     f"{stats['eval/ties']} ties, {stats['eval/losses']} losses) against {hp.baseline}")
+    return f"{hp.outputs}, {stats['eval/rows']} rows: " + "; ".join(parts)
+
+
+def evaluate(hp: EvaluateHParams, *, run: Run, rows: list[dict], baseline: list[dict] | None,
+             scorer: tuple[RewardModel, Encoding] | None, encoded: list) -> tuple[dict, list[dict]]:
+    """The metrics and the rows of scores.jsonl."""
+    stats: dict = {"eval/rows": len(rows)}
+    out = [dict(row) for row in rows]
+    if scorer is not None:
+        reward_model, encoding = scorer
+        scores, penalized = reward_scores(hp, run=run, reward_model=run.place(reward_model).eval(),
+                                          encoding=encoding, encoded=encoded)
+        values = torch.tensor(scores, dtype=torch.float64)
+        stats.update({"eval/score_mean": values.mean().item(), "eval/score_std": values.std(unbiased=False).item(),
+                      "eval/penalized": penalized / len(rows)})
+        for row, s in zip(out, scores):
+            row["score"] = s
+    if baseline is not None:
+        judged, outcomes = judge_win_rate(hp, rows, baseline)
+        stats.update(judged)
+        for row, outcome in zip(out, outcomes):
+            row["judge"] = outcome
+    return stats, out
+
+
+def train(hp: EvaluateHParams, *, exp_name: str) -> Path:
+    """`launch.py evaluate`: write `<save_dir>/scores.jsonl` and metrics.jsonl, print a summary
+    line; returns the path of scores.jsonl. Rerunning a finished command does nothing."""
+    hp.validate()
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        out = run.save_dir / SCORES_FILE
+        if run.already_finished(SCORES_FILE):
+            return out
+        rows = read_rows(hp.outputs)
+        baseline = read_rows(hp.baseline) if hp.baseline else None
+        if baseline is not None:
+            check_same_prompts(rows, baseline, hp)
+        scorer = load_scorer(hp.reward_model) if hp.reward_model else None
+        encoded = encode_rows(rows, hp, encoding=scorer[1], n_ctx=scorer[0].gpt.config.n_ctx) if scorer else []
+        logger = run.start(stop_at_step_end=False)
+        stats, scored = {}, []
+        if run.is_main:
+            stats, scored = evaluate(hp, run=run, rows=rows, baseline=baseline, scorer=scorer, encoded=encoded)
+            logger.log(0, stats)
+        run.finish(lambda d: atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in scored).encode()))
+        if run.is_main:
+            print0(summary(hp, stats))
+        return out
+    except BaseException as e:
+        run.stopped(e)
+        raise
+    finally:
+        run.close()

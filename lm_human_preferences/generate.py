@@ -1,0 +1,223 @@
+"""A model's outputs for a file of prompts, as JSON lines (`launch.py generate`).
+
+    python launch.py generate offline_sentiment base --prompts=examples/prompts.jsonl --num_samples=4
+    python launch.py generate offline_sentiment tuned --model=runs/demo/policy --prompts=examples/prompts.jsonl
+
+The prompt file is a `.txt` file (one prompt per non-blank line) or a `.jsonl` file with one
+object a line holding the prompt as `"prompt"` (or as `"text"`, the query datasets' field).
+Each prompt is used whole, in file order (a query dataset's passages are trimmed and shuffled
+instead; see `language.datasets`). The model sees `task.query_prefix` ‖ prompt ‖
+`task.query_suffix` and samples `length` tokens (default `task.response_length`) at
+`temperature` (default `task.policy.temperature`, the one its policy trained at) within the
+top-p nucleus; each response is then cut after `task.truncate_token` as the task's reward model
+and labelers see it (`scoring.postprocess`).
+
+`<save_dir>/outputs.jsonl` has one row per (prompt, sample), prompt by prompt:
+
+    {"prompt": ..., "response": ..., "sample": 0, "prompt_tokens": [...], "response_tokens": [...], "seed": 0}
+
+`prompt` is the prompt as the file has it, `response` text without special tokens
+(`<|endoftext|>`), `prompt_tokens` the ids the model saw for the prompt (without prefix and
+suffix), `response_tokens` the response's (cut, no padding), `seed` the run's seed (`run.seed`).
+Rows are sampled `batch_size` at a time, each batch from its own generator (seed, batch): the
+same command gives the same file (on CPU, under the same number of threads; see the README's
+Determinism). The sampling runs on rank 0; other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lm_human_preferences import lm_tasks, scoring
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences.language import memory
+from lm_human_preferences.language.checkpoints import atomic_write_bytes
+from lm_human_preferences.language.sample import sample_sequence
+from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.runtime import Run, RunHParams
+
+OUTPUTS_FILE = "outputs.jsonl"
+
+
+@dataclass
+class GenerateHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # prompt prefix/suffix, truncation
+    model: str = ""  # the model to sample: a directory or a name under saved_models/ (empty: task.policy.initial_model)
+    prompts: str = ""  # the prompt file: .txt (a prompt a line) or .jsonl ({"prompt"} or {"text"} a line)
+    num_samples: int = 1  # responses per prompt
+    temperature: Optional[float] = None  # sampling temperature, 0 for greedy (unset: task.policy.temperature)
+    top_p: float = 1.0  # sample from the most probable tokens that make up this much probability (1: all)
+    length: int = 0  # tokens sampled per response (0: task.response_length)
+    batch_size: int = 64  # (prompt, sample) rows sampled at once
+
+    def _validate(self):
+        if not self.model and not self.task.policy.initial_model:
+            raise HParamsError("no model given; pass --model=DIR (or a name under saved_models/)", key="model")
+        if not self.prompts:
+            raise HParamsError("no prompt file given; pass --prompts=FILE (.txt or .jsonl)", key="prompts")
+        path = Path(self.prompts)
+        if path.suffix not in (".txt", ".jsonl"):
+            raise HParamsError(f"{path}: expected a .txt file (a prompt a line) or a .jsonl file ({{\"prompt\": "
+                               f"...}} a line)", key="prompts")
+        if not path.is_file():
+            raise HParamsError(f"{path}: no such file", key="prompts")
+        for key in ("num_samples", "batch_size"):
+            check_count(self, key)
+        check_count(self, "length", at_least=0)
+        if self.temperature is not None:
+            check_number(self, "temperature", at_least=0)
+        check_number(self, "top_p", above=0, at_most=1)
+
+    def response_length(self) -> int:
+        return self.length or self.task.response_length
+
+    def sampling_temperature(self) -> float:
+        return self.task.policy.temperature if self.temperature is None else self.temperature
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """(where, prompt) of every prompt of a `.txt` or `.jsonl` prompt file (see the module
+    docstring), at least one; a problem is an HParamsError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HParamsError(f"{path}: cannot read it as UTF-8 text ({e})", key="prompts") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        prompts.append((where, line if path.suffix == ".txt" else _jsonl_prompt(line, where)))
+    if not prompts:
+        raise HParamsError(f"{path}: holds no prompts", key="prompts")
+    return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise HParamsError(f"{where}: invalid JSON ({e}); expected one object a line", key="prompts") from None
+    fields = [f for f in ("prompt", "text") if isinstance(row, dict) and f in row]
+    if not fields:
+        raise HParamsError(f'{where}: expected an object with a "prompt" (or "text") field', key="prompts")
+    prompt = row[fields[0]]
+    if not isinstance(prompt, str) or not prompt:
+        raise HParamsError(f"{where}: field {fields[0]!r}: expected a non-empty string, got {prompt!r:.60}",
+                           key="prompts")
+    return prompt
+
+
+def affix_length(task: lm_tasks.TaskHParams, encoding) -> int:
+    """Tokens of the query prefix and suffix the model sees around each prompt."""
+    return len(encoding.encode(task.query_prefix)) + len(encoding.encode(task.query_suffix))
+
+
+def encode_prompts(hp: GenerateHParams, prompts: list[tuple[str, str]], model: lm_tasks.PretrainedModel
+                   ) -> list[list[int]]:
+    """Each prompt's tokens, checked to fit the model's context with the prefix, the suffix and
+    the response. A prompt the vocabulary can only approximate is sampled anyway, with one
+    warning on stderr for the file."""
+    enc, n_ctx = model.encoding, model.gpt.config.n_ctx
+    around = affix_length(hp.task, enc)
+    encoded, approximate = [], []
+    for where, prompt in prompts:
+        try:
+            tokens = enc.encode(prompt)
+        except ValueError as e:  # the 'test' encoding has no token for some characters
+            raise HParamsError(f"{where}: {e}", key="prompts") from None
+        if not tokens:
+            raise HParamsError(f"{where}: the prompt encodes to no tokens; give some text", key="prompts")
+        # The last sampled token is never fed back, so the model sees one token less.
+        if around + len(tokens) + hp.response_length() - 1 > n_ctx:
+            affixes = f", the query prefix and suffix ({around})" if around else ""
+            raise HParamsError(f"{where}: the prompt ({len(tokens)} tokens){affixes} and {hp.response_length()} "
+                               f"response tokens exceed the context of {model.path} ({n_ctx} tokens); shorten the "
+                               f"prompt or pass a smaller --length", key="prompts")
+        if enc.decode(tokens) != prompt:
+            approximate.append(where)
+        encoded.append(tokens)
+    if approximate:
+        print0(f"warning: {len(approximate)} prompt(s), the first at {approximate[0]}, hold text the vocabulary "
+               f"of {model.path} cannot represent exactly; the model sees an approximation", file=sys.stderr)
+    return encoded
+
+
+@torch.no_grad()
+def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, prompts: list[str],
+             prompt_tokens: list[list[int]]) -> list[dict]:
+    """The rows of outputs.jsonl (see the module docstring)."""
+    enc, task, n = model.encoding, hp.task, hp.num_samples
+    prefix, suffix = enc.encode(task.query_prefix), enc.encode(task.query_suffix)
+    order = [(i, s) for i in range(len(prompts)) for s in range(n)]
+    gpt = model.gpt.to(run.device).eval()
+    rows = []
+    bar = progress(total=len(order), desc="generate", unit="sample")
+    with gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
+        for batch, start in enumerate(range(0, len(order), hp.batch_size)):
+            chunk = order[start:start + hp.batch_size]
+            contexts = [prefix + prompt_tokens[i] + suffix for i, _ in chunk]
+            width = max(map(len, contexts))  # left-padded: the model masks pads, positions start after them
+            context = torch.tensor([[enc.padding_token] * (width - len(c)) + c for c in contexts], device=run.device)
+            with run.autocast():
+                responses = sample_sequence(gpt, context, length=hp.response_length(),
+                                            temperature=hp.sampling_temperature(), top_p=hp.top_p,
+                                            pad_token=enc.padding_token,
+                                            generator=run.generator("sample", batch, shared=True))  # (B, L)
+            shown = scoring.postprocess(responses, task=task, pad_token=enc.padding_token).tolist()
+            for (i, s), tokens in zip(chunk, shown):
+                tokens = [t for t in tokens if t != enc.padding_token]
+                rows.append({"prompt": prompts[i], "response": enc.decode(tokens, skip_special=True), "sample": s,
+                             "prompt_tokens": prompt_tokens[i], "response_tokens": tokens, "seed": hp.run.seed})
+            bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def write_outputs(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def train(hp: GenerateHParams, *, exp_name: str) -> Path:
+    """`launch.py generate`: write `<save_dir>/outputs.jsonl`; returns its path. Rerunning a
+    finished command does nothing."""
+    hp.validate()
+    run = Run(hp.run, exp_name=exp_name, config=hp)
+    try:
+        out = run.save_dir / OUTPUTS_FILE
+        if run.already_finished(OUTPUTS_FILE):
+            return out
+        prompts = read_prompts(hp.prompts)
+        model = lm_tasks.load_pretrained(hp.model or hp.task.policy.initial_model)
+        prompt_tokens = encode_prompts(hp, prompts, model)
+        width = affix_length(hp.task, model.encoding) + max(map(len, prompt_tokens)) + hp.response_length()
+        rows = min(hp.batch_size, len(prompts) * hp.num_samples)
+        lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
+            model.gpt.config, rows=rows, tokens=width, value_bytes=2 if run.bf16 else 4),
+            f"sampling {rows} responses at once")])
+        logger = run.start(stop_at_step_end=False)
+        started = time.perf_counter()
+        rows_out: list[dict] = []
+        if run.is_main:
+            rows_out = generate(hp, run=run, model=model, prompts=[p for _, p in prompts],
+                                prompt_tokens=prompt_tokens)
+            logger.log(0, {"generate/rows": len(rows_out), "generate/prompts": len(prompts),
+                           "generate/response_tokens": sum(len(r["response_tokens"]) for r in rows_out) / len(rows_out),
+                           "elapsed/s": time.perf_counter() - started})
+        run.finish(lambda d: write_outputs(out, rows_out))
+        print0(f"wrote {len(rows_out)} outputs ({len(prompts)} prompts x {hp.num_samples}) to {out}")
+        return out
+    except BaseException as e:
+        run.stopped(e)
+        raise
+    finally:
+        run.close()
