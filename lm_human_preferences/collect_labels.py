@@ -20,9 +20,12 @@ from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.label_types import BestOfN
 from lm_human_preferences.language import memory
 from lm_human_preferences.labels import write_labels
-from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.logs import progress
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.trainer import run_training
+
+LABELS = "labels.json"  # the output, in the run directory
 
 
 @dataclass
@@ -75,34 +78,43 @@ def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, lab
     return rows
 
 
+class LabelCollector:
+    """`collect` as a trainer of `trainer.run_training`: no steps to checkpoint, no model to save."""
+
+    checkpoints, steps_done, model = False, 0, None
+
+    def __init__(self, *, run: Run, hp: CollectLabelsHParams, initial: lm_tasks.PretrainedModel, labeler):
+        self.run, self.hp, self.initial, self.labeler = run, hp, initial, labeler
+        self.rows: list[dict] = []
+
+    def train(self, logger) -> dict[str, float]:
+        if self.run.is_main:
+            policy = Policy(self.initial.gpt).to(self.run.device).eval()
+            self.rows = collect(self.hp, run=self.run, policy=policy, encoding=self.initial.encoding,
+                                labeler=self.labeler)
+        return {}
+
+    def save(self, save_dir: Path) -> None:
+        enc, task = self.initial.encoding, self.hp.task
+        write_labels(save_dir / LABELS, self.rows, label_type=BestOfN(self.hp.num_responses),
+                     query_length=task.query_length, response_length=task.response_length, vocab_size=enc.n_vocab,
+                     pad_token=enc.padding_token)
+
+    def saved(self, final: dict[str, float]) -> str:
+        return f"wrote {len(self.rows)} labels to {self.run.save_dir / LABELS}"
+
+
+def build_collector(hp: CollectLabelsHParams, run: Run) -> LabelCollector:
+    """Load the initial policy and the labeler, check that a sampling batch fits; the collector."""
+    initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+    lm_tasks.check_task_fits(hp.task, initial)
+    rows = hp.batch_size * hp.num_responses
+    lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
+        initial.gpt.config, rows=rows, tokens=lm_tasks.context_length(hp.task, initial.encoding),
+        value_bytes=2 if run.bf16 else 4), f"sampling {rows} responses at once ({hp.num_responses} a query)")])
+    return LabelCollector(run=run, hp=hp, initial=initial, labeler=labelers.get_labeler(hp.labeler))
+
+
 def train(hp: CollectLabelsHParams, *, exp_name: str) -> Path:
     """Write `<save_dir>/labels.json`; returns its path."""
-    hp.validate()
-    run = Run(hp.run, exp_name=exp_name, config=hp)
-    try:
-        if run.already_finished("labels.json"):
-            return run.save_dir / "labels.json"
-        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
-        lm_tasks.check_task_fits(hp.task, initial)
-        rows = hp.batch_size * hp.num_responses
-        lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
-            initial.gpt.config, rows=rows, tokens=lm_tasks.context_length(hp.task, initial.encoding),
-            value_bytes=2 if run.bf16 else 4), f"sampling {rows} responses at once ({hp.num_responses} a query)")])
-        labeler = labelers.get_labeler(hp.labeler)
-        out = run.save_dir / "labels.json"
-        run.start(stop_at_step_end=False)
-        rows: list[dict] = []
-        if run.is_main:
-            policy = Policy(initial.gpt).to(run.device).eval()
-            rows = collect(hp, run=run, policy=policy, encoding=initial.encoding, labeler=labeler)
-        enc = initial.encoding
-        run.finish(lambda d: write_labels(out, rows, label_type=BestOfN(hp.num_responses),
-                                          query_length=hp.task.query_length, response_length=hp.task.response_length,
-                                          vocab_size=enc.n_vocab, pad_token=enc.padding_token))
-        print0(f"wrote {len(rows)} labels to {out}")
-        return out
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+    return run_training(hp, exp_name=exp_name, build=lambda run: build_collector(hp, run), outputs=(LABELS,)) / LABELS

@@ -2,19 +2,11 @@
 
     python launch.py train_policy sentiment my_policy --rewards.trained_model=runs/my_rm
 
-One update (`PPOTrainer.step`) reads like the paper:
-  1. queries from the task's dataset (this rank's share of `ppo.batch_size`);
-  2. sample responses from the policy with the KV cache, at the task temperature;
-  3. analyze: logprobs and values of the policy, logprobs of the frozen reference policy
-     (full forward passes on the micro-batches the first training epoch uses, so the first
-     ratio is exactly 1);
-  4. score (`scoring.make_score_fn`): truncate the responses (`postprocessed_responses`), score
-     them (the reward model, a function of the user's, or any `ScoreFn`), and give responses
-     without a truncation token the penalty;
-  5. rewards: -kl_coef * (logp - ref_logp) per token, plus the score on the last token;
-  6. train: `noptepochs` epochs of shuffled minibatches (each split into micro-batches for
-     gradient accumulation); per minibatch whiten rewards, GAE, whiten advantages;
-  7. the KL controller updates β from the all-reduced `objective/kl`, on every rank.
+One update (`PPOTrainer.step`) reads as the paper's steps, numbered in its code: 1. sample
+responses to this rank's queries, 2. analyze them with the policy and the frozen reference
+policy, 3. score them (`scoring.make_score_fn`), 4. KL-penalised rewards, 5. train `noptepochs`
+epochs of minibatches (whitened rewards, GAE, whitened advantages; micro-batches accumulate),
+6. statistics averaged over ranks, 7. the KL controller moves β.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences import distributed, lm_tasks, plugins, ppo, scoring
+from lm_human_preferences import distributed, lm_tasks, plugins, ppo, scoring, train_reward
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
@@ -36,8 +28,9 @@ from lm_human_preferences.logs import print0, progress, summary_line
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Analysis, Policy
 from lm_human_preferences.rewards import load_reward_model
-from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
+from lm_human_preferences.runtime import Run, RunHParams
 from lm_human_preferences.train_reward import RewardTrainingHParams
+from lm_human_preferences.trainer import accumulate_and_step, run_training
 
 ScoreFn, StatsFn = scoring.ScoreFn, scoring.StatsFn  # what `train` takes in place of a reward model
 
@@ -192,10 +185,11 @@ class PPOTrainer:
                         entropies=None)
 
     @torch.no_grad()
-    def rollout(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sample, analyze (in `order`, see `analyze`) and score one batch of this rank's queries."""
-        task, dev = self.hp.task, self.run.device
-        queries = next(self.queries).to(dev)  # (B, Lq)
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's next queries (B, Lq), the policy's contexts for them (B, Tc) and its sampled
+        responses (B, Lr)."""
+        task = self.hp.task
+        queries = next(self.queries).to(self.run.device)  # (B, Lq)
         contexts = lm_tasks.policy_contexts(queries, task=task, encoding=self.encoding)  # (B, Tc)
         # The sampling noise is drawn for the global batch from a generator every rank shares and sliced
         # to this rank's rows, so a query's response does not depend on the number of ranks.
@@ -204,12 +198,7 @@ class PPOTrainer:
             responses = self.policy.respond(contexts, length=task.response_length, temperature=task.policy.temperature,
                                             pad_token=self.pad, generator=gen,
                                             shard=(self.run.rank, self.run.world_size))  # (B, Lr)
-        cur = self.analyze(self.policy, contexts, responses, order)
-        ref = self.analyze(self.ref_policy, contexts, responses, order)
-        scores, postprocessed_responses, score_stats = self.score_fn(queries, responses)  # (B,), (B, Lr)
-        return dict(queries=queries, contexts=contexts, responses=responses,
-                    postprocessed_responses=postprocessed_responses, logprobs=cur.logprobs, values=cur.values,
-                    ref_logprobs=ref.logprobs, scores=scores, score_stats=score_stats)
+        return queries, contexts, responses
 
     # ---- training -----------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor):
@@ -218,45 +207,28 @@ class PPOTrainer:
                                           whiten_fn=whiten_across_ranks if p.whiten_across_ranks else None)
 
     def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float] | None:
-        """One optimizer step on a minibatch, in micro-batches; None if it was skipped (non-finite)."""
+        """One optimizer step on a minibatch, in micro-batches; None if it was skipped (non-finite).
+        The policy runs under autocast, the losses outside it (in fp32)."""
         p = self.hp.ppo
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         advantages, returns = self.advantages(mb["rewards"], mb["values"])
-        self.optimizer.zero_grad(set_to_none=True)
-        n_micro = self.minibatch // self.micro
-        sums: dict[str, torch.Tensor] = {}
-        for m in range(n_micro):
-            sl = slice(m * self.micro, (m + 1) * self.micro)
-            with self.run.no_sync(self.ddp_policy, sync=m == n_micro - 1):
-                with self.run.autocast():
-                    out = self.ddp_policy(mb["contexts"][sl], mb["responses"][sl],
-                                          temperature=self.hp.task.policy.temperature, pad_token=self.pad)
-                losses = ppo.ppo_losses(logprobs=out.logprobs, values=out.values, old_logprobs=mb["logprobs"][sl],
-                                        old_values=mb["values"][sl], advantages=advantages[sl], returns=returns[sl],
-                                        cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
-                                        entropy=out.entropies)
-                (losses["ppo/loss/total"] / n_micro).backward()
-            add_scalars(sums, losses, divide_by=n_micro)
-        stats = to_floats(sums)  # one host read per minibatch
-        if not self.run.finite_or_skip(self.update + 1, losses={"ppo/loss/total": stats["ppo/loss/total"]},
-                                       parameters=self.policy.parameters()):
-            return None
-        self.optimizer.step()
-        return stats
 
-    def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One PPO update; returns all-reduced stats and the rollout."""
-        t0 = time.time()
-        hp, p = self.hp, self.hp.ppo
-        orders = [self.epoch_order(epoch) for epoch in range(p.noptepochs)]
-        data = self.rollout(orders[0])
-        kl_coef = self.kl_ctl.value
-        rewards, non_score, kl = ppo.kl_penalty_rewards(data["logprobs"], data["ref_logprobs"], data["scores"],
-                                                        kl_coef=kl_coef)
-        data["rewards"] = rewards
-        t_rollout = time.time() - t0
-        lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
+        def losses_of(m: int) -> dict[str, torch.Tensor]:
+            sl = slice(m * self.micro, (m + 1) * self.micro)
+            with self.run.autocast():
+                out = self.ddp_policy(mb["contexts"][sl], mb["responses"][sl],
+                                      temperature=self.hp.task.policy.temperature, pad_token=self.pad)
+            return ppo.ppo_losses(logprobs=out.logprobs, values=out.values, old_logprobs=mb["logprobs"][sl],
+                                  old_values=mb["values"][sl], advantages=advantages[sl], returns=returns[sl],
+                                  cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                                  entropy=out.entropies)
+
+        return accumulate_and_step(self.run, model=self.ddp_policy, optimizer=self.optimizer, lr=lr,
+                                   n_micro=self.minibatch // self.micro, loss_of=losses_of, step=self.update + 1,
+                                   loss_key="ppo/loss/total", loss_name="ppo/loss/total")
+
+    def train_epochs(self, data: dict[str, torch.Tensor], orders: list[torch.Tensor], lr: float) -> dict[str, float]:
+        """`noptepochs` epochs over the batch (the original's `train`), each in its shuffled order
+        of minibatches; the statistics averaged over the minibatches not skipped."""
         train_stats: dict[str, float] = {}
         n_mb = 0
         for order in orders:
@@ -268,35 +240,87 @@ class PPOTrainer:
                 for k, v in mb_stats.items():
                     train_stats[k] = train_stats.get(k, 0.0) + v
                 n_mb += 1
-        stats = {k: v / n_mb for k, v in train_stats.items()}
+        return {k: v / n_mb for k, v in train_stats.items()}
+
+    def record_step_stats(self, data: dict[str, torch.Tensor], *, non_score_reward: torch.Tensor,
+                          kl: torch.Tensor, kl_coef: float) -> dict[str, float]:
+        """This rank's `objective/` statistics of the rollout (the original's `record_step_stats`)."""
         scores = data["scores"]
-        stats.update({
+        return {
             "objective/kl": float(kl.sum(1).mean()),
             "objective/kl_coef": kl_coef,
             "objective/entropy": float((-data["logprobs"]).sum(1).mean()),
             "objective/score": float(scores.mean()),
-            "objective/score_total": float((non_score.sum(1) + scores).mean()),
-            "objective/non_score_reward": float(non_score.sum(1).mean()),
+            "objective/score_total": float((non_score_reward.sum(1) + scores).mean()),
+            "objective/non_score_reward": float(non_score_reward.sum(1).mean()),
             "objective/scores_std": float(scores.std(unbiased=False)),
             "objective/truncated_frac": float((data["postprocessed_responses"] != data["responses"]).any(1).float().mean()),
-            "ppo/lr": lr,
-            "time/rollout": t_rollout,
-        })
+        }
+
+    def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One PPO update (the original's `PPOTrainer.step`); returns the all-reduced stats and the rollout."""
+        t0 = time.time()
+        p = self.hp.ppo
+        # Every epoch's shuffled order is drawn first: step 2 runs on the micro-batches of the first.
+        orders = [self.epoch_order(epoch) for epoch in range(p.noptepochs)]
+        with torch.no_grad():
+            # 1. sample: this rank's queries (`sample_queries`) and the policy's responses (`policy.respond`).
+            queries, contexts, responses = self.sample()
+            # 2. analyze: logprobs and values of the policy (the original's come with `respond`) and logprobs
+            #    of the reference policy (`ref_policy.analyze_responses`), in the micro-batches of the first
+            #    epoch, so that the first ratio is exactly 1 (see `analyze`).
+            cur = self.analyze(self.policy, contexts, responses, orders[0])
+            ref = self.analyze(self.ref_policy, contexts, responses, orders[0])
+            # 3. score (`score_fn`): truncate the responses, score them, penalise those not truncated.
+            scores, postprocessed_responses, score_stats = self.score_fn(queries, responses)  # (B,), (B, Lr)
+        data = dict(queries=queries, contexts=contexts, responses=responses,
+                    postprocessed_responses=postprocessed_responses, logprobs=cur.logprobs, values=cur.values,
+                    ref_logprobs=ref.logprobs, scores=scores, score_stats=score_stats)
+        # 4. KL-penalised rewards (`compute_rewards`): -kl_coef * (logprobs - ref_logprobs) per token,
+        #    plus the score on the last token.
+        kl_coef = self.kl_ctl.value
+        data["rewards"], non_score_reward, kl = ppo.kl_penalty_rewards(data["logprobs"], data["ref_logprobs"],
+                                                                       data["scores"], kl_coef=kl_coef)
+        t_rollout = time.time() - t0
+        # 5. train: `noptepochs` epochs of minibatches at the linearly annealed learning rate.
+        lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
+        stats = self.train_epochs(data, orders, lr)
+        # 6. stats (`record_step_stats`): the training and rollout statistics, averaged over ranks.
+        stats.update(self.record_step_stats(data, non_score_reward=non_score_reward, kl=kl, kl_coef=kl_coef))
+        stats.update({"ppo/lr": lr, "time/rollout": t_rollout})
         stats.update(data["score_stats"])
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
         if "ppo/val/error" in stats:  # as the original: from the averages over minibatches and ranks
             stats["ppo/val/var_explained"] = ppo.var_explained(stats["ppo/val/error"], stats["ppo/returns/var"])
         if self.run.hp.skip_nonfinite:
             stats["run/skipped_batches"] = self.run.skipped_batches
-        # β moves with the all-reduced KL on every rank, so all ranks keep training with the same β.
+        # 7. the KL controller (`kl_ctl.update`) moves β with the all-reduced KL, on every rank alike.
         self.kl_ctl.update(stats["objective/kl"], p.batch_size)
         if not math.isfinite(self.kl_ctl.value):
             raise self.run.nonfinite_error(self.update + 1, f"the KL coefficient β became {self.kl_ctl.value}")
         elapsed = time.time() - t0
-        stats["elapsed/fps"] = p.batch_size * hp.task.response_length / elapsed
+        stats["elapsed/fps"] = p.batch_size * self.hp.task.response_length / elapsed
         stats["elapsed/episodes_per_s"] = p.batch_size / elapsed
         self.update += 1
         return stats, data
+
+    # ---- the run (see trainer.run_training) ----------------------------------------------
+    checkpoints = True
+
+    @property
+    def steps_done(self) -> int:
+        return self.update
+
+    @property
+    def model(self) -> Policy:
+        return self.policy
+
+    def save(self, save_dir: Path) -> None:
+        save_model(save_dir, gpt=self.policy.gpt, heads=self.policy.head_state(),
+                   meta={"kind": "policy", "encoding": self.encoding.to_meta()})
+
+    def saved(self, final: dict[str, float]) -> str:
+        return f"policy saved to {self.run.save_dir}"
 
     def state_dict(self) -> dict:
         return {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -338,67 +362,38 @@ class PPOTrainer:
         return stats
 
 
-def train_new_reward_model(hp: TrainPolicyHParams, *, save_dir: Path, exp_name: str) -> Path:
-    """`rewards.train_new_model`: train a reward model in <run>/reward_model; one finished there
-    with the same settings is reused (`Run.already_finished`), unless --run.resume=never."""
-    from lm_human_preferences import train_reward
-
-    out = save_dir / "reward_model"
-    rhp = train_reward.TrainRewardHParams()
-    rhp.override_from_dict(hp.rewards.train_new_model.to_dict())
-    rhp.run = copy.deepcopy(hp.run)
-    rhp.run.save_dir = str(out)
-    rhp.run.resume = "never" if hp.run.resume == "never" else "auto"  # a PATH names a policy checkpoint
-    rhp.task = copy.deepcopy(hp.task)
-    try:
-        return train_reward.train(rhp, exp_name=f"{exp_name}/reward_model")
-    except HParamsError as e:  # name the key as this command takes it (run and task are shared)
-        if e.key is None or e.key.startswith(("run.", "task.")):
-            raise
-        key = f"rewards.train_new_model.{e.key}"
-        raise HParamsError(e.message.replace(f"--{e.key}", f"--{key}"), key=key) from None
+def build_trainer(hp: TrainPolicyHParams, run: Run, *, exp_name: str, score_fn: ScoreFn | None,
+                  extra_stats: StatsFn | None) -> PPOTrainer:
+    """Check the inputs, load the initial policy and the scorer (the reward model, trained first
+    with `rewards.train_new_model`), and make the trainer."""
+    r = hp.rewards
+    if score_fn is None and [bool(r.trained_model), r.train_new_model is not None, bool(r.function)].count(True) != 1:
+        raise HParamsError("give exactly one of --rewards.trained_model=DIR, --rewards.train_new_model=on and "
+                           "--rewards.function=MODULE:FUNCTION", key="rewards.trained_model")
+    initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+    lm_tasks.check_task_fits(hp.task, initial)
+    check_memory(hp, initial, run)
+    encoding = initial.encoding
+    if score_fn is None and r.function:
+        score_fn = plugins.text_score_fn(r.function, key="rewards.function", encoding=encoding)
+    elif score_fn is None:
+        rm_dir = r.trained_model or train_reward.train_new_model(r.train_new_model, run=hp.run, task=hp.task,
+                                                                 save_dir=run.save_dir, exp_name=exp_name)
+        reward_model = run.place(load_reward_model(rm_dir, encoding=encoding)).eval().requires_grad_(False)
+        score_fn = scoring.reward_model_scorer(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
+    queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
+                                     batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
+                                     rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
+    return PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)), ref_policy=Policy(initial.gpt),
+                      encoding=encoding, queries=queries,
+                      score_fn=scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token, scorer=score_fn,
+                                                     stats_fn=extra_stats))
 
 
 def train(hp: TrainPolicyHParams, *, exp_name: str, score_fn: ScoreFn | None = None,
           extra_stats: StatsFn | None = None) -> Path:
     """Train a policy. `score_fn` replaces the reward model (scripted rewards, reward shaping);
     `extra_stats` adds statistics of each rollout to the metrics (all-reduced like the rest)."""
-    hp.validate()
-    r = hp.rewards
-    if score_fn is None and [bool(r.trained_model), r.train_new_model is not None, bool(r.function)].count(True) != 1:
-        raise HParamsError("give exactly one of --rewards.trained_model=DIR, --rewards.train_new_model=on and "
-                           "--rewards.function=MODULE:FUNCTION", key="rewards.trained_model")
-    run = Run(hp.run, exp_name=exp_name, config=hp)
-    try:
-        if run.already_finished():
-            return run.save_dir
-        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
-        lm_tasks.check_task_fits(hp.task, initial)
-        check_memory(hp, initial, run)
-        encoding = initial.encoding
-        if score_fn is None and r.function:
-            score_fn = plugins.text_score_fn(r.function, key="rewards.function", encoding=encoding)
-        elif score_fn is None:
-            rm_dir = hp.rewards.trained_model or train_new_reward_model(hp, save_dir=run.save_dir, exp_name=exp_name)
-            reward_model = run.place(load_reward_model(rm_dir, encoding=encoding)).eval().requires_grad_(False)
-            score_fn = scoring.reward_model_scorer(reward_model, pad_token=encoding.padding_token,
-                                                   autocast=run.autocast)
-        queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
-                                         batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
-                                         rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
-        trainer = PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)),
-                             ref_policy=Policy(initial.gpt), encoding=encoding, queries=queries,
-                             score_fn=scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token,
-                                                            scorer=score_fn, stats_fn=extra_stats))
-        resumed = run.resume(trainer.load_state_dict)
-        logger = run.start(resume_step=trainer.update if resumed else None)
-        trainer.train(logger)
-        run.finish(lambda d: save_model(d, gpt=trainer.policy.gpt, heads=trainer.policy.head_state(),
-                                        meta={"kind": "policy", "encoding": encoding.to_meta()}), model=trainer.policy)
-        print0(f"policy saved to {run.save_dir}")
-        return run.save_dir
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+    return run_training(hp, exp_name=exp_name,
+                        build=lambda run: build_trainer(hp, run, exp_name=exp_name, score_fn=score_fn,
+                                                      extra_stats=extra_stats))

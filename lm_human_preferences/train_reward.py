@@ -27,7 +27,8 @@ from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, normalization_constants
-from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
+from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.trainer import accumulate_and_step, run_training
 
 
 MAX_RESPONSES = 1024  # responses a label compares (the paper's: 4); more is no labeling task
@@ -182,25 +183,16 @@ class RewardTrainer:
 
     def train_step(self, indices: torch.Tensor, lr: float) -> dict[str, float] | None:
         """One optimizer step on this rank's `indices`, in micro-batches; None if it was skipped
-        (a non-finite loss or gradient with `run.skip_nonfinite`)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, torch.Tensor] = {}
-        n_micro = len(indices) // self.micro
-        for m in range(n_micro):
+        (a non-finite loss or gradient with `run.skip_nonfinite`). The loss and its backward pass
+        run under autocast."""
+        def loss_of(m: int) -> dict[str, torch.Tensor]:
             idx = indices[m * self.micro:(m + 1) * self.micro]
             batch = {k: v[idx] for k, v in self.train_labels.items()}
-            with self.run.no_sync(self.ddp_model, sync=m == n_micro - 1), self.run.autocast():
-                out = self.label_type.loss(self.reward_fn(self.ddp_model), batch)
-                (out["loss"] / n_micro).backward()
-            add_scalars(sums, out, divide_by=n_micro)
-        stats = to_floats(sums)  # one host read per step
-        if not self.run.finite_or_skip(self.step + 1, losses={"train/loss": stats["loss"]},
-                                       parameters=self.reward_model.parameters()):
-            return None
-        self.optimizer.step()
-        return stats
+            return self.label_type.loss(self.reward_fn(self.ddp_model), batch)
+
+        return accumulate_and_step(self.run, model=self.ddp_model, optimizer=self.optimizer, lr=lr,
+                                   n_micro=len(indices) // self.micro, loss_of=loss_of, step=self.step + 1,
+                                   backward_in_autocast=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -221,6 +213,24 @@ class RewardTrainer:
                                                          dtype=torch.float64, device=self.run.device))
         count = float(totals[-1])
         return {f"eval/{k}": float(totals[i]) / count for i, k in enumerate(keys)} if count else {}
+
+    # ---- the run (see trainer.run_training) ----------------------------------------------
+    checkpoints = True
+
+    @property
+    def steps_done(self) -> int:
+        return self.step
+
+    @property
+    def model(self) -> RewardModel:
+        return self.reward_model
+
+    def save(self, save_dir: Path) -> None:
+        save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta())
+
+    def saved(self, final: dict[str, float]) -> str:
+        return (f"reward model saved to {self.run.save_dir} "
+                + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
 
     def state_dict(self) -> dict:
         return {"step": self.step, "normalized_before": self.normalized_before,
@@ -282,30 +292,36 @@ def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dic
                       meta={"kind": "reward", "encoding": encoding})
 
 
+def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
+    """Check the inputs, read the labels, load the initial policy and make the trainer."""
+    initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
+    lm_tasks.check_task_fits(hp.task, initial)
+    check_memory(hp, initial, run)
+    label_type, rows = load_label_rows(hp, hp.task, encoding=initial.encoding, data_dir=hp.run.data_dir)
+    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding,
+                         reward_model=build_reward_model(initial, seed=hp.run.seed), policy=Policy(initial.gpt),
+                         label_type=label_type, rows=rows)
+
+
 def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:
-    hp.validate()
-    run = Run(hp.run, exp_name=exp_name, config=hp)
+    return run_training(hp, exp_name=exp_name, build=lambda run: build_trainer(hp, run))
+
+
+def train_new_model(hp: RewardTrainingHParams, *, run: RunHParams, task: lm_tasks.TaskHParams, save_dir: Path,
+                    exp_name: str) -> Path:
+    """train_policy's `rewards.train_new_model` (`hp`): train a reward model in <run>/reward_model
+    with the policy run's `run` and `task` settings; one finished there with the same settings is
+    reused (`Run.already_finished`), unless --run.resume=never."""
+    rhp = TrainRewardHParams()
+    rhp.override_from_dict(hp.to_dict())
+    rhp.run = copy.deepcopy(run)
+    rhp.run.save_dir = str(save_dir / "reward_model")
+    rhp.run.resume = "never" if run.resume == "never" else "auto"  # a PATH names a policy checkpoint
+    rhp.task = copy.deepcopy(task)
     try:
-        if run.already_finished():
-            return run.save_dir
-        initial = lm_tasks.load_pretrained(hp.task.policy.initial_model)
-        lm_tasks.check_task_fits(hp.task, initial)
-        check_memory(hp, initial, run)
-        encoding = initial.encoding
-        label_type, rows = load_label_rows(hp, hp.task, encoding=encoding, data_dir=hp.run.data_dir)
-        trainer = RewardTrainer(run=run, hp=hp, task=hp.task, encoding=encoding,
-                                reward_model=build_reward_model(initial, seed=hp.run.seed),
-                                policy=Policy(initial.gpt), label_type=label_type, rows=rows)
-        resumed = run.resume(trainer.load_state_dict)
-        logger = run.start(resume_step=trainer.step if resumed else None)
-        final = trainer.train(logger)
-        run.finish(lambda d: save_reward_model(d, trainer.reward_model, encoding=encoding.to_meta()),
-                   model=trainer.reward_model)
-        print0(f"reward model saved to {run.save_dir} "
-               + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
-        return run.save_dir
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+        return train(rhp, exp_name=f"{exp_name}/reward_model")
+    except HParamsError as e:  # name the key as train_policy takes it (run and task are shared)
+        if e.key is None or e.key.startswith(("run.", "task.")):
+            raise
+        key = f"rewards.train_new_model.{e.key}"
+        raise HParamsError(e.message.replace(f"--{e.key}", f"--{key}"), key=key) from None

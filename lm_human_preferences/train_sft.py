@@ -31,9 +31,10 @@ from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.datasets import get_passages
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
-from lm_human_preferences.logs import print0, progress
+from lm_human_preferences.logs import progress
 from lm_human_preferences.optim import TFAdam
-from lm_human_preferences.runtime import Run, RunHParams, add_scalars, to_floats
+from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.trainer import accumulate_and_step, run_training
 
 
 @dataclass
@@ -227,82 +228,95 @@ def lr_at(hp: TrainSFTHParams, step: int) -> float:
     return hp.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0))))
 
 
-def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
-    hp.validate()
-    run = Run(hp.run, exp_name=exp_name, config=hp)
-    try:
-        if run.already_finished():
-            return run.save_dir
-        gpt, encoding = initial_model(hp, run)
-        if hp.seq_length > gpt.config.n_ctx:
-            raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
-        per_rank = run.per_rank(hp.batch_size, "batch_size")
-        micro = min(hp.micro_batch_size or per_rank, per_rank)
-        if per_rank % micro:
-            raise HParamsError(f"per-rank batch {per_rank} is not a multiple of {micro}", key="micro_batch_size")
-        lm_tasks.check_memory(run.device, [(
-            "micro_batch_size" if hp.micro_batch_size else "batch_size",
-            memory.training_bytes(gpt.config, rows=micro, tokens=hp.seq_length, value_bytes=2 if run.bf16 else 4,
-                                  logits=True),
-            f"a training micro-batch of {micro} sequences (--micro_batch_size accumulates smaller ones)")])
-        model = run.place(gpt)
-        ddp_model = run.ddp(model)
-        train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
-        optimizer = TFAdam(model.parameters(), lr=hp.lr)
-        step = 0
+class SFTTrainer:
+    """Next-token training of `gpt` on this rank's `make_batches` rows, `micro` rows at a time."""
 
-        def load_state_dict(state: dict) -> None:
-            nonlocal step
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            train_data.load_state_dict(state["data"])
-            run.skipped_batches = state.get("skipped_batches", 0)
-            step = state["step"]
+    checkpoints = True  # see trainer.run_training
 
-        resumed = run.resume(load_state_dict)
-        logger = run.start(resume_step=step if resumed else None)
-        pad = encoding.padding_token
+    def __init__(self, *, run: Run, hp: TrainSFTHParams, gpt: GPT, encoding: Encoding, per_rank: int, micro: int):
+        self.run, self.hp, self.encoding, self.per_rank, self.micro = run, hp, encoding, per_rank, micro
+        self.model = run.place(gpt)
+        self.ddp_model = run.ddp(self.model)
+        self.train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
+        self.optimizer = TFAdam(self.model.parameters(), lr=hp.lr)
+        self.step = 0
+
+    @property
+    def steps_done(self) -> int:
+        return self.step
+
+    def train_step(self, batch: dict[str, torch.Tensor], lr: float) -> dict[str, float] | None:
+        """One optimizer step on this rank's `batch`, in micro-batches; None if it was skipped. The
+        loss runs under autocast, its backward pass outside it."""
+        def loss_of(m: int) -> dict[str, torch.Tensor]:
+            sl = slice(m * self.micro, (m + 1) * self.micro)
+            with self.run.autocast():
+                return {"loss": lm_loss(self.ddp_model, {k: v[sl] for k, v in batch.items()},
+                                        pad_token=self.encoding.padding_token)}
+
+        return accumulate_and_step(self.run, model=self.ddp_model, optimizer=self.optimizer, lr=lr,
+                                   n_micro=self.per_rank // self.micro, loss_of=loss_of, step=self.step + 1)
+
+    def train(self, logger) -> dict[str, float]:
+        hp, run = self.hp, self.run
+        stats: dict[str, float] = {}
         with progress(total=hp.steps, desc="train_sft", enabled=run.is_main, unit="step") as bar:
-            bar.update(step)
-            while step < hp.steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(hp, step)
-                batch = {k: v.to(run.device) for k, v in next(train_data).items()}
-                optimizer.zero_grad(set_to_none=True)
-                n_micro, sums = per_rank // micro, {}
-                for m in range(n_micro):
-                    sl = slice(m * micro, (m + 1) * micro)
-                    with run.no_sync(ddp_model, sync=m == n_micro - 1), run.autocast():
-                        loss = lm_loss(ddp_model, {k: v[sl] for k, v in batch.items()}, pad_token=pad) / n_micro
-                    loss.backward()
-                    add_scalars(sums, {"loss": loss})
-                loss_sum = to_floats(sums)["loss"]  # one host read per step
-                stepped = run.finite_or_skip(step + 1, losses={"train/loss": loss_sum}, parameters=model.parameters())
-                if stepped:
-                    optimizer.step()
-                step += 1
-                stats = distributed.all_reduce_stats({"train/loss": loss_sum} if stepped else {}, device=run.device)
-                stats["train/lr"] = optimizer.param_groups[0]["lr"]
+            bar.update(self.step)
+            while self.step < hp.steps:
+                lr = lr_at(hp, self.step)
+                batch = {k: v.to(run.device) for k, v in next(self.train_data).items()}
+                out = self.train_step(batch, lr)
+                self.step += 1
+                stats = distributed.all_reduce_stats({"train/loss": out["loss"]} if out else {}, device=run.device)
+                stats["train/lr"] = lr
                 if run.hp.skip_nonfinite:
                     stats["run/skipped_batches"] = run.skipped_batches
                 bar.set_postfix({"loss": f"{stats.get('train/loss', math.nan):.3f}"}, refresh=False)
                 bar.update(1)
-                if step % hp.eval_interval == 0 or step == hp.steps:
-                    stats.update(evaluate(hp, model, encoding=encoding, run=run, per_rank=per_rank))
-                if step % run.hp.log_interval == 0 or step == hp.steps or "eval/loss" in stats:
-                    logger.log(step, stats)
-                run.step_boundary(step, hp.steps, lambda: {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "data": train_data.state_dict(), "skipped_batches": run.skipped_batches})
-        run.finish(lambda d: save_model(d, gpt=model, meta={"kind": "gpt", "encoding": encoding.to_meta()}),
-                   model=model)
-        print0(f"language model saved to {run.save_dir}")
-        return run.save_dir
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+                if self.step % hp.eval_interval == 0 or self.step == hp.steps:
+                    stats.update(evaluate(hp, self.model, encoding=self.encoding, run=run, per_rank=self.per_rank))
+                if self.step % run.hp.log_interval == 0 or self.step == hp.steps or "eval/loss" in stats:
+                    logger.log(self.step, stats)
+                run.step_boundary(self.step, hp.steps, self.state_dict)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "data": self.train_data.state_dict(), "skipped_batches": self.run.skipped_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_data.load_state_dict(state["data"])
+        self.run.skipped_batches = state.get("skipped_batches", 0)
+        self.step = state["step"]
+
+    def save(self, save_dir: Path) -> None:
+        save_model(save_dir, gpt=self.model, meta={"kind": "gpt", "encoding": self.encoding.to_meta()})
+
+    def saved(self, final: dict[str, float]) -> str:
+        return f"language model saved to {self.run.save_dir}"
+
+
+def build_trainer(hp: TrainSFTHParams, run: Run) -> SFTTrainer:
+    """The model to train (see `initial_model`) and the batch layout, checked; the trainer."""
+    gpt, encoding = initial_model(hp, run)
+    if hp.seq_length > gpt.config.n_ctx:
+        raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
+    per_rank = run.per_rank(hp.batch_size, "batch_size")
+    micro = min(hp.micro_batch_size or per_rank, per_rank)
+    if per_rank % micro:
+        raise HParamsError(f"per-rank batch {per_rank} is not a multiple of {micro}", key="micro_batch_size")
+    lm_tasks.check_memory(run.device, [(
+        "micro_batch_size" if hp.micro_batch_size else "batch_size",
+        memory.training_bytes(gpt.config, rows=micro, tokens=hp.seq_length, value_bytes=2 if run.bf16 else 4,
+                              logits=True),
+        f"a training micro-batch of {micro} sequences (--micro_batch_size accumulates smaller ones)")])
+    return SFTTrainer(run=run, hp=hp, gpt=gpt, encoding=encoding, per_rank=per_rank, micro=micro)
+
+
+def train(hp: TrainSFTHParams, *, exp_name: str) -> Path:
+    return run_training(hp, exp_name=exp_name, build=lambda run: build_trainer(hp, run))
 
 
 @torch.no_grad()
