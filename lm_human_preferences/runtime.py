@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language.checkpoints import atomic_write_bytes  # noqa: F401 (the run files' writer)
+from lm_human_preferences.language.devices import parse_device
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0
 from lm_human_preferences.rundir import RunDir
@@ -76,11 +77,9 @@ class RunHParams(HParams):
         check_number(self, "save_every_s", at_least=0)
         check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
-            device = torch.device(self.device) if self.device != "auto" else None
-        except RuntimeError:
-            raise HParamsError("expected auto, cpu, cuda or cuda:N", key="device") from None
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise HParamsError("CUDA is not available on this machine; use cpu or auto", key="device")
+            parse_device(self.device)
+        except (ValueError, RuntimeError) as e:
+            raise HParamsError(str(e), key="device") from None
         if self.resume not in ("auto", "never") and not Path(self.resume).is_file():
             raise HParamsError(f"expected auto, never or a checkpoint file; there is no file {self.resume!r}",
                                key="resume")

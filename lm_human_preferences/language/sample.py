@@ -12,6 +12,7 @@ import sys
 import torch
 
 from lm_human_preferences.language import memory
+from lm_human_preferences.language.devices import parse_device
 
 
 def sample_from_logits(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None = None,
@@ -64,23 +65,6 @@ class SampleError(ValueError):
     command-line flag (`launch.py sample`) that has the keyword argument's name."""
 
 
-def _sample_device(device: str) -> torch.device:
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise SampleError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {device!r}: CUDA is not available on this machine; use cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SampleError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
-
-
 def _short(text: str, limit: int = 60) -> str:
     """`text` quoted, cut to `limit` characters (for messages about long prompts)."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
@@ -117,7 +101,10 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
         raise SampleError("no --prompt given")
     if any(not p for p in prompts):
         raise SampleError("empty --prompt: give at least one character of text")
-    dev = _sample_device(device)
+    try:
+        dev = parse_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise SampleError(f"--device {device!r}: {e}") from None
 
     pretrained = load_pretrained(model)  # a language model or policy, its encoding checked against it
     enc = pretrained.encoding
