@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from lm_human_preferences.runtime import RunHParams
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
-TEMPORARY_FILES = (".*.tmp-*", "*.jsonl.tmp")  # writes a kill interrupted (atomic writes; metrics cut back by
-#                                                earlier versions)
+# Files of writes a kill interrupted: `atomic_writer`'s, and metrics cut back by earlier versions.
+TEMPORARY_FILES = (".*.tmp-*", "*.jsonl.tmp")
 
 
 class CheckpointCorrupt(CheckpointError):

@@ -21,8 +21,10 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors.torch import load_file
@@ -264,25 +266,34 @@ def temp_file_beside(target: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file beside it, synced, then renamed over it: a
-    crash leaves the old file or the new one, never a part. An OSError names `path`."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", **open_args) -> Iterator[IO]:
+    """A file opened in `mode` to write `path` through: a temporary file beside it (created with
+    its directory), synced and renamed over `path` when the block ends, removed when the block
+    raises. A crash leaves the old file or the new one, never a part. The one way this library
+    writes a file whole (models, checkpoints, run files, labels, data sets, reports)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    fd, tmp = temp_file_beside(path)
     try:
-        fd, tmp = temp_file_beside(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` with `atomic_writer`. An OSError names `path`."""
+    try:
+        with atomic_writer(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,
