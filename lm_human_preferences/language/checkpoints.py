@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from lm_human_preferences.language.errors import CheckpointError
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 
 FORMAT = "lm_human_preferences"
@@ -38,10 +39,6 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_IGNORED = re.compile(r"(^lm_head\.weight$|\.attn\.bias$|\.attn\.masked_bias$)")
 STANDARD_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -168,7 +165,7 @@ def _load_tf(folder: Path) -> LoadedWeights:
     sd = {}
     try:
         arrays = tf_checkpoint.read_checkpoint(str(folder))
-    except (FileNotFoundError, tf_checkpoint.CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise CheckpointError(f"{folder}: cannot read the TensorFlow checkpoint ({e})") from None
     for name, arr in arrays.items():
         parts = name.split("/")
