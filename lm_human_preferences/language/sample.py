@@ -70,6 +70,27 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
+def _checked(*, prompts: list[str], length: int, temperature: float, seed: int, num_samples: int,
+             device: str) -> torch.device:
+    """The device to sample on, once `sample_prompts`' arguments are known to work (else a SampleError)."""
+    if length < 1:
+        raise SampleError(f"--length must be >= 1 (got {length})")
+    if num_samples < 1:
+        raise SampleError(f"--num_samples must be >= 1 (got {num_samples})")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SampleError(f"--temperature must be a number >= 0, 0 for greedy (got {temperature})")
+    if not 0 <= seed < 2**64:
+        raise SampleError(f"--seed must be an integer in [0, 2**64) (got {seed})")
+    if not prompts:
+        raise SampleError("no --prompt given")
+    if any(not p for p in prompts):
+        raise SampleError("empty --prompt: give at least one character of text")
+    try:
+        return parse_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise SampleError(f"--device {device!r}: {e}") from None
+
+
 def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: float, seed: int,
                    num_samples: int = 1, device: str = "auto") -> list[dict]:
     """Continuations of text prompts from a model directory (converted GPT-2, SFT or policy).
@@ -89,22 +110,8 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     """
     from lm_human_preferences.lm_tasks import load_pretrained
 
-    if length < 1:
-        raise SampleError(f"--length must be >= 1 (got {length})")
-    if num_samples < 1:
-        raise SampleError(f"--num_samples must be >= 1 (got {num_samples})")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise SampleError(f"--temperature must be a number >= 0, 0 for greedy (got {temperature})")
-    if not 0 <= seed < 2**64:
-        raise SampleError(f"--seed must be an integer in [0, 2**64) (got {seed})")
-    if not prompts:
-        raise SampleError("no --prompt given")
-    if any(not p for p in prompts):
-        raise SampleError("empty --prompt: give at least one character of text")
-    try:
-        dev = parse_device(device)
-    except (ValueError, RuntimeError) as e:
-        raise SampleError(f"--device {device!r}: {e}") from None
+    dev = _checked(prompts=prompts, length=length, temperature=temperature, seed=seed, num_samples=num_samples,
+                   device=device)
 
     pretrained = load_pretrained(model)  # a language model or policy, its encoding checked against it
     enc = pretrained.encoding
