@@ -51,7 +51,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 class RunHParams(HParams):
     seed: int = 0  # seed of every random draw (each rank and purpose derives its own)
     save_dir: str = ""  # the run directory (empty: runs/<experiment>)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tf32: bool = True  # bf16 on CUDA: fp32 matmuls (the LM head) use TF32 tensor cores, fp32 outputs
     compile: bool = False  # torch.compile the transformer blocks of full passes (for GPUs; see GPT.compile_blocks)
