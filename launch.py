@@ -76,7 +76,7 @@ def trainer_hparams(subcommand: str, task: str, args: list[str]):
 
 
 def cmd_train(subcommand: str, argv: list[str]) -> None:
-    from lm_human_preferences.hparams import help_lines
+    from lm_human_preferences.hparams_help import help_lines
 
     p = argparse.ArgumentParser(prog=f"launch.py {subcommand}", add_help=False,
                                 description=f"{subcommand} <task> <experiment> [--key=value ...]")

@@ -958,10 +958,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile our full passes (run.compile) and the peer's training model; meant for GPUs "
                          "(compiling takes minutes on a CPU); results go to bench/results-<device>-compile.json")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device cuda: CUDA is not available (torch {torch.__version__}, built with CUDA "
-                 f"{torch.version.cuda or 'no'})")
-    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    from lm_human_preferences.language.devices import parse_device
+
+    try:
+        dev = parse_device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device}: {e} (torch {torch.__version__}, built with CUDA {torch.version.cuda or 'no'})")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(default_sections(dev))
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:

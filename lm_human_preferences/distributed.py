@@ -29,6 +29,7 @@ at import time.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Mapping
@@ -39,26 +40,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DistInfo",
-    "init",
-    "cleanup",
-    "get_rank",
-    "get_world_size",
-    "is_main",
-    "barrier",
-    "all_reduce_mean",
-    "all_reduce_sum",
-    "all_reduce_max",
-    "all_reduce_stats",
-    "all_gather_cat",
-    "broadcast_object",
-    "any_rank",
-    "seed_for_rank",
-    "PeerLost",
-    "peer_failure",
-    "speaks",
-]
+from lm_human_preferences.language.devices import device_named, parse_device
+
+__all__ = ["DistInfo", "init", "cleanup", "get_rank", "get_world_size", "is_main", "barrier", "all_reduce_mean",
+           "all_reduce_sum", "all_reduce_max", "all_reduce_stats", "all_gather_cat", "broadcast_object", "any_rank",
+           "seed_for_rank", "PeerLost", "peer_failure", "speaks"]
 
 _SEED_STRIDE = 100003  # a prime, so per-rank seed streams of nearby base seeds don't collide
 
@@ -92,9 +78,7 @@ class _Group:  # what this process keeps of its process group besides torch's ow
 _group = _Group(store=None, timeout_s=0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Setup / teardown
-# --------------------------------------------------------------------------------------------
+# ---- Setup / teardown ----------------------------------------------------------------------------
 
 
 def _env_int(name: str, default: int) -> int:
@@ -109,33 +93,19 @@ def _env_int(name: str, default: int) -> int:
 
 def _resolve_device(device: str | torch.device, local_rank: int, world_size: int = 1) -> torch.device:
     spec = str(device)
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and dev.index is not None and world_size > 1 and dev.index != local_rank:
+        named = device_named(spec)
+    except ValueError as e:
+        raise ValueError(f"unknown device {spec!r}; {e}") from None
+    if named is not None and named.type == "cuda" and named.index not in (None, local_rank) and world_size > 1:
         raise ValueError(
             f"device={spec!r} names one GPU, but this is one of {world_size} processes (LOCAL_RANK="
             f"{local_rank}) and each needs its own: use device='cuda' or 'auto' (rank i takes "
             "cuda:LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose which GPUs")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device={spec!r} was requested but CUDA is not available on this machine "
-                f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda or 'no'}); "
-                "use device='cpu' or device='auto'"
-            )
-        index = local_rank if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"this rank needs cuda:{index} (local rank {local_rank}) but only "
-                f"{torch.cuda.device_count()} CUDA device(s) are visible; launch at most that many "
-                "processes per node"
-            )
-        return torch.device("cuda", index)
-    return dev
+    try:
+        return parse_device(spec, index=local_rank)
+    except RuntimeError as e:
+        raise RuntimeError(f"device={spec!r} on local rank {local_rank}: {e}") from None
 
 
 def init(device: str | torch.device = "auto", *, timeout_s: float = 600) -> DistInfo:
@@ -200,13 +170,15 @@ def _create_group(backend: str, rank: int, world_size: int, timeout_s: float) ->
 def cleanup() -> None:
     """Destroy the process group if one exists (safe to call always, and more than once)."""
     if _initialized():
+        # Objects an exception left in reference cycles (its traceback's frames) can still hold a
+        # DDP model, whose reducer uses the group: destroyed under it, a gloo rank could abort in
+        # teardown ("terminate called without an active exception"). Collect them first.
+        gc.collect()
         dist.destroy_process_group()
     _group.store = None
 
 
-# --------------------------------------------------------------------------------------------
-# Queries
-# --------------------------------------------------------------------------------------------
+# ---- Queries -------------------------------------------------------------------------------------
 
 
 def _initialized() -> bool:
@@ -239,9 +211,7 @@ def seed_for_rank(seed: int, rank: int) -> int:
     return seed + _SEED_STRIDE * rank
 
 
-# --------------------------------------------------------------------------------------------
-# Collectives (all are no-ops / local values without a process group)
-# --------------------------------------------------------------------------------------------
+# ---- Collectives (all are no-ops / local values without a process group) ---------------------------
 
 
 def _comm_device() -> torch.device:
@@ -345,9 +315,7 @@ def any_rank(flag: bool) -> bool:
     return bool(buf.item())
 
 
-# --------------------------------------------------------------------------------------------
-# When a rank stops: what the others say, and who prints an error
-# --------------------------------------------------------------------------------------------
+# ---- When a rank stops: what the others say, and who prints an error -----------------------------
 
 # What gloo, NCCL and the store say when the other end of a connection went away (gloo raises
 # plain RuntimeErrors that name its source file; NCCL and the store raise DistErrors).

@@ -11,7 +11,6 @@ what was expected and what was found.
 
 import http.client
 import json
-import os
 import sys
 import urllib.parse
 import urllib.request
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lm_human_preferences.label_types import LabelType
+from lm_human_preferences.language.checkpoints import atomic_write_bytes, atomic_writer
 
 OAI_LABEL_URL_BASE = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"
 DEFAULT_LABEL_FILES = {
@@ -172,19 +172,6 @@ def labels_to_tensors(rows: list[dict], *, label_type: LabelType) -> dict[str, t
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to `path.tmp-<pid>` in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_labels(path, rows, *, label_type: LabelType, query_length: int, response_length: int, vocab_size: int,
                  pad_token: int) -> None:
     """Validate `rows` (Python values, tensors or numpy arrays) and write them atomically, one row a line."""
@@ -194,8 +181,7 @@ def write_labels(path, rows, *, label_type: LabelType, query_length: int, respon
     _validate(rows, where=str(path), label_type=label_type, query_length=query_length,
               response_length=response_length, vocab_size=vocab_size, pad_token=pad_token)
     lines = [json.dumps({field: row[field] for field in kinds}, allow_nan=False) for row in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, ("[\n" + ",\n".join(lines) + "\n]\n").encode("utf-8"))
+    atomic_write_bytes(path, ("[\n" + ",\n".join(lines) + "\n]\n").encode("utf-8"))
 
 
 def cached_label_path(url: str, *, cache_dir) -> Path:
@@ -224,30 +210,23 @@ def resolve_label_source(source, *, cache_dir, timeout: float = 60.0) -> Path:
     path = cached_label_path(source, cache_dir=cache_dir)
     if path.is_file():
         return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with urllib.request.urlopen(source, timeout=timeout) as response:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _download(response, tmp, desc=f"download {path.name}")
-        os.replace(tmp, path)
+        with urllib.request.urlopen(source, timeout=timeout) as response, atomic_writer(path) as f:
+            _download(response, f, desc=f"download {path.name}")
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, short reads, disk
         raise LabelFileError(
             f"could not download label file {source}: {e}. Without network access, download it elsewhere and "
             f"place it at {path}, or pass --labels.source=PATH to use a local copy."
         ) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
-def _download(response, tmp: Path, *, desc: str) -> None:
-    """Stream an HTTP response into `tmp` with a tqdm bar on stderr; fsync; check the length."""
+def _download(response, f, *, desc: str) -> None:
+    """Stream an HTTP response into the file `f` with a tqdm bar on stderr; check the length."""
     total = int(response.headers.get("Content-Length") or 0) or None
-    with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
         while chunk := response.read(1 << 20):
             f.write(chunk)
             bar.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
     if total is not None and bar.n != total:
         raise ConnectionError(f"connection closed after {bar.n} of {total} bytes")

@@ -31,6 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lm_human_preferences import distributed
+from lm_human_preferences.language.checkpoints import atomic_write_bytes
 
 __all__ = ["print0", "progress", "Logger", "summary_line", "to_jsonable"]
 
@@ -133,12 +134,7 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if not dropped:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(kept).encode("utf-8"))
 
 
 class Logger:

@@ -31,7 +31,7 @@ import json
 from lm_human_preferences import (collect_labels, distributed, labelers, lm_tasks, rewards, scoring, train_policy,
                                   train_reward, train_sft)
 from lm_human_preferences.hparams import MAX_COUNT, HParamsError
-from lm_human_preferences.language.checkpoints import CheckpointError
+from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes, atomic_writer
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.run_status import changed_settings, list_changes, run_finished
@@ -103,8 +103,11 @@ def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
         inset.set_title("reward model loss", fontsize=7)
         inset.tick_params(labelsize=6)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_writer(out) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(path: Path, *, task_name: str, before: dict, after: dict, query_texts: list[str],
@@ -131,7 +134,7 @@ def write_report(path: Path, *, task_name: str, before: dict, after: dict, query
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {'—' if v is None else f'{v:.0f}'}{' (reused)' if k in reused else ''} |"
               for k, v in timings.items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def earlier_seconds(summary: Path) -> dict[str, float]:
@@ -295,7 +298,7 @@ def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dic
                  reward_eval=reward_eval, reused=frozenset(reused))
     summary = {"initial": {k: before[k] for k in ("score", "gold", "kl")},
                "final": {k: after[k] for k in ("score", "gold", "kl")}, "seconds": timings}
-    (base_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(base_root / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     print0(f"gold score {before['gold']:+.3f} -> {after['gold']:+.3f}, reward-model score "
            f"{before['score']:+.3f} -> {after['score']:+.3f}, KL {after['kl']:.2f}")
     print0(f"report: {report}")

@@ -35,7 +35,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from lm_human_preferences.labels import LabelFileError, _atomic_write_bytes, _describe, _is_finite_number
+from lm_human_preferences.labels import LabelFileError, _describe, _is_finite_number
+from lm_human_preferences.language.checkpoints import atomic_write_bytes
 
 
 class PreferenceFileError(LabelFileError):
@@ -361,7 +362,7 @@ def write_pairs(path, pairs, *, format: str = "pairs") -> None:
     path = Path(path)
     text = format_pairs(list(pairs), format=format, where=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------- the hub

@@ -1,6 +1,6 @@
 """What a run directory says about its run, and how a run stops: status.json, whether a run
-finished, the settings a run was started with, verified checkpoint files, the messages that say
-what a rerun does, and SIGINT/SIGTERM during training.
+finished, the settings a run was started with, the messages that say what a rerun does, and
+SIGINT/SIGTERM during training. `RunDir` (rundir.py) writes and reads the directory with these.
 
     status.json    {"state": "running"} from the moment a run starts writing its directory, then
                    {"state": S, "exit_status": N, "step": K, "error": "..."} when it ends:
@@ -19,25 +19,18 @@ step: it saves a checkpoint there and stops with `Interrupted`; a second signal 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
-import shutil
 import signal
 import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from lm_human_preferences.hparams import HParams, HParamsError
-from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes, load_failure
+from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
 
 STATUS_FILE = "status.json"
 MODEL_FILES = ("model.safetensors", "config.json")  # a trainer's final outputs, written by `save_model`
-TEMPORARY_FILES = (".*.tmp-*", "*.jsonl.tmp")  # writes a kill interrupted (atomic writes, metrics cut back)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -147,26 +140,6 @@ def run_finished(save_dir: Path, outputs: Iterable[str] = MODEL_FILES) -> bool:
     return status.get("state") == "finished"
 
 
-def prepare_run_dir(save_dir: Path, *, outputs: Iterable[str], hparams: bytes) -> None:
-    """Mark `save_dir` as holding a running run, then remove the final `outputs` of an earlier
-    run and the temporary files of writes a kill interrupted (the checkpoints' own are `Run`'s),
-    and write `hparams` as hparams.json. A directory it created is removed again if that fails."""
-    created = not save_dir.exists()
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        write_status(save_dir, "running")  # first: the outputs below are no longer this run's
-        for name in outputs:
-            (save_dir / name).unlink(missing_ok=True)
-        for pattern in TEMPORARY_FILES:
-            for tmp in save_dir.glob(pattern):
-                tmp.unlink(missing_ok=True)
-        atomic_write_bytes(save_dir / "hparams.json", hparams)
-    except OSError:
-        if created:  # leave no half-made run directory behind
-            shutil.rmtree(save_dir, ignore_errors=True)
-        raise
-
-
 # ---- what a rerun does -----------------------------------------------------------------------
 def rerun_after_nonfinite(newest: int | None, *, save_interval: int) -> str:
     """The stop of a run at a non-finite value: from which checkpoint a rerun resumes, or why none."""
@@ -195,50 +168,6 @@ def write_failure(error: OSError, *, doing: str, save_dir: Path, newest: int | N
     return (f"cannot write {error.filename or save_dir} ({error.strerror or error}) while {doing}; no partial "
             f"file is left, and {kept}. Free space or make {save_dir} writable (or pass --run.save_dir=DIR), "
             f"then rerun the same command")
-
-
-# ---- checkpoint files and non-finite values --------------------------------------------------
-class CheckpointCorrupt(CheckpointError):
-    """A training checkpoint that is missing, truncated, unverifiable or unreadable."""
-
-
-def load_verified(path: Path) -> dict:
-    """A checkpoint whose sha256 matches the one recorded beside it (weights_only: no pickle)."""
-    sidecar = path.with_name(path.name + ".sha256")
-    if not path.is_file():
-        raise CheckpointCorrupt(f"{path}: no such checkpoint file")
-    if not sidecar.is_file():
-        raise CheckpointCorrupt(f"{path}: no {sidecar.name} beside it (an interrupted write?)")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sidecar.read_text(errors="replace").strip():
-        raise CheckpointCorrupt(f"{path}: contents do not match {sidecar.name} (truncated or corrupt)")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or a pickle payload weights_only refused
-        raise CheckpointCorrupt(f"{path}: not a readable checkpoint ({load_failure(e)})") from None
-    if not isinstance(state, dict):
-        raise CheckpointCorrupt(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict)")
-    return state
-
-
-def nonfinite_names(state) -> str:
-    """The names of the non-finite floating tensors and floats in a (nested) state dict, the
-    first few joined for a message; "" when all are finite."""
-    bad = _nonfinite(state, "")
-    return ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-
-
-def _nonfinite(state, prefix: str) -> list[str]:
-    if isinstance(state, dict):
-        return [n for k, v in state.items() for n in _nonfinite(v, f"{prefix}{k}.")]
-    if isinstance(state, (list, tuple)):
-        return [n for i, v in enumerate(state) for n in _nonfinite(v, f"{prefix}{i}.")]
-    name = prefix.rstrip(".")
-    if isinstance(state, torch.Tensor):
-        return [name] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
-    if isinstance(state, float):
-        return [] if math.isfinite(state) else [name]
-    return []
 
 
 # ---- signals ---------------------------------------------------------------------------------

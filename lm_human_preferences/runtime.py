@@ -1,15 +1,10 @@
-"""What every trainer process shares: ranks and devices, seeds, precision, the run directory,
-logging and resumable checkpoints. Trainers build one `Run` and ask it for these.
+"""What every trainer process shares: ranks and devices, precision, seeds, distribution and
+the numerical guard; trainers build one `Run` and ask it for these. A `Run` is also its run
+directory (`rundir.RunDir`: outputs, checkpoints, resume, status.json).
 
 Compute setup is the command's, not the run's: the first `Run` of a command creates the process
 group (`distributed.init`), every later one reuses it, and `Run.close` leaves it alone; the
 command destroys it once at the end (`distributed.cleanup`, which launch.py calls).
-
-Run directory (the stable contract, see the README):
-    hparams.json        resolved config          metrics.jsonl   one object per logged step
-    samples.jsonl       decoded samples          checkpoints/    step_000010.pt + .sha256
-    model.safetensors + config.json              the final model
-    status.json         running, or how the run ended and its exit status (see run_status)
 
 Randomness is derived, not carried: every update draws from generators seeded by
 (seed, rank, purpose, update), so a resumed run repeats an uninterrupted one without saving
@@ -25,14 +20,10 @@ after more than `run.max_skipped_in_a_row` in a row). After each step they call
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -45,17 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
-from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes, one_line
+from lm_human_preferences.language.checkpoints import atomic_write_bytes  # noqa: F401 (the run files' writer)
+from lm_human_preferences.language.devices import parse_device
 from lm_human_preferences.language.gpt import GPT
-from lm_human_preferences.logs import Logger, print0
-from lm_human_preferences.run_status import (MODEL_FILES, CheckpointCorrupt, Interrupted, RunDirError, StopSignals,
-                                             changed_settings, ending, list_changes, load_verified, nonfinite_names,
-                                             prepare_run_dir, rerun_after_interrupt, rerun_after_nonfinite,
-                                             run_finished, write_failure, write_status)
+from lm_human_preferences.logs import print0
+from lm_human_preferences.rundir import RunDir
 
 PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
 SAMPLING_PURPOSES = ("sample", "labels")  # generators that `language.sample` draws from
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 M = TypeVar("M", bound=torch.nn.Module)
 
 
@@ -63,7 +51,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 class RunHParams(HParams):
     seed: int = 0  # seed of every random draw (each rank and purpose derives its own)
     save_dir: str = ""  # the run directory (empty: runs/<experiment>)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tf32: bool = True  # bf16 on CUDA: fp32 matmuls (the LM head) use TF32 tensor cores, fp32 outputs
     compile: bool = False  # torch.compile the transformer blocks of full passes (for GPUs; see GPT.compile_blocks)
@@ -89,11 +77,9 @@ class RunHParams(HParams):
         check_number(self, "save_every_s", at_least=0)
         check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
-            device = torch.device(self.device) if self.device != "auto" else None
-        except RuntimeError:
-            raise HParamsError("expected auto, cpu, cuda or cuda:N", key="device") from None
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise HParamsError("CUDA is not available on this machine; use cpu or auto", key="device")
+            parse_device(self.device)
+        except (ValueError, RuntimeError) as e:
+            raise HParamsError(str(e), key="device") from None
         if self.resume not in ("auto", "never") and not Path(self.resume).is_file():
             raise HParamsError(f"expected auto, never or a checkpoint file; there is no file {self.resume!r}",
                                key="resume")
@@ -171,16 +157,17 @@ def other_threads(checkpoint: Path, threads: int) -> str | None:
             f"run goes on, but not bitwise as one uninterrupted run (rerun with --run.threads={before} for that)")
 
 
-class Run:
+class Run(RunDir):
+    """A run's compute setup (device, precision, seeds, process group, threads) and, inherited,
+    its run directory; `close` restores the process settings it changed."""
+
     def __init__(self, hp: RunHParams, *, exp_name: str, config: HParams):
-        self.hp, self.config = hp, config
         # The command's one process group: created by its first Run, reused by every later one
         # (pipeline stages, a trainer started by another) and destroyed when the command ends.
         self.dist = distributed.init(hp.device, timeout_s=hp.timeout_s)
         self.device = self.dist.device
-        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
-        self.save_dir = Path(hp.save_dir or f"runs/{exp_name}")
-        self.exp_name = exp_name
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        super().__init__(hp, exp_name=exp_name, config=config, is_main=self.dist.is_main, clock=time.monotonic)
         dtype = hp.dtype if hp.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.bf16 = dtype == "bf16"
         self._tf32_before = torch.backends.cuda.matmul.allow_tf32  # restored by `close`
@@ -190,15 +177,22 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
         self._threads_before = use_threads(hp)
-        self.logger: Logger | None = None
-        self.resumed_from: Path | None = None
         self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
         self.skipped_in_a_row = 0
-        self.step = 0  # steps done, as `step_boundary` was last told
-        self.outputs = MODEL_FILES  # the final outputs, which `start` invalidates (see `already_finished`)
-        self._started = False  # status.json says running: `stopped` records how the run ended
-        self._signals = StopSignals(announce=self.is_main)
-        self._last_save = time.monotonic()
+
+    def close(self):
+        torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+        super().close()
+
+    def resume(self, load_state_dict: Callable[[dict], None]) -> bool:
+        """`RunDir.resume`, with a warning when the checkpoint's run used other CPU threads."""
+        if not super().resume(load_state_dict):
+            return False
+        if self.device.type == "cpu" and (warning := other_threads(self.resumed_from, self.hp.threads)):
+            print0(warning, file=sys.stderr)
+        return True
 
     # ---- randomness -------------------------------------------------------------------
     def generator(self, purpose: str, step: int = 0, *, shared: bool = False) -> torch.Generator:
@@ -264,218 +258,3 @@ class Run:
                                              f"--run.max_skipped_in_a_row={self.hp.max_skipped_in_a_row}")
         print0(f"warning: step {step}: {what}; batch skipped ({self.skipped_batches} so far)", file=sys.stderr)
         return False
-
-    def nonfinite_error(self, step: int, what: str, *, hint: str = "") -> FloatingPointError:
-        """The error that stops the run at `step` (exit status 3), saying what a rerun does."""
-        rerun = rerun_after_nonfinite(self.newest_checkpoint(), save_interval=self.hp.save_interval)
-        return FloatingPointError(f"step {step}: {what}; the run stopped ({rerun}{', ' + hint if hint else ''})")
-
-    # ---- run directory ----------------------------------------------------------------
-    def start(self, *, resume_step: int | None = None, stop_at_step_end: bool = True) -> Logger:
-        """Mark the run directory as running (status.json), remove a previous run's final outputs
-        and the temporary files of interrupted writes, write hparams.json and create the logger;
-        call once inputs are validated. With `stop_at_step_end`, SIGINT and SIGTERM stop the run
-        at the next `step_boundary` (a trainer that has none passes False)."""
-        self.step = resume_step or 0
-        hparams = (json.dumps(self.config.to_dict(), indent=2) + "\n").encode()
-
-        def prepare():
-            prepare_run_dir(self.save_dir, outputs=self.outputs, hparams=hparams)
-            self._drop_checkpoints_after(-1 if resume_step is None else resume_step)
-
-        self._main_writes(prepare, doing="starting the run")
-        self._started = True
-        self.logger = Logger(self.save_dir, enabled=self.is_main, wandb=self.hp.wandb,
-                             run_name=self.exp_name, config=self.config.flat_items(), resume_step=resume_step)
-        if stop_at_step_end:
-            self._signals.install()
-        self._last_save = time.monotonic()
-        return self.logger
-
-    def _main_writes(self, write: Callable[[], None], *, doing: str) -> None:
-        """Rank 0 runs `write`; then every rank raises what stopped it: a RunDirError for an
-        OSError (the directory is read-only, full, ...), or its FloatingPointError."""
-        failure = None
-        if self.is_main:
-            try:
-                write()
-            except OSError as e:
-                failure = ("write", write_failure(e, doing=doing, save_dir=self.save_dir,
-                                                  newest=self.newest_checkpoint()))
-            except FloatingPointError as e:
-                failure = ("nonfinite", str(e))
-        failure = distributed.broadcast_object(failure)  # also the barrier after rank 0's writes
-        if failure is not None:
-            raise (RunDirError if failure[0] == "write" else FloatingPointError)(failure[1])
-
-    def stopped(self, error: BaseException) -> None:
-        """Call with the exception that stops the trainer, then re-raise it. A started run records
-        how it ended in status.json (`run_status.ending`); an interrupt that does not say what a
-        rerun does is given that line."""
-        self._signals.uninstall()
-        if not self._started:
-            return
-        state, status = ending(error)
-        if isinstance(error, KeyboardInterrupt) and not str(error) and self._signals.installed:
-            error.args = (rerun_after_interrupt(self.newest_checkpoint()),)
-        if self.is_main:
-            with contextlib.suppress(OSError):
-                write_status(self.save_dir, state, exit_status=status, step=self.step, error=one_line(error))
-
-    def close(self):
-        torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
-        if self._threads_before is not None:
-            torch.set_num_threads(self._threads_before)
-        if self.logger is not None:
-            self.logger.close()
-
-    # ---- checkpoints ------------------------------------------------------------------
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.save_dir / "checkpoints"
-
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of every `checkpoints/step_*.pt`, oldest first."""
-        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.glob("step_*.pt")
-                 if (m := CHECKPOINT_NAME.fullmatch(p.name))]
-        return sorted(found)
-
-    def newest_checkpoint(self) -> int | None:
-        """The step of the newest checkpoint on disk, for messages (None: none, or unreadable)."""
-        with contextlib.suppress(OSError):
-            found = self.checkpoints()
-            return found[-1][0] if found else None
-        return None
-
-    @staticmethod
-    def _remove_checkpoint(path: Path) -> None:
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-
-    def _drop_checkpoints_after(self, step: int) -> None:
-        """A run starting at `step` abandons later checkpoints (an earlier run's, a corrupt one)
-        and the temporary files of writes a crash interrupted."""
-        for s, path in self.checkpoints():
-            if s > step:
-                self._remove_checkpoint(path)
-        for tmp in self.checkpoint_dir.glob(".step_*.tmp-*"):
-            tmp.unlink(missing_ok=True)
-
-    def step_boundary(self, step: int, total: int, state: Callable[[], dict]) -> None:
-        """Call after each of `total` steps (`step` done so far). Before the last, saves
-        `state()` as a checkpoint every `run.save_interval` steps, once `run.save_every_s` seconds
-        passed since the last save, and when SIGINT or SIGTERM came: then it stops the run
-        (`Interrupted`, exit status 130 or 143). Every rank decides alike, in one collective."""
-        self.step = step
-        if step >= total:
-            return
-        timed = self.hp.save_every_s > 0 and time.monotonic() - self._last_save >= self.hp.save_every_s
-        signum, timed = distributed.all_reduce_max(torch.tensor([self._signals.pending, int(timed)])).tolist()
-        if signum or timed or (self.hp.save_interval and step % self.hp.save_interval == 0):
-            self.save_checkpoint(step, state())
-        if signum:
-            raise Interrupted(signum, f"interrupted after step {step}, saved as a checkpoint; rerun the same "
-                                      f"command to resume from it")
-
-    def save_checkpoint(self, step: int, state: dict) -> None:
-        """Rank 0 writes `checkpoints/step_{step:06d}.pt` and its sha256 (each to a temporary file,
-        then renamed), then keeps only the newest `run.keep_checkpoints`. A state with non-finite
-        values is not saved: the run stops (FloatingPointError)."""
-        path = self.checkpoint_dir / f"step_{step:06d}.pt"
-
-        def write():
-            bad = nonfinite_names(state)
-            if bad:
-                raise self.nonfinite_error(step, f"non-finite values in the training state ({bad}), which was not "
-                                                 f"saved")
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            data = buf.getvalue()
-            try:
-                atomic_write_bytes(path, data)
-                atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-            except OSError:
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)  # not a checkpoint without its sha256
-                raise
-            for _, old in self.checkpoints()[:-self.hp.keep_checkpoints]:
-                self._remove_checkpoint(old)
-
-        self._main_writes(write, doing=f"saving the checkpoint of step {step}")
-        self._last_save = time.monotonic()
-
-    def load_checkpoint(self) -> dict | None:
-        """The newest good checkpoint per `run.resume` (auto | never | PATH), or None; its path
-        goes to `resumed_from`. In auto mode a bad checkpoint is reported and an older one used."""
-        if self.hp.resume == "never":
-            return None
-        candidates = ([Path(self.hp.resume)] if self.hp.resume != "auto"
-                      else [path for _, path in reversed(self.checkpoints())])
-        for path in candidates:
-            try:
-                state = load_verified(path)
-            except CheckpointCorrupt as e:
-                if self.hp.resume != "auto":
-                    raise CheckpointCorrupt(f"--run.resume: {e}") from None
-                print0(f"warning: skipping bad checkpoint {e}", file=sys.stderr)
-                continue
-            changed = changed_settings(path.parent.parent / "hparams.json", self.config)
-            if changed:
-                raise HParamsError(f"{path}: its run was started with other settings ({list_changes(changed)}); "
-                                   f"rerun with those to resume it, or pass --run.resume=never to start over")
-            self.resumed_from = path
-            return state
-        return None
-
-    def resume(self, load_state_dict: Callable[[dict], None]) -> bool:
-        """Load the checkpoint `load_checkpoint` picks with `load_state_dict`; False if none.
-        A checkpoint that does not fit the trainer (another model, another config) is a
-        CheckpointError naming it."""
-        state = self.load_checkpoint()
-        if state is None:
-            return False
-        try:
-            load_state_dict(state)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            raise CheckpointError(f"{self.resumed_from}: does not fit this run ({type(e).__name__}: {one_line(e)}); "
-                                  "pass --run.resume=PATH to another checkpoint, or --run.resume=never to start "
-                                  "over") from None
-        if self.device.type == "cpu" and (warning := other_threads(self.resumed_from, self.hp.threads)):
-            print0(warning, file=sys.stderr)
-        print0(f"resuming from {self.resumed_from}")
-        return True
-
-    def already_finished(self, *outputs: str) -> bool:
-        """Under `run.resume=auto`, True when the run directory holds this run, finished (status.json
-        says so and its final `outputs` exist; default: the model files `finish` writes): rerunning
-        a finished command does nothing. With other settings than the finished run's, an error
-        saying so. `outputs` are also what `start` removes before a new run writes them again."""
-        self.outputs = outputs or MODEL_FILES
-        if self.hp.resume != "auto" or not run_finished(self.save_dir, self.outputs):
-            return False
-        changed = changed_settings(self.save_dir / "hparams.json", self.config)
-        if changed:
-            raise HParamsError(f"{self.save_dir} holds a finished run with other settings "
-                               f"({list_changes(changed)}); pass --run.resume=never to train it again with "
-                               f"these, or choose another experiment name or --run.save_dir")
-        print0(f"{self.save_dir} holds this run, finished; nothing to do (--run.resume=never trains it again)")
-        return True
-
-    def finish(self, write_final: Callable[[Path], object], *, model: torch.nn.Module | None = None) -> None:
-        """Rank 0 checks that `model` is finite, runs `write_final(save_dir)`, records the run as
-        finished (status.json) and deletes the checkpoints, unless `run.keep_checkpoints_after_finish`.
-        A non-finite model is not saved: the run stops (FloatingPointError)."""
-        self._signals.uninstall()
-        if self._signals.pending:
-            print0("no step was left to stop after; the run finishes", file=sys.stderr)
-
-        def write():
-            bad = nonfinite_names(model.state_dict()) if model is not None else ""
-            if bad:
-                raise self.nonfinite_error(self.step, f"non-finite parameters ({bad}); the model was not saved")
-            write_final(self.save_dir)
-            write_status(self.save_dir, "finished", exit_status=0, step=self.step)
-            if not self.hp.keep_checkpoints_after_finish:
-                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-
-        self._main_writes(write, doing="saving the final outputs")

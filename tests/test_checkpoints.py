@@ -196,3 +196,18 @@ def test_openai_tf_checkpoint_matches_transformers(tmp_path):
     (tmp_path / "model.ckpt.data-00000-of-00001").unlink()
     with pytest.raises(CheckpointError, match="data-00000-of-00001"):
         load_gpt(tmp_path)
+
+
+def test_atomic_writer_keeps_the_old_file_when_the_block_fails(tmp_path):
+    from lm_human_preferences.language.checkpoints import atomic_writer
+
+    path = tmp_path / "new" / "passages.jsonl"
+    with atomic_writer(path, "w", encoding="utf-8") as f:
+        f.write("ünïcode\n")
+    assert path.read_text(encoding="utf-8") == "ünïcode\n"
+    with pytest.raises(KeyError):
+        with atomic_writer(path, "w", encoding="utf-8") as f:
+            f.write("half of it")
+            raise KeyError("stopped")
+    assert path.read_text(encoding="utf-8") == "ünïcode\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["passages.jsonl"]  # no temporary file left

@@ -223,6 +223,17 @@ def test_init_unknown_device(clean_env):
         distributed.init("gpu")
 
 
+def test_cleanup_collects_garbage_before_destroying_the_group(clean_env):
+    """A DDP model left in a reference cycle by an exception must be gone before the group is
+    destroyed under it (a gloo rank could abort in teardown otherwise)."""
+    calls = []
+    clean_env.setattr(distributed, "_initialized", lambda: True)
+    clean_env.setattr(distributed.gc, "collect", lambda: calls.append("collect"))
+    clean_env.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.cleanup()
+    assert calls == ["collect", "destroy"]
+
+
 def test_helpers_without_process_group(clean_env):
     assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_main()) == (0, 1, True)
     distributed.barrier()

@@ -139,3 +139,32 @@ def test_two_rank_pipeline_under_torchrun_finishes_every_time(tmp_path):
         assert headers == [f"[{i}/5]" for i in range(1, 6)], proc.stdout
         assert "[rank" not in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "b" / "report.md").is_file()
+
+
+def test_the_report_and_curves_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A full disk while writing report.md or curves.png leaves the earlier ones as they were."""
+    import errno
+
+    from lm_human_preferences import pipeline
+    from lm_human_preferences.language import checkpoints
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "objective/score": 0.5, "train/loss": 1.0}) + "\n")
+    side = {"score": 0.0, "gold": 0.0, "kl": 0.0, "texts": ["a"], "gold_each": [0.0]}
+    report, curves = tmp_path / "report.md", tmp_path / "curves.png"
+    report.write_text("earlier report\n")
+    curves.write_bytes(b"earlier curves")
+
+    def full_disk(target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(checkpoints, "temp_file_beside", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pipeline.write_report(report, task_name="t", before=side, after=side, query_texts=["q"], timings={},
+                              reward_eval={})
+    with pytest.raises(OSError, match="No space left"):
+        pipeline.plot_curves(metrics, metrics, curves)
+    assert report.read_text() == "earlier report\n" and curves.read_bytes() == b"earlier curves"
+    monkeypatch.undo()
+    pipeline.plot_curves(metrics, metrics, curves)
+    assert curves.read_bytes().startswith(b"\x89PNG")

@@ -300,3 +300,13 @@ def test_compressed_block_is_rejected(tmp_path):
 def test_write_rejects_unsupported_dtype(tmp_path):
     with pytest.raises(ValueError, match="unsupported dtype"):
         write_checkpoint(tmp_path / "m", {"s": np.array(["x"])})
+
+
+def test_one_checkpoint_error_class_for_every_reader():
+    """The TF reader's error is the one launch.py counts as a user error (exit status 2)."""
+    from lm_human_preferences import rundir, run_status
+    from lm_human_preferences.language import checkpoints
+
+    assert tfc.CheckpointError is checkpoints.CheckpointError
+    assert issubclass(rundir.CheckpointCorrupt, checkpoints.CheckpointError)
+    assert checkpoints.CheckpointError in run_status.user_errors()

@@ -21,13 +21,16 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from lm_human_preferences.language.errors import CheckpointError
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 
 FORMAT = "lm_human_preferences"
@@ -36,10 +39,6 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_IGNORED = re.compile(r"(^lm_head\.weight$|\.attn\.bias$|\.attn\.masked_bias$)")
 STANDARD_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -166,7 +165,7 @@ def _load_tf(folder: Path) -> LoadedWeights:
     sd = {}
     try:
         arrays = tf_checkpoint.read_checkpoint(str(folder))
-    except (FileNotFoundError, tf_checkpoint.CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise CheckpointError(f"{folder}: cannot read the TensorFlow checkpoint ({e})") from None
     for name, arr in arrays.items():
         parts = name.split("/")
@@ -264,25 +263,34 @@ def temp_file_beside(target: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file beside it, synced, then renamed over it: a
-    crash leaves the old file or the new one, never a part. An OSError names `path`."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", **open_args) -> Iterator[IO]:
+    """A file opened in `mode` to write `path` through: a temporary file beside it (created with
+    its directory), synced and renamed over `path` when the block ends, removed when the block
+    raises. A crash leaves the old file or the new one, never a part. The one way this library
+    writes a file whole (models, checkpoints, run files, labels, data sets, reports)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    fd, tmp = temp_file_beside(path)
     try:
-        fd, tmp = temp_file_beside(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` with `atomic_writer`. An OSError names `path`."""
+    try:
+        with atomic_writer(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def save_model(out_dir: str | os.PathLike, *, gpt: GPT, heads: dict[str, torch.Tensor] | None = None,

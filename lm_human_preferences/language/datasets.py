@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from lm_human_preferences.language.checkpoints import atomic_writer
+
 BUILTIN_DATASETS = ("books", "cnndm", "tldr")
 PASSAGE_FILE_SUFFIXES = (".txt", ".jsonl")
 
@@ -310,15 +312,9 @@ def write_passages_jsonl(path: str | os.PathLike, passages: Iterable[str], *, to
     from tqdm import tqdm
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text in tqdm(passages, total=total, desc=path.name, unit=" passages"):
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path, "w", encoding="utf-8") as f:
+        for text in tqdm(passages, total=total, desc=path.name, unit=" passages"):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from lm_human_preferences.language import memory
+from lm_human_preferences.language.devices import parse_device
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -80,26 +81,30 @@ class SampleError(ValueError):
     command-line flag (`launch.py sample`) that has the keyword argument's name."""
 
 
-def _sample_device(device: str) -> torch.device:
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise SampleError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {device!r}: CUDA is not available on this machine; use cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SampleError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
-
-
 def _short(text: str, limit: int = 60) -> str:
     """`text` quoted, cut to `limit` characters (for messages about long prompts)."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _checked(*, prompts: list[str], length: int, temperature: float, seed: int, num_samples: int,
+             device: str) -> torch.device:
+    """The device to sample on, once `sample_prompts`' arguments are known to work (else a SampleError)."""
+    if length < 1:
+        raise SampleError(f"--length must be >= 1 (got {length})")
+    if num_samples < 1:
+        raise SampleError(f"--num_samples must be >= 1 (got {num_samples})")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SampleError(f"--temperature must be a number >= 0, 0 for greedy (got {temperature})")
+    if not 0 <= seed < 2**64:
+        raise SampleError(f"--seed must be an integer in [0, 2**64) (got {seed})")
+    if not prompts:
+        raise SampleError("no --prompt given")
+    if any(not p for p in prompts):
+        raise SampleError("empty --prompt: give at least one character of text")
+    try:
+        return parse_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise SampleError(f"--device {device!r}: {e}") from None
 
 
 def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: float, seed: int,
@@ -121,19 +126,8 @@ def sample_prompts(*, model: str, prompts: list[str], length: int, temperature: 
     """
     from lm_human_preferences.lm_tasks import load_pretrained
 
-    if length < 1:
-        raise SampleError(f"--length must be >= 1 (got {length})")
-    if num_samples < 1:
-        raise SampleError(f"--num_samples must be >= 1 (got {num_samples})")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise SampleError(f"--temperature must be a number >= 0, 0 for greedy (got {temperature})")
-    if not 0 <= seed < 2**64:
-        raise SampleError(f"--seed must be an integer in [0, 2**64) (got {seed})")
-    if not prompts:
-        raise SampleError("no --prompt given")
-    if any(not p for p in prompts):
-        raise SampleError("empty --prompt: give at least one character of text")
-    dev = _sample_device(device)
+    dev = _checked(prompts=prompts, length=length, temperature=temperature, seed=seed, num_samples=num_samples,
+                   device=device)
 
     pretrained = load_pretrained(model)  # a language model or policy, its encoding checked against it
     enc = pretrained.encoding

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_human_preferences.language.errors import CheckpointError
+
 __all__ = ["CheckpointError", "TensorEntry", "crc32c", "mask_crc", "unmask_crc",
            "read_index", "read_checkpoint"]
 
@@ -47,10 +49,6 @@ _M32 = 0xFFFFFFFF
 _TF_DTYPES = {1: "f4", 2: "f8", 3: "i4", 4: "u1", 5: "i2", 6: "i1", 8: "c8", 9: "i8", 10: "b1",
               14: "u2", 17: "u2", 18: "c16", 19: "f2", 22: "u4", 23: "u8"}
 _DT_BFLOAT16 = 14
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is corrupt, truncated, or uses an unsupported feature."""
 
 
 # ---------------------------------------------------------------- CRC-32C
