@@ -28,7 +28,7 @@ from lm_human_preferences import ppo, train_policy
 from lm_human_preferences.language.checkpoints import load_weights, save_model
 from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
-from lm_human_preferences.language.sample import sample_prompts
+from lm_human_preferences.prompts import sample_prompts
 from lm_human_preferences.optim import TFAdam
 
 ROOT = Path(__file__).resolve().parents[1]
