@@ -23,13 +23,6 @@ from tqdm import tqdm
 from lm_human_preferences.label_types import LabelType
 
 OAI_LABEL_URL_BASE = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"
-DEFAULT_LABEL_FILES = {
-    "sentiment": "sentiment/offline_5k.json",
-    "descriptiveness": "descriptiveness/offline_5k.json",
-    "cnndm": "cnndm/online_45k.json",
-    "tldr": "tldr/online_45k.json",
-}
-
 
 FLOAT32_MAX = 3.4028234663852886e38
 

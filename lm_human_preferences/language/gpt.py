@@ -75,10 +75,6 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
 
 class KVCache:
     """Static key/value buffers for incremental decoding, plus the pad bookkeeping.
