@@ -1,7 +1,7 @@
 """Label files in OpenAI's JSON format: read + validate, write atomically, download + cache.
 
 A label file is a JSON list of objects, one per label, with exactly the fields of the label
-type's schema (SPEC §8), e.g. best_of_4:
+type's schema (docs/original.md §8), e.g. best_of_4:
     {"query": [Lq token ids], "sample0".."sample3": [Lr token ids], "best": 0..3}
 Token ids are GPT-2 BPE ids, padded with the pad token (50259, outside the vocab).
 

@@ -1,4 +1,4 @@
-"""Task-level token plumbing (SPEC §4): policy query formatting and response postprocessing.
+"""Task-level token plumbing (docs/original.md §4): policy query formatting and response postprocessing.
 
     contexts = format_policy_queries(queries, prefix_tokens=enc.encode("Article:\\n\\n"),
                                      suffix_tokens=enc.encode("\\n\\nTL;DR:"))
@@ -42,7 +42,7 @@ class PolicyHParams(HParams):
 
 @dataclass
 class TaskHParams(HParams):
-    """What the policy is asked and how its answers are cut (SPEC §4)."""
+    """What the policy is asked and how its answers are cut (docs/original.md §4)."""
 
     query_length: int = 64  # tokens per query (padded to it)
     query_dataset: str = "books"  # a registered dataset name, or a local .txt/.jsonl file

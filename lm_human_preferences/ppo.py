@@ -1,4 +1,4 @@
-"""PPO math for policy training, following OpenAI's lm-human-preferences (SPEC §6).
+"""PPO math for policy training, following OpenAI's lm-human-preferences (docs/original.md §6).
 
 Everything here is a pure function on tensors (or a tiny plain-float controller object): no
 config objects, no global state, no environment reads. Shapes are written as ``B`` (batch of
@@ -111,7 +111,7 @@ def advantages_and_returns(
     whiten_rewards: bool,
     whiten_fn: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (SPEC §6).
+    """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (docs/original.md §6).
 
     If ``whiten_rewards``: ``R <- whiten(R, shift_mean=False)``; then GAE; ``returns = A + V``;
     finally ``A <- whiten(A)``. All statistics are local to the given minibatch.
@@ -245,7 +245,7 @@ def ppo_losses(
     vf_coef: float,
     entropy: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Total PPO loss plus the logged statistics, with the SPEC §6 / OAI names.
+    """Total PPO loss plus the logged statistics, with the docs/original.md §6 / OAI names.
 
     ``total = pg_loss + vf_coef * vf_loss`` (no entropy bonus). ``advantages`` and ``returns``
     are what :func:`advantages_and_returns` produced for this minibatch.

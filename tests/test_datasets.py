@@ -20,7 +20,7 @@ def pq(tokens, query_length=8, start=None, end=None):
     return preprocess_query(tokens, query_length=query_length, start_token=start, end_token=end, pad_token=P)
 
 
-# ---- SPEC §4 preprocessing ----
+# ---- docs/original.md §4 preprocessing ----
 
 def test_start_token_keeps_tokens_after_first_occurrence():
     assert pq([1, 2, 13, 3, 4, 13, 5], start=[13]) == [3, 4, 13, 5, P, P, P, P]

@@ -173,7 +173,7 @@ def _rfind(tokens: list[int], seq: list[int]) -> int:
 
 def preprocess_query(tokens: Sequence[int], *, query_length: int, start_token: Sequence[int] | None = None,
                      end_token: Sequence[int] | None = None, pad_token: int) -> list[int] | None:
-    """OAI's query preprocessing (SPEC §4); None means "skip this passage".
+    """OAI's query preprocessing (docs/original.md §4); None means "skip this passage".
 
     1. `start_token` (a token sequence; None/empty = off): keep the tokens after its first
        occurrence; skip if absent. As in OAI, if the sequence ends the passage (nothing after it)
