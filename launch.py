@@ -126,7 +126,7 @@ def cmd_sample(argv: list[str]) -> None:
     p.add_argument("--json", action="store_true",
                    help="print JSON lines {prompt, sample, continuation, continuation_tokens}")
     ns = p.parse_args(argv)
-    from lm_human_preferences.language.sample import sample_prompts  # checks the values, then loads
+    from lm_human_preferences.prompts import sample_prompts  # checks the values, then loads
     with_prompt = sys.stdout.isatty()  # a person reads it; a pipe or file keeps continuations alone
     for row in sample_prompts(model=ns.model, prompts=ns.prompt, length=ns.length, temperature=ns.temperature,
                               seed=ns.seed, num_samples=ns.num_samples, device=ns.device):

@@ -2,7 +2,7 @@
 
 `launch.py <subcommand> <task> <experiment>` starts from the subcommand's defaults, applies
 `TASKS[task]` under `task.`, then `EXPERIMENTS[subcommand][task]`, then the command line.
-The values reproduce the original's launch.py (SPEC §4 table).
+The values reproduce the original's launch.py (docs/original.md §4 table).
 """
 
 LABELS_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"

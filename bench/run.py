@@ -265,75 +265,87 @@ def bench_sampling(sz: dict, dev: torch.device) -> dict:
 
 
 def _sampling_at(ours, hf, cfg, dev: torch.device, *, batch: int, query: int, response: int, repeats: int) -> dict:
-    from lm_human_preferences.language.sample import sample_sequence
-
     B, Tc, L = batch, query, response
     pad = cfg.n_vocab + 2  # our padding token (outside the vocabulary, as the library uses it)
     torch.manual_seed(1)
     context = torch.randint(0, cfg.n_vocab - 1, (B, Tc)).to(dev)
     gen = torch.Generator(device=dev).manual_seed(0)  # sample_from_logits draws on the logits' device
-    new_tokens = B * L
-    flops = sampling_flops(cfg, batch=B, query=Tc, response=L)
-    prefill_flops = forward_flops(cfg, batch=B, positions=list(range(Tc)), head_positions=1)
+    work = dict(new_tokens=B * L, flops=sampling_flops(cfg, batch=B, query=Tc, response=L),
+                prefill_flops=forward_flops(cfg, batch=B, positions=list(range(Tc)), head_positions=1))
     rows = {}
     for prec, autocast in precisions(dev).items():
-        def run_ours():
-            with autocast():
-                out = sample_sequence(ours, context, length=L, temperature=TEMPERATURE, pad_token=pad, generator=gen)
-            assert out.shape == (B, L)
-
-        def run_peer():
-            with autocast(), torch.no_grad():
-                out = hf.generate(input_ids=context, attention_mask=torch.ones_like(context), do_sample=True,
-                                  top_k=0, top_p=1.0, temperature=TEMPERATURE, min_new_tokens=L, max_new_tokens=L,
-                                  pad_token_id=hf.config.pad_token_id)
-            assert out.shape == (B, Tc + L), out.shape
-
-        @torch.no_grad()
-        def run_prefill():
-            # Our prefill alone, as `sample_sequence` starts (packing the weights for decoding on CPU,
-            # the context through the cache, logits at its last position): the part of sampling
-            # that is the same matmul work for every implementation.
-            with autocast():
-                cache = ours.new_cache(B, Tc + L)
-                ours.pack_for_decoding(cache)
-                out = ours(context, pad_token=pad, cache=cache, logits=False)
-                ours.lm_logits(out.hidden[:, -1], cache)
-
-        fns = {"ours": run_ours, "transformers": run_peer, "ours_prefill": run_prefill}
+        fns = {"ours": _sample_run(ours, context, autocast, length=L, pad=pad, gen=gen),
+               "transformers": _peer_sample_run(hf, context, autocast, length=L),
+               "ours_prefill": _prefill_run(ours, context, autocast, length=L, pad=pad)}
         with contextlib.ExitStack() as kept:
             if dev.type == "cpu":
                 # Repeated sampling from a fixed model inside `keep_decoding_weights` (collecting
                 # labels, reward statistics): the weights packed once, not on every call. A copy of
                 # the model, so that the other runs keep packing theirs.
                 ours_kept = kept.enter_context(copy.deepcopy(ours).keep_decoding_weights())
-
-                def run_ours_kept():
-                    with autocast():
-                        out = sample_sequence(ours_kept, context, length=L, temperature=TEMPERATURE,
-                                              pad_token=pad, generator=gen)
-                    assert out.shape == (B, L)
-                fns["ours_kept"] = run_ours_kept
+                fns["ours_kept"] = _sample_run(ours_kept, context, autocast, length=L, pad=pad, gen=gen)
             watch = OthersCpu()
             times = interleaved(fns, dev=dev, repeats=repeats)
             others = watch.cores()
-        t_ours, t_peer, t_pre = (median(times[k]) for k in ("ours", "transformers", "ours_prefill"))
-        rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, ours_tokens_per_s=new_tokens / t_ours,
-                          peer_tokens_per_s=new_tokens / t_peer, ratio=t_peer / t_ours,
-                          ours_prefill_s=t_pre, ours_decode_s=t_ours - t_pre, ratio_bound=t_peer / t_pre,
-                          ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer,
-                          prefill_flops_per_s=prefill_flops / t_pre,
-                          times=times, load=load_average(), others_cores=others)
-        kept_note = ""
-        if "ours_kept" in times:
-            t_kept = median(times["ours_kept"])
-            rows[prec].update(ours_kept_s=t_kept, ratio_kept=t_peer / t_kept)
-            kept_note = f"; weights kept across calls: ratio {t_peer / t_kept:.2f}x"
-        print(f"  sampling {prec} batch {B}: ours {new_tokens / t_ours:8.1f} tok/s  transformers "
-              f"{new_tokens / t_peer:8.1f} tok/s  ratio {t_peer / t_ours:.2f}x  (ours: prefill {t_pre:.3f} s + "
-              f"{L - 1} decode steps {t_ours - t_pre:.3f} s{kept_note}; other processes {fmt_cores(others)})",
-              flush=True)
-    return dict(batch=B, model_flops=flops, prefill_flops=prefill_flops, precisions=rows)
+        rows[prec] = r = _sampling_row(times, others, **work)
+        kept_note = f"; weights kept across calls: ratio {r['ratio_kept']:.2f}x" if "ours_kept" in times else ""
+        print(f"  sampling {prec} batch {B}: ours {r['ours_tokens_per_s']:8.1f} tok/s  transformers "
+              f"{r['peer_tokens_per_s']:8.1f} tok/s  ratio {r['ratio']:.2f}x  (ours: prefill "
+              f"{r['ours_prefill_s']:.3f} s + {L - 1} decode steps {r['ours_decode_s']:.3f} s{kept_note}; other "
+              f"processes {fmt_cores(others)})", flush=True)
+    return dict(batch=B, model_flops=work["flops"], prefill_flops=work["prefill_flops"], precisions=rows)
+
+
+def _sample_run(model, context: torch.Tensor, autocast, *, length: int, pad: int, gen: torch.Generator):
+    """Our sampling of `length` tokens after `context`, as a timed run."""
+    from lm_human_preferences.language.sample import sample_sequence
+
+    def run():
+        with autocast():
+            out = sample_sequence(model, context, length=length, temperature=TEMPERATURE, pad_token=pad, generator=gen)
+        assert out.shape == (context.shape[0], length)
+    return run
+
+
+def _peer_sample_run(hf, context: torch.Tensor, autocast, *, length: int):
+    """transformers' `generate` of exactly `length` tokens, the same sampling, as a timed run."""
+    def run():
+        with autocast(), torch.no_grad():
+            out = hf.generate(input_ids=context, attention_mask=torch.ones_like(context), do_sample=True,
+                              top_k=0, top_p=1.0, temperature=TEMPERATURE, min_new_tokens=length,
+                              max_new_tokens=length, pad_token_id=hf.config.pad_token_id)
+        assert out.shape == (context.shape[0], context.shape[1] + length), out.shape
+    return run
+
+
+def _prefill_run(model, context: torch.Tensor, autocast, *, length: int, pad: int):
+    """Our prefill alone, as `sample_sequence` starts (packing the weights for decoding on CPU,
+    the context through the cache, logits at its last position): the part of sampling that is
+    the same matmul work for every implementation."""
+    @torch.no_grad()
+    def run():
+        with autocast():
+            cache = model.new_cache(context.shape[0], context.shape[1] + length)
+            model.pack_for_decoding(cache)
+            out = model(context, pad_token=pad, cache=cache, logits=False)
+            model.lm_logits(out.hidden[:, -1], cache)
+    return run
+
+
+def _sampling_row(times: dict[str, list[float]], others: float | None, *, new_tokens: int, flops: float,
+                  prefill_flops: float) -> dict:
+    """One precision's sampling results from the timed runs' seconds."""
+    t_ours, t_peer, t_pre = (median(times[k]) for k in ("ours", "transformers", "ours_prefill"))
+    row = dict(ours_s=t_ours, peer_s=t_peer, ours_tokens_per_s=new_tokens / t_ours,
+               peer_tokens_per_s=new_tokens / t_peer, ratio=t_peer / t_ours,
+               ours_prefill_s=t_pre, ours_decode_s=t_ours - t_pre, ratio_bound=t_peer / t_pre,
+               ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer,
+               prefill_flops_per_s=prefill_flops / t_pre,
+               times=times, load=load_average(), others_cores=others)
+    if "ours_kept" in times:
+        t_kept = median(times["ours_kept"])
+        row.update(ours_kept_s=t_kept, ratio_kept=t_peer / t_kept)
+    return row
 
 
 # ---- training step -------------------------------------------------------------------------
@@ -645,16 +657,10 @@ def bench_ppo_scale(sz: dict, dev: torch.device) -> dict:
 
 def bench_ops(sz: dict, dev: torch.device) -> dict:
     """Alternatives for the costliest small pieces of sampling and training, timed side by side."""
-    import torch.nn.functional as F
-
-    from lm_human_preferences.language.sample import sample_from_logits
-    from lm_human_preferences.ppo import entropy_from_logits, logprobs_and_entropies, logprobs_from_logits
-
     cfg = model_config(sz["model"])
     B, L, D, V = sz["batch"], sz["response"], cfg.n_embd, cfg.n_vocab
     torch.manual_seed(3)
     W = torch.randn(V, D, device=dev) * 0.02
-    W_bf16 = W.bfloat16()
     h = torch.randn(B, D, device=dev)
     logits = torch.randn(B, V, device=dev) * 3
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -667,9 +673,29 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
         out[name] = {k: median(v) for k, v in times.items()}
         print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
 
-    # One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear (MKL) is what transformers
-    # runs; W @ h^T is the same product in the layout MKL handles better; on CPU ours decodes with
-    # oneDNN-packed weights (GPT.pack_for_decoding).
+    section("lm_head_step", _lm_head_ops(h, W, dev=dev))
+    section("draw_token", _draw_token_ops(logits, gen, dev=dev))
+    # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
+    # accumulation allocate every step) vs filling one that exists: the difference is page faults.
+    grad_buf = torch.zeros(V, D, device=dev)
+    section("embedding_sized_buffer", {
+        "torch.zeros (fresh)": lambda: torch.zeros(V, D, device=dev),
+        "fill_ (reused)": lambda: grad_buf.fill_(0),
+    })
+    train_logits = (torch.randn(B, L, V, device=dev) * 3).requires_grad_()
+    tokens = torch.randint(0, V, (B, L), device=dev)
+    section("logprobs_and_entropy", _logprobs_ops(train_logits, tokens))
+    out["others_cores"] = watch.cores()
+    return out
+
+
+def _lm_head_ops(h: torch.Tensor, W: torch.Tensor, *, dev: torch.device) -> dict:
+    """One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear (MKL) is what transformers
+    runs; W @ h^T is the same product in the layout MKL handles better; on CPU ours decodes with
+    oneDNN-packed weights (GPT.pack_for_decoding)."""
+    import torch.nn.functional as F
+
+    W_bf16 = W.bfloat16()
     head = {
         "F.linear(h, W) fp32": lambda: F.linear(h, W),
         "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
@@ -678,18 +704,25 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
     if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # what our decoding steps use on CPU
         from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
 
-        W_packed = onednn_pack(W, B)
+        W_packed = onednn_pack(W, h.shape[0])
         head["oneDNN-packed W fp32 (ours, decoding)"] = lambda: onednn_linear(h, W_packed, None)
-    section("lm_head_step", head)
+    return head
+
+
+def _draw_token_ops(logits: torch.Tensor, gen: torch.Generator, *, dev: torch.device) -> dict:
+    """Drawing one token per row (softmax included): ours is inverse-CDF sampling with float64
+    sums (one uniform per row); the exponential race draws V exponentials per row; transformers
+    uses torch.multinomial."""
+    from lm_human_preferences.language.sample import sample_from_logits
+
+    B, V = logits.shape
+
     def inverse_cdf_fp32(p):
         cdf = p.cumsum(-1)  # (B, V)
         u = torch.rand(B, 1, device=dev, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
         return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
 
-    # Drawing one token per row (softmax included): ours is inverse-CDF sampling with float64 sums
-    # (one uniform per row); the exponential race draws V exponentials per row; transformers uses
-    # torch.multinomial.
-    section("draw_token", {
+    return {
         "sample_from_logits (ours: inverse CDF, float64)": lambda: sample_from_logits(
             logits, temperature=TEMPERATURE, generator=gen),
         "inverse CDF, float32": lambda: inverse_cdf_fp32(torch.softmax(logits / TEMPERATURE, -1)),
@@ -697,27 +730,21 @@ def bench_ops(sz: dict, dev: torch.device) -> dict:
                                      / torch.empty_like(logits).exponential_(1, generator=gen)).argmax(-1),
         "torch.multinomial (transformers)": lambda: torch.multinomial(
             torch.softmax(logits / TEMPERATURE, -1), 1, generator=gen),
-    })
-    # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
-    # accumulation allocate every step) vs filling one that exists: the difference is page faults.
-    grad_buf = torch.zeros(V, D, device=dev)
-    section("embedding_sized_buffer", {
-        "torch.zeros (fresh)": lambda: torch.zeros(V, D, device=dev),
-        "fill_ (reused)": lambda: grad_buf.fill_(0),
-    })
-    # Logprobs and the logged entropy of the training step's (B, L, V) logits: both from one
-    # log-softmax, the entropy without a graph (Policy.forward), vs the entropy from the logits in
-    # the autograd graph (the first edition), vs no entropy at all (rollout analysis).
-    train_logits = (torch.randn(B, L, V, device=dev) * 3).requires_grad_()
-    tokens = torch.randint(0, V, (B, L), device=dev)
-    section("logprobs_and_entropy", {
+    }
+
+
+def _logprobs_ops(train_logits: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Logprobs and the logged entropy of the training step's (B, L, V) logits: both from one
+    log-softmax, the entropy without a graph (Policy.forward), vs the entropy from the logits in
+    the autograd graph (the first edition), vs no entropy at all (rollout analysis)."""
+    from lm_human_preferences.ppo import entropy_from_logits, logprobs_and_entropies, logprobs_from_logits
+
+    return {
         "logprobs + entropy_from_logits in the graph (before)":
             lambda: (logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)),
         "logprobs only": lambda: logprobs_from_logits(train_logits, tokens),
         "logprobs_and_entropies (ours)": lambda: logprobs_and_entropies(train_logits, tokens),
-    })
-    out["others_cores"] = watch.cores()
-    return out
+    }
 
 
 # ---- limits: matmul peak and memory bandwidth ---------------------------------------------------
@@ -937,7 +964,10 @@ def machine_info(dev: torch.device) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, list[str], Path]:
+    """The options, the device, the sections to run and the default results file; a usage error
+    (exit status 2) for a device that is not there, unknown sections or a results file to update
+    that holds other sizes or another device's results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models and inputs live")
     ap.add_argument("--only", default=None,
@@ -976,6 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--update: {target} holds {'full-size' if args.quick else 'quick'} results; do not mix sizes")
         if old is not None and old.get("device", "cpu") != dev.type:
             ap.error(f"--update: {target} holds {old.get('device', 'cpu')} results; do not mix devices")
+    return args, dev, only, default_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, dev, only, default_json = parse_args(argv)
     sz = sizes(args.quick, dev)
     sz["compile"] = args.compile
     if args.quick:
@@ -995,18 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": info, "device": dev.type, "quick": args.quick, "compile": args.compile,
                      "argv": sys.argv[1:],
                      "load_start": load_average()}
-    t_start = time.perf_counter()
-    torch.set_grad_enabled(True)
-    for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train), ("ppo", bench_ppo),
-                     ("ppo_scale", bench_ppo_scale), ("ops", bench_ops)):
-        if name in only:
-            print(f"[{name}]", flush=True)
-            results[name] = fn(sz, dev)
-            if dev.type == "cuda":  # give the next section the whole GPU (and an honest peak memory)
-                gc.collect()
-                torch.cuda.empty_cache()
-    results["load_end"] = load_average()
-    results["wall_s"] = time.perf_counter() - t_start
+    run_sections(results, only, sz, dev)
     full = not args.quick and set(default_sections(dev)) <= set(only)
     path = args.json or (str(default_json) if full or args.update else None)
     if args.update and path and Path(path).is_file():
@@ -1021,6 +1045,22 @@ def main(argv: list[str] | None = None) -> int:
         Path(path).write_text(json.dumps(results, indent=1) + "\n")
         print(f"\nresults written to {path}")
     return 0
+
+
+def run_sections(results: dict, only: list[str], sz: dict, dev: torch.device) -> None:
+    """Each section of `only` into `results`, in a fixed order, with the load and wall time."""
+    t_start = time.perf_counter()
+    torch.set_grad_enabled(True)
+    for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train), ("ppo", bench_ppo),
+                     ("ppo_scale", bench_ppo_scale), ("ops", bench_ops)):
+        if name in only:
+            print(f"[{name}]", flush=True)
+            results[name] = fn(sz, dev)
+            if dev.type == "cuda":  # give the next section the whole GPU (and an honest peak memory)
+                gc.collect()
+                torch.cuda.empty_cache()
+    results["load_end"] = load_average()
+    results["wall_s"] = time.perf_counter() - t_start
 
 
 if __name__ == "__main__":

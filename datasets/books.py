@@ -2,7 +2,7 @@
 
 OAI's own book passages (`book_passages/{train,test}.jsonl`) are no longer downloadable, so
 BookCorpus from the Hugging Face hub (`bookcorpus/bookcorpus`, field `text`) stands in for
-them (SPEC §4). Its rows are single lowercased sentences in tokenized form
+them (docs/original.md §4). Its rows are single lowercased sentences in tokenized form
 ("he said , `` hello . ''"), so each row is lightly detokenized ("He said, "hello."") and
 consecutive sentences are joined into passages of about `PASSAGE_CHARS` characters. That
 restores what the sentiment/descriptiveness tasks rely on: multi-sentence passages where "."

@@ -1,4 +1,4 @@
-"""KL between the policy and the reference policy (SPEC §6): per-token estimators, the KL
+"""KL between the policy and the reference policy (docs/original.md §6): per-token estimators, the KL
 penalty folded into the rewards (the original's way) or added to the loss, and the fixed and
 adaptive controllers of its coefficient β. Pure functions on tensors and two small plain-float
 controllers, re-exported by `ppo`; shapes as there (``B`` episodes, ``T`` response tokens).

@@ -30,7 +30,7 @@ Schema = dict[str, tuple[str, tuple[int, ...]]]
 class LabelType(abc.ABC):
     """A labeler's question (`query` + response fields) and answer (target fields)."""
 
-    target_mean: float = 0.0  # reward normalization targets (SPEC §5)
+    target_mean: float = 0.0  # reward normalization targets (docs/original.md §5)
     target_std: float = 1.0
 
     @property
@@ -67,7 +67,7 @@ class LabelType(abc.ABC):
         return {f: (kind, shapes.get(f, ())) for f, kind in self.field_kinds.items()}
 
     def target_stats(self, labels: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """Mean and std the normalized reward should have before training (SPEC §5)."""
+        """Mean and std the normalized reward should have before training (docs/original.md §5)."""
         return self.target_mean, self.target_std
 
     def int_range(self, field: str) -> tuple[int, int]:

@@ -12,7 +12,6 @@ evaluating a policy, so the reward model's score can be compared with what it st
 from __future__ import annotations
 
 import abc
-import random
 import re
 from typing import Iterable
 
@@ -36,7 +35,7 @@ class Labeler(abc.ABC):
 
     `score(texts)` is the gold score of each text (higher is better). `best_of(texts)` is the
     index of the highest-scoring text; ties go to the first maximum, so labels are fully
-    deterministic. `rng` is accepted for the interface of noisy labelers and ignored here.
+    deterministic.
     """
 
     name: str
@@ -45,7 +44,7 @@ class Labeler(abc.ABC):
     def score(self, texts: list[str]) -> list[float]:
         raise NotImplementedError
 
-    def best_of(self, texts: list[str], *, rng: random.Random | None = None) -> int:
+    def best_of(self, texts: list[str]) -> int:
         if not texts:
             raise ValueError("best_of needs at least one text")
         scores = self.score(list(texts))

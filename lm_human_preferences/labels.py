@@ -1,7 +1,7 @@
 """Label files in OpenAI's JSON format: read + validate, write atomically, download + cache.
 
 A label file is a JSON list of objects, one per label, with exactly the fields of the label
-type's schema (SPEC §8), e.g. best_of_4:
+type's schema (docs/original.md §8), e.g. best_of_4:
     {"query": [Lq token ids], "sample0".."sample3": [Lr token ids], "best": 0..3}
 Token ids are GPT-2 BPE ids, padded with the pad token (50259, outside the vocab).
 
@@ -23,13 +23,6 @@ from lm_human_preferences.label_types import LabelType
 from lm_human_preferences.language.checkpoints import atomic_write_bytes, atomic_writer
 
 OAI_LABEL_URL_BASE = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"
-DEFAULT_LABEL_FILES = {
-    "sentiment": "sentiment/offline_5k.json",
-    "descriptiveness": "descriptiveness/offline_5k.json",
-    "cnndm": "cnndm/online_45k.json",
-    "tldr": "tldr/online_45k.json",
-}
-
 
 FLOAT32_MAX = 3.4028234663852886e38
 

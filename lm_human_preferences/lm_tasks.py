@@ -1,4 +1,4 @@
-"""Task-level token plumbing (SPEC §4): policy query formatting and response postprocessing.
+"""Task-level token plumbing (docs/original.md §4): policy query formatting and response postprocessing.
 
     contexts = format_policy_queries(queries, prefix_tokens=enc.encode("Article:\\n\\n"),
                                      suffix_tokens=enc.encode("\\n\\nTL;DR:"))
@@ -26,7 +26,7 @@ import torch
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import CheckpointError, build_gpt, load_weights
-from lm_human_preferences.language.datasets import QueryDataset, get_passages
+from lm_human_preferences.language.datasets import QueryDataset, QueryDatasetError, get_passages
 from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
 from lm_human_preferences.language.gpt import GPT, HF_NAMES
 
@@ -42,7 +42,7 @@ class PolicyHParams(HParams):
 
 @dataclass
 class TaskHParams(HParams):
-    """What the policy is asked and how its answers are cut (SPEC §4)."""
+    """What the policy is asked and how its answers are cut (docs/original.md §4)."""
 
     query_length: int = 64  # tokens per query (padded to it)
     query_dataset: str = "books"  # a registered dataset name, or a local .txt/.jsonl file
@@ -139,9 +139,31 @@ def query_dataset(task: TaskHParams, *, encoding: Encoding, data_dir: str, batch
         passages = get_passages(task.query_dataset, data_dir=data_dir, seed=seed)
     except ValueError as e:  # not a .txt/.jsonl file nor a registered dataset
         raise HParamsError(str(e), key="task.query_dataset") from None
-    return QueryDataset(passages, encoding=encoding, query_length=task.query_length,
-                        start_text=task.start_text or None, end_text=task.end_text or None,
-                        batch_size=batch_size, rank=rank, world_size=world_size)
+    return TaskQueries(passages, encoding=encoding, query_length=task.query_length,
+                       start_text=task.start_text or None, end_text=task.end_text or None,
+                       batch_size=batch_size, rank=rank, world_size=world_size)
+
+
+# The task's setting behind each `QueryDataset` argument a `QueryDatasetError` names.
+QUERY_OPTIONS = {"start_text": "task.start_text", "end_text": "task.end_text", "passages": "task.query_dataset"}
+
+
+class TaskQueries(QueryDataset):
+    """A `QueryDataset` whose errors name the task's settings: a `QueryDatasetError`, when it is
+    built or when a batch is asked for, becomes an `HParamsError` keyed by `task.start_text`,
+    `task.end_text` or `task.query_dataset`."""
+
+    def __init__(self, passages, **kwargs):
+        try:
+            super().__init__(passages, **kwargs)
+        except QueryDatasetError as e:
+            raise HParamsError(e.problem, key=QUERY_OPTIONS[e.option]) from None
+
+    def __next__(self) -> torch.Tensor:
+        try:
+            return super().__next__()
+        except QueryDatasetError as e:
+            raise HParamsError(e.problem, key=QUERY_OPTIONS[e.option]) from None
 
 
 def policy_contexts(queries: torch.Tensor, *, task: TaskHParams, encoding: Encoding) -> torch.Tensor:

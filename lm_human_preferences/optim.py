@@ -1,4 +1,4 @@
-"""Optimiser with TensorFlow-1 Adam semantics (SPEC §7).
+"""Optimiser with TensorFlow-1 Adam semantics (docs/original.md §7).
 
 TF1's ``tf.train.AdamOptimizer`` (used by lm-human-preferences with ``epsilon=1e-5``) folds the
 bias correction into the step size and adds epsilon to the *uncorrected* ``sqrt(v)``::

@@ -21,12 +21,12 @@ train_sft.
 from __future__ import annotations
 
 import copy
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-import json
 
 from lm_human_preferences import (collect_labels, distributed, labelers, lm_tasks, rewards, scoring, train_policy,
                                   train_reward, train_sft)
@@ -40,11 +40,10 @@ STAGES = ("train_sft", "collect_labels", "train_reward", "train_policy")
 EVAL_SEED = 12345
 
 
-def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+def split_args(args: list[str]) -> dict[str, list[str]]:
     """Route `--stage.key=v` to its stage; `--run.*` goes to every stage, `--task.*` to every
-    stage with a task (all but train_sft)."""
+    stage with a task (all but train_sft). Any other option is an error."""
     per_stage: dict[str, list[str]] = {s: [] for s in STAGES}
-    pipeline_args: list[str] = []
     for a in args:
         key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
         head = key.split(".", 1)[0]
@@ -55,11 +54,9 @@ def split_args(args: list[str]) -> tuple[dict[str, list[str]], list[str]]:
                 if head == "run" or s != "train_sft":
                     per_stage[s].append(a)
         else:
-            pipeline_args.append(a)
-    if pipeline_args:
-        raise HParamsError(f"unknown pipeline option {pipeline_args[0]!r}; use --<stage>.<key>=value with a stage "
-                           f"in {STAGES}, or --run.<key> / --task.<key>")
-    return per_stage, pipeline_args
+            raise HParamsError(f"unknown pipeline option {a!r}; use --<stage>.<key>=value with a stage "
+                               f"in {STAGES}, or --run.<key> / --task.<key>")
+    return per_stage
 
 
 @torch.no_grad()
@@ -163,142 +160,181 @@ def finished(stage_dir: Path, output: Path, hp, *, inputs: tuple[Path, ...] = ()
     return True
 
 
+@dataclass
+class PipelineRuns:
+    """The four stages' settings, each with its run directory under `root`."""
+
+    sft: train_sft.TrainSFTHParams
+    labels: collect_labels.CollectLabelsHParams
+    reward: train_reward.TrainRewardHParams
+    policy: train_policy.TrainPolicyHParams
+    root: Path
+
+    @property
+    def labels_path(self) -> Path:
+        return Path(self.labels.run.save_dir) / "labels.json"
+
+
+class StageTimes:
+    """Seconds per stage for the report. A reused stage keeps the time of the run that made its
+    output (when known, from the `earlier` summary), not ~0 s."""
+
+    def __init__(self, earlier: dict[str, float]):
+        self.earlier = earlier
+        self.seconds: dict[str, float | None] = {}
+        self.reused: set[str] = set()
+
+    def took(self, stage: str, since: float, *, was_reused: bool) -> None:
+        if was_reused:
+            self.reused.add(stage)
+        self.seconds[stage] = self.earlier.get(stage) if was_reused else time.time() - since
+
+
 def run_pipeline(task_name: str, exp_name: str, args: list[str], *, presets: dict, eval_queries: int = 64) -> Path:
     """`presets`: stage -> dotted overrides (params.PIPELINE[task]), applied before `args`."""
-    per_stage, _ = split_args(args)
-    root = Path(f"runs/{exp_name}")
+    runs = configure_runs(exp_name, split_args(args), presets=presets, eval_queries=eval_queries)
+    times = StageTimes(earlier_seconds(runs.root / "summary.json"))
+    pretrain(runs, exp_name, has_sft_preset=bool(presets.get("train_sft")), times=times)
+    inputs = collect_and_train(runs, exp_name, times=times)
+    labeler, initial = train_ppo(runs, exp_name, inputs=inputs, times=times)
+    if distributed.launch_rank() != 0:  # evaluation and report, on the first process only
+        return runs.root / "report.md"
+    return evaluate_and_report(runs, task_name, labeler=labeler, initial=initial, eval_queries=eval_queries,
+                               times=times)
 
+
+def configure_runs(exp_name: str, per_stage: dict[str, list[str]], *, presets: dict,
+                   eval_queries: int) -> PipelineRuns:
+    """Every stage's settings, checked before the first stage starts, with the run directories
+    and the models each stage reads from the one before set."""
     def configure(stage: str, hp):
         hp.override_from_dict(presets.get(stage, {}))
         hp.override_from_args(per_stage[stage])
         hp.validate()
         return hp
 
-    # Every stage's settings are checked before the first stage starts.
     if not 1 <= eval_queries <= MAX_COUNT:
         raise HParamsError(f"must be >= 1 and <= 2**40 (got {eval_queries})", key="eval_queries")
     policy_hp = configure("train_policy", train_policy.TrainPolicyHParams())
     if policy_hp.rewards.function is not None:
         raise HParamsError("the pipeline trains the policy against the reward model it trains; run train_policy "
                            "for PPO against a function of your own", key="train_policy.rewards.function")
-    sft = configure("train_sft", train_sft.TrainSFTHParams())
-    labels_hp = configure("collect_labels", collect_labels.CollectLabelsHParams())
-    rm_hp = configure("train_reward", train_reward.TrainRewardHParams())
-    base_root = Path(policy_hp.run.save_dir or root)
-    base_model = Path(policy_hp.task.policy.initial_model)
-    timings: dict[str, float | None] = {}
-    reused: set[str] = set()
-    earlier = earlier_seconds(base_root / "summary.json")
-
-    def took(stage: str, since: float, *, was_reused: bool) -> None:
-        """A reused stage keeps the time of the run that made its output (when known), not ~0 s."""
-        if was_reused:
-            reused.add(stage)
-        timings[stage] = earlier.get(stage) if was_reused else time.time() - since
-
-    labels_hp.run.save_dir = str(base_root / "labels")
-    labels_path = Path(labels_hp.run.save_dir) / "labels.json"
-    rm_hp.run.save_dir = str(base_root / "reward_model")
-    rm_hp.labels.source = str(labels_path)
-    policy_hp.run.save_dir = str(base_root / "policy")
-    policy_hp.rewards.trained_model = rm_hp.run.save_dir
+    runs = PipelineRuns(sft=configure("train_sft", train_sft.TrainSFTHParams()),
+                        labels=configure("collect_labels", collect_labels.CollectLabelsHParams()),
+                        reward=configure("train_reward", train_reward.TrainRewardHParams()), policy=policy_hp,
+                        root=Path(policy_hp.run.save_dir or Path(f"runs/{exp_name}")))
+    runs.labels.run.save_dir = str(runs.root / "labels")
+    runs.reward.run.save_dir = str(runs.root / "reward_model")
+    runs.reward.labels.source = str(runs.labels_path)
+    policy_hp.run.save_dir = str(runs.root / "policy")
+    policy_hp.rewards.trained_model = runs.reward.run.save_dir
     policy_hp.rewards.train_new_model = None
+    return runs
 
-    # 1. the base language model, cached across runs
+
+def pretrain(runs: PipelineRuns, exp_name: str, *, has_sft_preset: bool, times: StageTimes) -> None:
+    """1. The base language model, cached across runs; first, the later stages a run finished
+    before are checked against their settings."""
     t = time.time()
     try:
-        found = lm_tasks.resolve_model_dir(policy_hp.task.policy.initial_model)  # where training will look
+        found = lm_tasks.resolve_model_dir(runs.policy.task.policy.initial_model)  # where training will look
     except CheckpointError as e:
-        if not presets.get("train_sft"):  # only the offline tasks pretrain their base model here
+        if not has_sft_preset:  # only the offline tasks pretrain their base model here
             raise CheckpointError(f"{e}. The pipeline pretrains a base model only for tasks with a "
                                   f"train_sft preset (the offline_* tasks)") from None
         found = None
-    # Stages 2-4 done before, checked before anything runs (with their settings; base model age below).
-    for hp, output in ((labels_hp, "labels.json"), (rm_hp, "config.json"), (policy_hp, "config.json")):
+    # Stages 2-4 done before, checked before anything runs (with their settings; base model age later).
+    for hp, output in ((runs.labels, "labels.json"), (runs.reward, "config.json"), (runs.policy, "config.json")):
         finished(Path(hp.run.save_dir), Path(hp.run.save_dir) / output, hp)
-    shared = (f"it is shared by every experiment of the task: delete it to pretrain again with these, or pass "
-              f"--task.policy.initial_model=DIR for a base model of their own")
-    base_reused = found is not None and finished(found, found / "config.json", sft, remedy=shared)
+    shared = ("it is shared by every experiment of the task: delete it to pretrain again with these, or pass "
+              "--task.policy.initial_model=DIR for a base model of their own")
+    base_reused = found is not None and finished(found, found / "config.json", runs.sft, remedy=shared)
+    base_model = Path(runs.policy.task.policy.initial_model)
     if base_reused:
         print0(f"[1/5] base model: reusing {found}")
     else:
         print0(f"[1/5] pretraining the base model into {base_model}")
-        sft.run.save_dir = str(base_model)
-        train_sft.train(sft, exp_name=f"{exp_name}/train_sft")
-    took("pretrain", t, was_reused=base_reused)
+        runs.sft.run.save_dir = str(base_model)
+        train_sft.train(runs.sft, exp_name=f"{exp_name}/train_sft")
+    times.took("pretrain", t, was_reused=base_reused)
 
-    # 2. labels from the scripted labeler
-    t = time.time()
-    base = lm_tasks.resolve_model_dir(policy_hp.task.policy.initial_model) / "config.json"
-    labels_reused = finished(labels_path.parent, labels_path, labels_hp, inputs=(base,))
-    if labels_reused:
-        print0(f"[2/5] labels: reusing {labels_path}")
-    else:
-        print0("[2/5] collecting labels")
-        collect_labels.train(labels_hp, exp_name=f"{exp_name}/labels")
-    took("collect_labels", t, was_reused=labels_reused)
 
-    # 3. the reward model
-    t = time.time()
-    rm_output = Path(rm_hp.run.save_dir) / "config.json"
-    rm_reused = finished(Path(rm_hp.run.save_dir), rm_output, rm_hp, inputs=(base, labels_path))
-    if rm_reused:
-        print0(f"[3/5] reward model: reusing {rm_hp.run.save_dir}")
-    else:
-        print0("[3/5] training the reward model")
-        train_reward.train(rm_hp, exp_name=f"{exp_name}/reward_model")
-    took("train_reward", t, was_reused=rm_reused)
+def run_stage(stage: str, hp, output: Path, *, inputs: tuple[Path, ...], reusing: str, running: str,
+              train, since: float, times: StageTimes) -> None:
+    """Reuse the stage's finished run (`finished`) or `train()` it, saying which."""
+    was_reused = finished(output.parent, output, hp, inputs=inputs)
+    print0(reusing if was_reused else running)
+    if not was_reused:
+        train()
+    times.took(stage, since, was_reused=was_reused)
 
-    # 4. PPO, with the labeler's gold score logged beside the reward model's
+
+def collect_and_train(runs: PipelineRuns, exp_name: str, *, times: StageTimes) -> tuple[Path, Path]:
+    """2. Labels from the scripted labeler; 3. the reward model. Returns what the policy is
+    built from: (the base model's config.json, the reward model's)."""
     t = time.time()
-    labeler = labelers.get_labeler(labels_hp.labeler)
-    initial = lm_tasks.load_pretrained(policy_hp.task.policy.initial_model)
+    base = lm_tasks.resolve_model_dir(runs.policy.task.policy.initial_model) / "config.json"
+    run_stage("collect_labels", runs.labels, runs.labels_path, inputs=(base,),
+              reusing=f"[2/5] labels: reusing {runs.labels_path}", running="[2/5] collecting labels",
+              train=lambda: collect_labels.train(runs.labels, exp_name=f"{exp_name}/labels"), since=t, times=times)
+    rm_dir = runs.reward.run.save_dir
+    run_stage("train_reward", runs.reward, Path(rm_dir) / "config.json", inputs=(base, runs.labels_path),
+              reusing=f"[3/5] reward model: reusing {rm_dir}", running="[3/5] training the reward model",
+              train=lambda: train_reward.train(runs.reward, exp_name=f"{exp_name}/reward_model"), since=time.time(),
+              times=times)
+    return base, Path(rm_dir) / "config.json"
+
+
+def train_ppo(runs: PipelineRuns, exp_name: str, *, inputs: tuple[Path, Path], times: StageTimes):
+    """4. PPO, with the labeler's gold score logged beside the reward model's. Returns the
+    labeler and the initial model, for the evaluation."""
+    t = time.time()
+    labeler = labelers.get_labeler(runs.labels.labeler)
+    initial = lm_tasks.load_pretrained(runs.policy.task.policy.initial_model)
     enc = initial.encoding
 
     def gold_stats(queries, postprocessed_responses):
         texts = [enc.decode(r) for r in postprocessed_responses.tolist()]
         return {"objective/gold": sum(labeler.score(texts)) / len(texts)}
 
-    policy_reused = finished(Path(policy_hp.run.save_dir), Path(policy_hp.run.save_dir) / "config.json", policy_hp,
-                             inputs=(base, rm_output))
-    if policy_reused:
-        print0(f"[4/5] policy: reusing {policy_hp.run.save_dir}")
-    else:
-        print0("[4/5] training the policy with PPO")
-        train_policy.train(policy_hp, exp_name=f"{exp_name}/policy", extra_stats=gold_stats)
-    took("train_policy", t, was_reused=policy_reused)
+    policy_dir = runs.policy.run.save_dir
+    run_stage("train_policy", runs.policy, Path(policy_dir) / "config.json", inputs=inputs,
+              reusing=f"[4/5] policy: reusing {policy_dir}", running="[4/5] training the policy with PPO",
+              train=lambda: train_policy.train(runs.policy, exp_name=f"{exp_name}/policy", extra_stats=gold_stats),
+              since=t, times=times)
+    return labeler, initial
 
-    # 5. evaluation and report, on the first process only
-    if distributed.launch_rank() != 0:
-        return base_root / "report.md"
+
+def evaluate_and_report(runs: PipelineRuns, task_name: str, *, labeler, initial: lm_tasks.PretrainedModel,
+                        eval_queries: int, times: StageTimes) -> Path:
+    """5. The initial and final policies on fixed held-out queries; report.md, curves.png and
+    summary.json in the root run directory. Returns the report's path."""
     t = time.time()
     print0("[5/5] evaluating")
-    task = policy_hp.task
-    reward_model = rewards.load_reward_model(rm_hp.run.save_dir, encoding=enc).eval()
+    task, enc = runs.policy.task, initial.encoding
+    reward_model = rewards.load_reward_model(runs.reward.run.save_dir, encoding=enc).eval()
     scorer = scoring.reward_model_scorer(reward_model, pad_token=enc.padding_token,
                                          autocast=lambda: torch.autocast("cpu", enabled=False))
     score_fn = scoring.make_score_fn(task=task, pad_token=enc.padding_token, scorer=scorer)
-    eval_task = copy.deepcopy(task)
-    queries = next(lm_tasks.query_dataset(eval_task, encoding=enc, data_dir=policy_hp.run.data_dir,
+    queries = next(lm_tasks.query_dataset(copy.deepcopy(task), encoding=enc, data_dir=runs.policy.run.data_dir,
                                           batch_size=eval_queries, rank=0, world_size=1, seed=EVAL_SEED))
     ref = Policy(initial.gpt).eval()
-    final = Policy(lm_tasks.load_pretrained(policy_hp.run.save_dir).gpt).eval()
+    final = Policy(lm_tasks.load_pretrained(runs.policy.run.save_dir).gpt).eval()
     kw = dict(score_fn=score_fn, labeler=labeler, queries=queries, task=task, encoding=enc, device="cpu",
               seed=EVAL_SEED)
     before = evaluate(ref, ref, **kw)
     after = evaluate(final, ref, **kw)
-    timings["evaluate"] = time.time() - t
-    plot_curves(Path(policy_hp.run.save_dir) / "metrics.jsonl", Path(rm_hp.run.save_dir) / "metrics.jsonl",
-                base_root / "curves.png")
-    rm_final = [json.loads(x) for x in (Path(rm_hp.run.save_dir) / "metrics.jsonl").read_text().splitlines() if x]
+    times.seconds["evaluate"] = time.time() - t
+    rm_metrics, report = Path(runs.reward.run.save_dir) / "metrics.jsonl", runs.root / "report.md"
+    plot_curves(Path(runs.policy.run.save_dir) / "metrics.jsonl", rm_metrics, runs.root / "curves.png")
+    rm_final = [json.loads(x) for x in rm_metrics.read_text().splitlines() if x]
     reward_eval = {k: v for r in rm_final for k, v in r.items() if k.startswith("eval/")}
-    report = base_root / "report.md"
     write_report(report, task_name=task_name, before=before, after=after,
-                 query_texts=[enc.decode(q, skip_special=True) for q in queries.tolist()], timings=timings,
-                 reward_eval=reward_eval, reused=frozenset(reused))
+                 query_texts=[enc.decode(q, skip_special=True) for q in queries.tolist()], timings=times.seconds,
+                 reward_eval=reward_eval, reused=frozenset(times.reused))
     summary = {"initial": {k: before[k] for k in ("score", "gold", "kl")},
-               "final": {k: after[k] for k in ("score", "gold", "kl")}, "seconds": timings}
-    atomic_write_bytes(base_root / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+               "final": {k: after[k] for k in ("score", "gold", "kl")}, "seconds": times.seconds}
+    atomic_write_bytes(runs.root / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     print0(f"gold score {before['gold']:+.3f} -> {after['gold']:+.3f}, reward-model score "
            f"{before['score']:+.3f} -> {after['score']:+.3f}, KL {after['kl']:.2f}")
     print0(f"report: {report}")

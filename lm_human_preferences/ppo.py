@@ -1,8 +1,8 @@
-"""PPO math for policy training, following OpenAI's lm-human-preferences (SPEC §6).
+"""PPO math for policy training, following OpenAI's lm-human-preferences (docs/original.md §6).
 
 Everything here is a pure function on tensors (or a tiny plain-float controller object): no
 config objects, no global state, no environment reads. Shapes are written as ``B`` (batch of
-episodes), ``T`` (response length, ``L`` in the SPEC) and ``V`` (vocabulary size).
+episodes), ``T`` (response length) and ``V`` (vocabulary size).
 
 Conventions that match the OAI TensorFlow code:
 
@@ -111,7 +111,7 @@ def advantages_and_returns(
     whiten_rewards: bool,
     whiten_fn: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (SPEC §6).
+    """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (docs/original.md §6).
 
     If ``whiten_rewards``: ``R <- whiten(R, shift_mean=False)``; then GAE; ``returns = A + V``;
     finally ``A <- whiten(A)``. All statistics are local to the given minibatch.
@@ -245,7 +245,7 @@ def ppo_losses(
     vf_coef: float,
     entropy: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Total PPO loss plus the logged statistics, with the SPEC §6 / OAI names.
+    """Total PPO loss plus the logged statistics, with the docs/original.md §6 / OAI names.
 
     ``total = pg_loss + vf_coef * vf_loss`` (no entropy bonus). ``advantages`` and ``returns``
     are what :func:`advantages_and_returns` produced for this minibatch.
@@ -286,20 +286,25 @@ def ppo_losses(
         "ppo/val/error": vf_stats["error"],
         "ppo/val/vpred": vf_stats["vpred"],
     }
-    with torch.no_grad():
-        returns = returns.detach()
-        ret_var, ret_mean = torch.var_mean(returns, correction=0)
-        val_var, val_mean = torch.var_mean(old_values.detach(), correction=0)
-        adv_var, adv_mean = torch.var_mean(advantages.detach(), correction=0)
-        out["ppo/returns/mean"] = ret_mean
-        out["ppo/returns/var"] = ret_var
-        out["ppo/val/mean"] = val_mean
-        out["ppo/val/var"] = val_var
-        out["ppo/val/var_explained"] = _explained_variance(values.detach(), returns)
-        out["ppo/policy/advantages_mean"] = adv_mean
-        out["ppo/policy/advantages_var"] = adv_var
-        if entropy is not None:
-            out["ppo/policy/entropy"] = torch.mean(entropy.detach())
+    out.update(_minibatch_stats(values=values, old_values=old_values, advantages=advantages, returns=returns,
+                                entropy=entropy))
+    return out
+
+
+@torch.no_grad()
+def _minibatch_stats(*, values: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
+                     returns: torch.Tensor, entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The detached statistics of :func:`ppo_losses` that are not of a loss: the returns', the
+    rollout values', the advantages' mean and variance, the explained variance and the entropy."""
+    returns = returns.detach()
+    ret_var, ret_mean = torch.var_mean(returns, correction=0)
+    val_var, val_mean = torch.var_mean(old_values.detach(), correction=0)
+    adv_var, adv_mean = torch.var_mean(advantages.detach(), correction=0)
+    out = {"ppo/returns/mean": ret_mean, "ppo/returns/var": ret_var, "ppo/val/mean": val_mean, "ppo/val/var": val_var,
+           "ppo/val/var_explained": _explained_variance(values.detach(), returns),
+           "ppo/policy/advantages_mean": adv_mean, "ppo/policy/advantages_var": adv_var}
+    if entropy is not None:
+        out["ppo/policy/entropy"] = torch.mean(entropy.detach())
     return out
 
 

@@ -5,7 +5,7 @@
 `h_last` is the final hidden state (after ln_f) at the last position of query || response; as a
 pad's output is that of the most recent real token, truncated responses are read at their
 last real token. The head starts at w ~ N(0, 1/sqrt(d+1)), b = 0, gain 1, bias 0.
-Normalization (SPEC §5) sets gain and bias from statistics of raw rewards, see
+Normalization (docs/original.md §5) sets gain and bias from statistics of raw rewards, see
 `normalization_constants`; the trainer computes those statistics.
 """
 

@@ -55,10 +55,11 @@ class RunDirError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors of the user's inputs and environment: one paragraph and exit status 2."""
     from lm_human_preferences.labels import LabelFileError
+    from lm_human_preferences.language.datasets import QueryDatasetError
     from lm_human_preferences.language.encodings import EncodingError
-    from lm_human_preferences.language.sample import SampleError
-    return (HParamsError, LabelFileError, CheckpointError, EncodingError, SampleError, FileNotFoundError,
-            RunDirError)
+    from lm_human_preferences.prompts import SampleError
+    return (HParamsError, LabelFileError, CheckpointError, EncodingError, SampleError, QueryDatasetError,
+            FileNotFoundError, RunDirError)
 
 
 def ending(error: BaseException) -> tuple[str, int]:

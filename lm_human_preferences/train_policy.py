@@ -1,4 +1,4 @@
-"""PPO against a reward model with a KL penalty (the original's `train_policy.py`), SPEC §4, §6.
+"""PPO against a reward model with a KL penalty (the original's `train_policy.py`), docs/original.md §4, §6.
 
     python launch.py train_policy sentiment my_policy --rewards.trained_model=runs/my_rm
 

@@ -1,4 +1,4 @@
-"""Reward model training (the original's `train_reward.py`), SPEC §5.
+"""Reward model training (the original's `train_reward.py`), docs/original.md §5.
 
     python launch.py train_reward sentiment my_rm --labels.source=PATH_OR_URL
 

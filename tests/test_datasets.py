@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_human_preferences.language.datasets import (PassageFile, QueryDataset, get_passages, preprocess_query,
-                                                    register_dataset, registered_datasets, write_passages_jsonl)
-from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.language.datasets import (PassageFile, QueryDataset, QueryDatasetError, get_passages,
+                                                    preprocess_query, register_dataset, registered_datasets,
+                                                    write_passages_jsonl)
 from lm_human_preferences.language.encodings import get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def pq(tokens, query_length=8, start=None, end=None):
     return preprocess_query(tokens, query_length=query_length, start_token=start, end_token=end, pad_token=P)
 
 
-# ---- SPEC §4 preprocessing ----
+# ---- docs/original.md §4 preprocessing ----
 
 def test_start_token_keeps_tokens_after_first_occurrence():
     assert pq([1, 2, 13, 3, 4, 13, 5], start=[13]) == [3, 4, 13, 5, P, P, P, P]
@@ -153,13 +153,14 @@ def make(path, *, batch_size, rank=0, world_size=1, seed=1):
                         batch_size=batch_size, rank=rank, world_size=world_size)
 
 
-@pytest.mark.parametrize("start, end, key", [("qqqq", ".", "task.start_text"), ("", "qqqq", "task.end_text")])
-def test_a_dataset_without_any_query_is_an_error_not_a_hang(corpus, start, end, key):
+@pytest.mark.parametrize("start, end, option", [("qqqq", ".", "start_text"), ("", "qqqq", "end_text")])
+def test_a_dataset_without_any_query_is_an_error_not_a_hang(corpus, start, end, option):
     queries = QueryDataset(PassageFile(corpus, seed=0), encoding=ENC, query_length=8, start_text=start or None,
                            end_text=end, batch_size=4)
-    with pytest.raises(HParamsError, match=rf"'{key}': none of the 37 passages of the query dataset gives a query: "
-                                           rf".*'qqqq' \(tokens \[.*\]\) must occur"):
+    with pytest.raises(QueryDatasetError, match=rf"^{option}: none of the 37 passages of the query dataset gives "
+                                                rf"a query: .*'qqqq' \(tokens \[.*\]\) must occur") as error:
         next(queries)
+    assert error.value.option == option and not error.value.problem.startswith(option)
     assert queries.skipped == 2 * 37
 
 
@@ -169,7 +170,17 @@ def test_a_source_of_unknown_size_without_any_query_is_an_error_too(monkeypatch)
     monkeypatch.setattr(datasets, "NO_QUERY_LIMIT", 50)
     endless = iter(lambda: "abcdef", None)  # no length, never a period
     queries = QueryDataset(endless, encoding=ENC, query_length=8, start_text=".", end_text=None, batch_size=2)
-    with pytest.raises(HParamsError, match=r"'task.start_text': none of 50 passages in a row of the query dataset"):
+    with pytest.raises(QueryDatasetError, match=r"^start_text: none of 50 passages in a row of the query dataset"):
+        next(queries)
+
+
+def test_a_source_of_empty_passages_names_the_passages(monkeypatch):
+    from lm_human_preferences.language import datasets
+
+    monkeypatch.setattr(datasets, "NO_QUERY_LIMIT", 50)
+    queries = QueryDataset(iter(lambda: "", None), encoding=ENC, query_length=8, start_text=None, end_text=None,
+                           batch_size=1)
+    with pytest.raises(QueryDatasetError, match=r"^passages: none of 50 passages in a row .* \(they are all empty\)"):
         next(queries)
 
 
@@ -177,9 +188,10 @@ def test_a_start_text_outside_the_vocabulary_is_an_error_at_once():
     from lm_human_preferences.language.encodings import SubsetEncoding
 
     enc = SubsetEncoding.from_texts(["the cat sat. the dog ran."])
-    with pytest.raises(HParamsError, match=r"'task.start_text': 'zebra' is not in the model's vocabulary"):
+    with pytest.raises(QueryDatasetError, match=r"^start_text: 'zebra' is not in the model's vocabulary") as error:
         QueryDataset(iter(["the cat sat."]), encoding=enc, query_length=8, start_text="zebra", end_text=".",
                      batch_size=1)
+    assert error.value.option == "start_text"
 
 
 def test_query_batches_are_padded_and_count_skips(corpus):

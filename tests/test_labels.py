@@ -11,7 +11,6 @@ import torch
 
 from lm_human_preferences.label_types import BestOfN, ScalarCompare, ScalarRating, SoftPairwise
 from lm_human_preferences.labels import (
-    DEFAULT_LABEL_FILES,
     OAI_LABEL_URL_BASE,
     LabelFileError,
     cached_label_path,
@@ -248,10 +247,17 @@ def test_write_empty_rows_creates_nothing(tmp_path):
 
 # --- resolve_label_source ---------------------------------------------------------------------
 
+# The original's label files, below OAI_LABEL_URL_BASE (params.py's presets name them).
+ORIGINAL_LABEL_FILES = {
+    "sentiment": "sentiment/offline_5k.json",
+    "descriptiveness": "descriptiveness/offline_5k.json",
+    "cnndm": "cnndm/online_45k.json",
+    "tldr": "tldr/online_45k.json",
+}
+
+
 def test_constants():
     assert OAI_LABEL_URL_BASE == "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"
-    assert DEFAULT_LABEL_FILES["sentiment"] == "sentiment/offline_5k.json"
-    assert set(DEFAULT_LABEL_FILES) == {"sentiment", "descriptiveness", "cnndm", "tldr"}
 
 
 def test_resolve_local_path(tmp_path):
@@ -267,7 +273,7 @@ def test_resolve_local_path(tmp_path):
 
 
 def test_cache_path_keeps_task_folder(tmp_path):
-    for task, tail in DEFAULT_LABEL_FILES.items():
+    for task, tail in ORIGINAL_LABEL_FILES.items():
         assert cached_label_path(OAI_LABEL_URL_BASE + tail, cache_dir=tmp_path) == tmp_path / task / tail.split("/")[1]
     assert cached_label_path("http://host/a/b/c/task/x.json?sig=1", cache_dir=tmp_path) == tmp_path / "task" / "x.json"
     with pytest.raises(LabelFileError):
@@ -283,7 +289,7 @@ def test_resolve_uses_existing_cache_without_network(tmp_path, monkeypatch):
         raise AssertionError("network used")
 
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    url = OAI_LABEL_URL_BASE + DEFAULT_LABEL_FILES["sentiment"]
+    url = OAI_LABEL_URL_BASE + ORIGINAL_LABEL_FILES["sentiment"]
     assert resolve_label_source(url, cache_dir=tmp_path) == cached
 
 

@@ -141,6 +141,18 @@ def test_unknown_command_without_a_close_one(capsys):
     assert err.startswith("error: unknown command 'frobnicate'\ncommands: pipeline,") and "did you mean" not in err
 
 
+def test_a_query_dataset_error_is_a_user_error(monkeypatch, capsys):
+    from lm_human_preferences.language.datasets import QueryDatasetError
+
+    def no_queries(argv):
+        raise QueryDatasetError("none of the 3 passages of the query dataset gives a query", option="start_text")
+
+    monkeypatch.setitem(launch.COMMANDS, "sample", no_queries)
+    assert launch.main(["sample"]) == 2
+    assert capsys.readouterr().err == ("error: start_text: none of the 3 passages of the query dataset gives a "
+                                       "query\n")
+
+
 def test_no_command_is_a_usage_error(capsys):
     assert launch.main([]) == 2
     out, err = capsys.readouterr()

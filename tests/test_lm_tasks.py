@@ -1,5 +1,10 @@
+import pytest
 import torch
 
+from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.language.datasets import PassageFile
+from lm_human_preferences.language.encodings import get_encoding
+from lm_human_preferences.lm_tasks import TaskHParams, TaskQueries, query_dataset
 from lm_human_preferences.lm_tasks import (apply_penalty, format_policy_queries, response_has_truncation,
                                            truncate_responses)
 from lm_human_preferences.lm_tasks import eos_mask
@@ -72,3 +77,68 @@ def test_eos_mask_keeps_tokens_up_to_the_first_eos():
     assert mask.tolist() == [[True, True, False, False], [True, False, False, False], [True] * 4]
     stopped = truncate_responses(responses, truncate_token=E, truncate_after=0, pad_token=P)
     assert torch.equal(stopped, responses.masked_fill(~mask, P))
+
+
+# ---- query datasets: errors name the task's settings ----
+
+ENC = get_encoding("test")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    import random
+    rng = random.Random(0)
+    lines = ["".join(rng.choice(LETTERS + "..") for _ in range(rng.randint(3, 30))) for _ in range(37)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("start, end, key", [("qqqq", ".", "task.start_text"), ("", "qqqq", "task.end_text")])
+def test_a_dataset_without_any_query_is_an_error_not_a_hang(corpus, start, end, key):
+    queries = TaskQueries(PassageFile(corpus, seed=0), encoding=ENC, query_length=8, start_text=start or None,
+                           end_text=end, batch_size=4)
+    with pytest.raises(HParamsError, match=rf"'{key}': none of the 37 passages of the query dataset gives a query: "
+                                           rf".*'qqqq' \(tokens \[.*\]\) must occur"):
+        next(queries)
+    assert queries.skipped == 2 * 37
+
+
+def test_a_source_of_unknown_size_without_any_query_is_an_error_too(monkeypatch):
+    from lm_human_preferences.language import datasets
+
+    monkeypatch.setattr(datasets, "NO_QUERY_LIMIT", 50)
+    endless = iter(lambda: "abcdef", None)  # no length, never a period
+    queries = TaskQueries(endless, encoding=ENC, query_length=8, start_text=".", end_text=None, batch_size=2)
+    with pytest.raises(HParamsError, match=r"'task.start_text': none of 50 passages in a row of the query dataset"):
+        next(queries)
+
+
+def test_a_start_text_outside_the_vocabulary_is_an_error_at_once():
+    from lm_human_preferences.language.encodings import SubsetEncoding
+
+    enc = SubsetEncoding.from_texts(["the cat sat. the dog ran."])
+    with pytest.raises(HParamsError, match=r"'task.start_text': 'zebra' is not in the model's vocabulary"):
+        TaskQueries(iter(["the cat sat."]), encoding=enc, query_length=8, start_text="zebra", end_text=".",
+                     batch_size=1)
+
+
+@pytest.mark.parametrize("start, end, key", [("qqqq", ".", "task.start_text"), ("", "qqqq", "task.end_text")])
+def test_the_query_dataset_trainers_read_names_the_task_setting(corpus, start, end, key):
+    task = TaskHParams(query_dataset=str(corpus), query_length=8, start_text=start, end_text=end)
+    queries = query_dataset(task, encoding=ENC, data_dir=str(corpus.parent), batch_size=4, rank=0, world_size=1,
+                            seed=0)
+    assert isinstance(queries, TaskQueries)
+    with pytest.raises(HParamsError, match=rf"^invalid hyperparameter '{key}': none of the 37 passages"):
+        next(queries)
+
+
+def test_a_source_of_empty_passages_names_the_query_dataset(monkeypatch):
+    from lm_human_preferences.language import datasets
+
+    monkeypatch.setattr(datasets, "NO_QUERY_LIMIT", 50)
+    queries = TaskQueries(iter(lambda: "", None), encoding=ENC, query_length=8, start_text=None, end_text=None,
+                          batch_size=1)
+    with pytest.raises(HParamsError, match=r"'task.query_dataset': none of 50 passages in a row .* all empty"):
+        next(queries)

@@ -1,4 +1,4 @@
-"""Tests for lm_human_preferences.optim.TFAdam (SPEC §7)."""
+"""Tests for lm_human_preferences.optim.TFAdam (docs/original.md §7)."""
 
 import copy
 import io

@@ -1,4 +1,4 @@
-"""Policy = GPT + LM head + value head (SPEC §4, §6): zero value head, exact-length sampling with
+"""Policy = GPT + LM head + value head (docs/original.md §4, §6): zero value head, exact-length sampling with
 the KV cache and temperature, logprobs under logits / temperature."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for lm_human_preferences.ppo (SPEC §6)."""
+"""Tests for lm_human_preferences.ppo (docs/original.md §6)."""
 
 import math
 

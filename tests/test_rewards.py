@@ -1,4 +1,4 @@
-"""RewardModel (SPEC §5): r(x, y) = gain * (w . h_last + b) + bias, read at the last real token."""
+"""RewardModel (docs/original.md §5): r(x, y) = gain * (w . h_last + b) + bias, read at the last real token."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""PPO trainer end to end on tiny models (SPEC §4, §6, §7): the first ratio is exactly 1, the
+"""PPO trainer end to end on tiny models (docs/original.md §4, §6, §7): the first ratio is exactly 1, the
 truncation penalty, adaptive KL on 1 and 2 ranks, gradient accumulation, learning a scripted
 score, the CLI, training a new reward model first, and resuming after a crash.
 
@@ -28,7 +28,7 @@ from lm_human_preferences import ppo, train_policy
 from lm_human_preferences.language.checkpoints import load_weights, save_model
 from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
-from lm_human_preferences.language.sample import sample_prompts
+from lm_human_preferences.prompts import sample_prompts
 from lm_human_preferences.optim import TFAdam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def assert_params_close(a: dict, b: dict, *, atol: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The first PPO ratio is exactly 1 (SPEC §6)
+# The first PPO ratio is exactly 1 (docs/original.md §6)
 # --------------------------------------------------------------------------------------------
 
 
@@ -175,7 +175,7 @@ def test_first_minibatch_sees_ratio_exactly_one(files, tmp_path, monkeypatch, up
 
 
 # --------------------------------------------------------------------------------------------
-# Truncation and the penalty (SPEC §4)
+# Truncation and the penalty (docs/original.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -240,7 +240,7 @@ def test_truncation_and_penalty_per_response(files, tmp_path, updates):
 
 
 # --------------------------------------------------------------------------------------------
-# Adaptive KL and distribution (SPEC §6, §7)
+# Adaptive KL and distribution (docs/original.md §6, §7)
 # --------------------------------------------------------------------------------------------
 
 ADAPTIVE = {"ppo.batch_size": 8, "ppo.total_episodes": 24, "rewards.kl_coef": 0.2, "rewards.adaptive_kl": "on",

@@ -1,4 +1,4 @@
-"""Reward trainer (SPEC §5) end to end on tiny models, CPU only, no network: normalization,
+"""Reward trainer (docs/original.md §5) end to end on tiny models, CPU only, no network: normalization,
 learning a rule, 2 ranks == 1 rank, gradient accumulation, resume, label validation, the CLI."""
 
 import json
@@ -88,7 +88,7 @@ def assert_params_close(a: dict, b: dict, atol=1e-5):
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalization (SPEC §5)
+# Normalization (docs/original.md §5)
 # ---------------------------------------------------------------------------------------------
 
 

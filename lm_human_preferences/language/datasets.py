@@ -175,7 +175,7 @@ def _rfind(tokens: list[int], seq: list[int]) -> int:
 
 def preprocess_query(tokens: Sequence[int], *, query_length: int, start_token: Sequence[int] | None = None,
                      end_token: Sequence[int] | None = None, pad_token: int) -> list[int] | None:
-    """OAI's query preprocessing (SPEC §4); None means "skip this passage".
+    """OAI's query preprocessing (docs/original.md §4); None means "skip this passage".
 
     1. `start_token` (a token sequence; None/empty = off): keep the tokens after its first
        occurrence; skip if absent. As in OAI, if the sequence ends the passage (nothing after it)
@@ -204,6 +204,17 @@ def preprocess_query(tokens: Sequence[int], *, query_length: int, start_token: S
     return tokens + [pad_token] * (query_length - len(tokens))
 
 
+class QueryDatasetError(ValueError):
+    """A query dataset that cannot give queries as configured: a start or end text the encoding
+    cannot represent, or a passage source none of whose passages survives preprocessing.
+    `option` names the `QueryDataset` argument at fault (`start_text`, `end_text` or
+    `passages`) and `problem` says what is wrong, so that a caller can name its own setting."""
+
+    def __init__(self, problem: str, *, option: str):
+        self.problem, self.option = problem, option
+        super().__init__(f"{option}: {problem}")
+
+
 NO_QUERY_LIMIT = 100_000  # skipped passages in a row that end a source of unknown size as hopeless
 
 
@@ -219,6 +230,10 @@ class QueryDataset:
     `skipped` counts passages dropped by preprocessing, `passages_consumed` all passages read.
     `state_dict()` is taken between batches; `load_state_dict()` on a fresh `QueryDataset` built
     the same way makes it yield the same following batches.
+
+    A start or end text the encoding cannot represent is a `QueryDatasetError` at once; a source
+    in which no passage gives a query is one when a batch is asked for (after every passage of a
+    source of known size was skipped twice, or `NO_QUERY_LIMIT` in a row otherwise).
     """
 
     def __init__(self, passages: Iterator[str], *, encoding, query_length: int, start_text: str | None,
@@ -234,13 +249,12 @@ class QueryDataset:
         self.query_length = query_length
         self.start_token = encoding.encode(start_text) if start_text else None
         self.end_token = encoding.encode(end_text) if end_text else None
-        for key, text, tokens in (("task.start_text", start_text, self.start_token),
-                                  ("task.end_text", end_text, self.end_token)):
+        for option, text, tokens in (("start_text", start_text, self.start_token),
+                                     ("end_text", end_text, self.end_token)):
             if tokens and encoding.decode(tokens) != text:  # e.g. a word a gpt2-subset vocabulary lacks
-                from lm_human_preferences.hparams import HParamsError
-
-                raise HParamsError(f"{text!r} is not in the model's vocabulary (it encodes to {tokens}, which "
-                                   f"reads {encoding.decode(tokens)!r}), so no passage would match it", key=key)
+                raise QueryDatasetError(f"{text!r} is not in the model's vocabulary (it encodes to {tokens}, which "
+                                        f"reads {encoding.decode(tokens)!r}), so no passage would match it",
+                                        option=option)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -270,19 +284,17 @@ class QueryDataset:
         return torch.tensor(queries[self.rank::self.world_size], dtype=torch.long)  # (B, Lq)
 
     def _no_queries(self):
-        from lm_human_preferences.hparams import HParamsError
-
         rules = []
         if self.start_token:
             rules.append(f"start_text={self.start_text!r} (tokens {self.start_token}) must occur in the passage")
         if self.end_token:
             rules.append(f"end_text={self.end_text!r} (tokens {self.end_token}) must occur in its first "
                          f"{self.query_length} tokens" + (" after that" if self.start_token else ""))
-        key = "task.start_text" if self.start_token else "task.end_text" if self.end_token else "task.query_dataset"
+        option = "start_text" if self.start_token else "end_text" if self.end_token else "passages"
         which = (f"none of the {self.cycle} passages" if self.cycle is not None else
                  f"none of {self.skipped_in_a_row} passages in a row")
-        raise HParamsError(f"{which} of the query dataset gives a query"
-                           + (f": {'; '.join(rules)}" if rules else " (they are all empty)"), key=key)
+        raise QueryDatasetError(f"{which} of the query dataset gives a query"
+                                + (f": {'; '.join(rules)}" if rules else " (they are all empty)"), option=option)
 
     def state_dict(self) -> dict:
         state = {"passages_consumed": self.passages_consumed, "skipped": self.skipped}

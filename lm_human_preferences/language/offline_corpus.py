@@ -1,6 +1,5 @@
 """A small, deterministic English corpus of short story-like passages for the offline tasks.
 
-    passages = generate_passages(1000, seed=0)                  # list of str
     stream = iter_passages(seed=0, split="valid")               # infinite, deterministic
     "quiet" in DESCRIPTIVE_WORDS                                # True
 
@@ -148,9 +147,3 @@ def iter_passages(*, seed: int, split: str = "train") -> Iterator[str]:
     rng = random.Random(3 * seed + SPLITS.index(split))
     while True:
         yield _Passage(rng).passage()
-
-
-def generate_passages(n: int, *, seed: int = 0) -> list[str]:
-    """The first `n` passages of `iter_passages(seed=seed, split="train")`."""
-    stream = iter_passages(seed=seed, split="train")
-    return [next(stream) for _ in range(n)]
