@@ -36,10 +36,10 @@ from lm_human_preferences import judges, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
 from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
-from lm_human_preferences.logs import print0, progress
-from lm_human_preferences.preferences import PreferenceFileError, read_json_rows
+from lm_human_preferences.logs import progress
 from lm_human_preferences.rewards import RewardModel, load_reward_model
 from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.trainer import run_training
 
 SCORES_FILE = "scores.jsonl"
 OUTCOME = {judges.A: "win", judges.TIE: "tie", judges.B: "loss"}  # of the outputs against the baseline
@@ -83,19 +83,6 @@ class EvaluateHParams(HParams):
         if not 0 < self.confidence < 1:
             raise HParamsError(f"must be a number between 0 and 1, both excluded (got {self.confidence})",
                                key="confidence")
-
-
-def read_rows(path: str) -> list[dict]:
-    """The rows of an output file: {"prompt", "response", "sample"} (`sample`: None when absent).
-    A problem is a PreferenceFileError naming the file, the line and the field."""
-    rows = []
-    for where, row in read_json_rows(path):
-        for key in ("prompt", "response"):
-            if not isinstance(row.get(key), str):
-                found = "missing" if key not in row else f"expected a string, got {type(row[key]).__name__}"
-                raise PreferenceFileError(f"{where}, field {key!r}: {found}")
-        rows.append({"prompt": row["prompt"], "response": row["response"], "sample": row.get("sample")})
-    return rows
 
 
 def check_same_prompts(rows: list[dict], baseline: list[dict], hp: EvaluateHParams) -> None:
@@ -220,32 +207,45 @@ def evaluate(hp: EvaluateHParams, *, run: Run, rows: list[dict], baseline: list[
     return stats, out
 
 
+class Evaluator:
+    """`evaluate` as a trainer of `trainer.run_training`: no steps to checkpoint, no model to save."""
+
+    checkpoints, steps_done, model = False, 0, None
+
+    def __init__(self, *, run: Run, hp: EvaluateHParams, rows: list[dict], baseline: list[dict] | None,
+                 scorer: tuple[RewardModel, Encoding] | None, encoded: list):
+        self.run, self.hp, self.rows, self.baseline = run, hp, rows, baseline
+        self.scorer, self.encoded = scorer, encoded
+        self.scored: list[dict] = []
+
+    def train(self, logger) -> dict[str, float]:
+        if not self.run.is_main:
+            return {}
+        stats, self.scored = evaluate(self.hp, run=self.run, rows=self.rows, baseline=self.baseline,
+                                      scorer=self.scorer, encoded=self.encoded)
+        logger.log(0, stats)
+        return stats
+
+    def save(self, save_dir: Path) -> None:
+        atomic_write_bytes(save_dir / SCORES_FILE, "".join(json.dumps(r) + "\n" for r in self.scored).encode())
+
+    def saved(self, final: dict[str, float]) -> str:
+        return summary(self.hp, final) if self.run.is_main else ""  # printed on rank 0 only
+
+
+def build_evaluator(hp: EvaluateHParams, run: Run) -> Evaluator:
+    """Read and check the output files, load the reward model and encode the rows for it; the evaluator."""
+    rows = judges.read_output_rows(hp.outputs)
+    baseline = judges.read_output_rows(hp.baseline) if hp.baseline else None
+    if baseline is not None:
+        check_same_prompts(rows, baseline, hp)
+    scorer = load_scorer(hp.reward_model) if hp.reward_model else None
+    encoded = encode_rows(rows, hp, encoding=scorer[1], n_ctx=scorer[0].gpt.config.n_ctx) if scorer else []
+    return Evaluator(run=run, hp=hp, rows=rows, baseline=baseline, scorer=scorer, encoded=encoded)
+
+
 def train(hp: EvaluateHParams, *, exp_name: str) -> Path:
     """`launch.py evaluate`: write `<save_dir>/scores.jsonl` and metrics.jsonl, print a summary
     line; returns the path of scores.jsonl. Rerunning a finished command does nothing."""
-    hp.validate()
-    run = Run(hp.run, exp_name=exp_name, config=hp)
-    try:
-        out = run.save_dir / SCORES_FILE
-        if run.already_finished(SCORES_FILE):
-            return out
-        rows = read_rows(hp.outputs)
-        baseline = read_rows(hp.baseline) if hp.baseline else None
-        if baseline is not None:
-            check_same_prompts(rows, baseline, hp)
-        scorer = load_scorer(hp.reward_model) if hp.reward_model else None
-        encoded = encode_rows(rows, hp, encoding=scorer[1], n_ctx=scorer[0].gpt.config.n_ctx) if scorer else []
-        logger = run.start(stop_at_step_end=False)
-        stats, scored = {}, []
-        if run.is_main:
-            stats, scored = evaluate(hp, run=run, rows=rows, baseline=baseline, scorer=scorer, encoded=encoded)
-            logger.log(0, stats)
-        run.finish(lambda d: atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in scored).encode()))
-        if run.is_main:
-            print0(summary(hp, stats))
-        return out
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+    return run_training(hp, exp_name=exp_name, build=lambda run: build_evaluator(hp, run),
+                        outputs=(SCORES_FILE,)) / SCORES_FILE

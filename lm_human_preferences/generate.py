@@ -42,6 +42,7 @@ from lm_human_preferences.language.checkpoints import atomic_write_bytes
 from lm_human_preferences.language.sample import sample_sequence
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.runtime import Run, RunHParams
+from lm_human_preferences.trainer import run_training
 
 OUTPUTS_FILE = "outputs.jsonl"
 
@@ -183,41 +184,51 @@ def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, 
     return rows
 
 
-def write_outputs(path: Path, rows: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+class Generator:
+    """`generate` as a trainer of `trainer.run_training`: no steps to checkpoint, no model to save."""
+
+    checkpoints, steps_done, model = False, 0, None
+
+    def __init__(self, *, run: Run, hp: GenerateHParams, model: lm_tasks.PretrainedModel,
+                 prompts: list[tuple[str, str]], prompt_tokens: list[list[int]]):
+        self.run, self.hp, self.pretrained, self.prompts, self.prompt_tokens = run, hp, model, prompts, prompt_tokens
+        self.rows: list[dict] = []
+
+    def train(self, logger) -> dict[str, float]:
+        if not self.run.is_main:
+            return {}
+        started = time.perf_counter()
+        self.rows = generate(self.hp, run=self.run, model=self.pretrained, prompts=[p for _, p in self.prompts],
+                             prompt_tokens=self.prompt_tokens)
+        stats = {"generate/rows": len(self.rows), "generate/prompts": len(self.prompts),
+                 "generate/response_tokens": sum(len(r["response_tokens"]) for r in self.rows) / len(self.rows),
+                 "elapsed/s": time.perf_counter() - started}
+        logger.log(0, stats)
+        return stats
+
+    def save(self, save_dir: Path) -> None:
+        atomic_write_bytes(save_dir / OUTPUTS_FILE, "".join(json.dumps(row) + "\n" for row in self.rows).encode())
+
+    def saved(self, final: dict[str, float]) -> str:
+        return (f"wrote {len(self.rows)} outputs ({len(self.prompts)} prompts x {self.hp.num_samples}) to "
+                f"{self.run.save_dir / OUTPUTS_FILE}")
+
+
+def build_generator(hp: GenerateHParams, run: Run) -> Generator:
+    """Read and encode the prompts, load the model, check that a sampling batch fits; the generator."""
+    prompts = read_prompts(hp.prompts)
+    model = lm_tasks.load_pretrained(hp.model or hp.task.policy.initial_model)
+    prompt_tokens = encode_prompts(hp, prompts, model)
+    width = affix_length(hp.task, model.encoding) + max(map(len, prompt_tokens)) + hp.response_length()
+    rows = min(hp.batch_size, len(prompts) * hp.num_samples)
+    lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
+        model.gpt.config, rows=rows, tokens=width, value_bytes=2 if run.bf16 else 4),
+        f"sampling {rows} responses at once")])
+    return Generator(run=run, hp=hp, model=model, prompts=prompts, prompt_tokens=prompt_tokens)
 
 
 def train(hp: GenerateHParams, *, exp_name: str) -> Path:
     """`launch.py generate`: write `<save_dir>/outputs.jsonl`; returns its path. Rerunning a
     finished command does nothing."""
-    hp.validate()
-    run = Run(hp.run, exp_name=exp_name, config=hp)
-    try:
-        out = run.save_dir / OUTPUTS_FILE
-        if run.already_finished(OUTPUTS_FILE):
-            return out
-        prompts = read_prompts(hp.prompts)
-        model = lm_tasks.load_pretrained(hp.model or hp.task.policy.initial_model)
-        prompt_tokens = encode_prompts(hp, prompts, model)
-        width = affix_length(hp.task, model.encoding) + max(map(len, prompt_tokens)) + hp.response_length()
-        rows = min(hp.batch_size, len(prompts) * hp.num_samples)
-        lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
-            model.gpt.config, rows=rows, tokens=width, value_bytes=2 if run.bf16 else 4),
-            f"sampling {rows} responses at once")])
-        logger = run.start(stop_at_step_end=False)
-        started = time.perf_counter()
-        rows_out: list[dict] = []
-        if run.is_main:
-            rows_out = generate(hp, run=run, model=model, prompts=[p for _, p in prompts],
-                                prompt_tokens=prompt_tokens)
-            logger.log(0, {"generate/rows": len(rows_out), "generate/prompts": len(prompts),
-                           "generate/response_tokens": sum(len(r["response_tokens"]) for r in rows_out) / len(rows_out),
-                           "elapsed/s": time.perf_counter() - started})
-        run.finish(lambda d: write_outputs(out, rows_out))
-        print0(f"wrote {len(rows_out)} outputs ({len(prompts)} prompts x {hp.num_samples}) to {out}")
-        return out
-    except BaseException as e:
-        run.stopped(e)
-        raise
-    finally:
-        run.close()
+    return run_training(hp, exp_name=exp_name, build=lambda run: build_generator(hp, run),
+                        outputs=(OUTPUTS_FILE,)) / OUTPUTS_FILE

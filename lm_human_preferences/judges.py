@@ -215,17 +215,23 @@ def win_rate(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], r
                    num_resamples=num_resamples)
 
 
-def read_outputs(path) -> list[tuple[str, str]]:
-    """(prompt, response) of each row of an output file: JSON lines {"prompt": ..., "response": ...}
-    (other fields are ignored)."""
-    out = []
+def read_output_rows(path) -> list[dict]:
+    """The rows of an output file (JSON lines {"prompt": ..., "response": ...}, as `generate`
+    writes them): {"prompt", "response", "sample"} (`sample`: None when absent; other fields are
+    ignored). A problem is a PreferenceFileError naming the file, the line and the field."""
+    rows = []
     for where, row in read_json_rows(path):
         for field in ("prompt", "response"):
             if not isinstance(row.get(field), str):
                 found = "missing" if field not in row else f"expected a string, got {type(row[field]).__name__}"
                 raise PreferenceFileError(f"{where}, field {field!r}: {found}")
-        out.append((row["prompt"], row["response"]))
-    return out
+        rows.append({"prompt": row["prompt"], "response": row["response"], "sample": row.get("sample")})
+    return rows
+
+
+def read_outputs(path) -> list[tuple[str, str]]:
+    """(prompt, response) of each row of an output file (`read_output_rows`)."""
+    return [(row["prompt"], row["response"]) for row in read_output_rows(path)]
 
 
 def win_rate_files(judge: Judge, path_a, path_b, **options) -> WinRate:
