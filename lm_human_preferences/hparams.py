@@ -359,10 +359,3 @@ class HParams:
         except TypeError as e:
             raise HParamsError(f"cannot build {where}: {e}") from None
 
-
-def __getattr__(name: str) -> Any:
-    """`field_docs` and `help_lines`, which live in hparams_help.py (it imports this module)."""
-    if name in ("field_docs", "help_lines"):
-        from lm_human_preferences import hparams_help
-        return getattr(hparams_help, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import tiny
 from lm_human_preferences import judges, lm_tasks, train_reward
 from lm_human_preferences.evaluate import EvaluateHParams
 from lm_human_preferences.generate import GenerateHParams
-from lm_human_preferences.hparams import field_docs
+from lm_human_preferences.hparams_help import field_docs
 from lm_human_preferences.rewards import load_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]

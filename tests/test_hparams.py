@@ -418,7 +418,7 @@ class MoreDocumented(Documented):
 
 
 def test_field_docs_come_from_comments_on_or_above_each_field():
-    from lm_human_preferences.hparams import field_docs
+    from lm_human_preferences.hparams_help import field_docs
 
     assert field_docs(MoreDocumented) == {"lr": "learning rate", "steps": "Two lines of comment above a field.",
                                           "bare": "", "kl": "adaptive KL (text after '#' # is kept)",
@@ -426,7 +426,7 @@ def test_field_docs_come_from_comments_on_or_above_each_field():
 
 
 def test_help_lines_group_keys_by_section_with_values_and_descriptions():
-    from lm_human_preferences.hparams import help_lines
+    from lm_human_preferences.hparams_help import help_lines
 
     hp = MoreDocumented()
     hp.override_from_pair("lr", "0.5")

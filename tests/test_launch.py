@@ -296,7 +296,7 @@ def trainer_sections():
 
 
 def test_every_hyperparameter_of_every_trainer_has_a_description():
-    from lm_human_preferences.hparams import field_docs
+    from lm_human_preferences.hparams_help import field_docs
 
     missing = [f"{path}.{name} ({cls.__module__}.{cls.__name__})" for path, cls in trainer_sections()
                for name, doc in field_docs(cls).items() if not doc]
