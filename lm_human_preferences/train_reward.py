@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences import distributed, label_types, labels, lm_tasks
+from lm_human_preferences import distributed, label_types, labels, lm_tasks, pair_labels, templates
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
@@ -36,9 +36,10 @@ MAX_RESPONSES = 1024  # responses a label compares (the paper's: 4); more is no 
 
 @dataclass
 class LabelHParams(HParams):
-    type: str = "best_of_4"  # label type: best_of_N (N >= 2), scalar_rating or scalar_compare
+    type: str = "best_of_4"  # best_of_N (N >= 2), scalar_rating, scalar_compare, preference or soft_preference
     num_train: int = 4992  # labels trained on (one epoch); the rest of the file is held out
-    source: str = ""  # a path or URL; empty: the original's file for the task
+    source: str = ""  # a label or preference-pair file (path or URL); empty: the original's file for the task
+    template: str = "plain"  # how a pair file's prompt and response become query and response text (templates.py)
 
     def _validate(self):
         try:
@@ -48,6 +49,9 @@ class LabelHParams(HParams):
         if label_type.num_responses > MAX_RESPONSES:
             raise HParamsError(f"at most {MAX_RESPONSES} responses per label", key="type")
         check_count(self, "num_train")
+        if self.template not in templates.TEMPLATES:
+            raise HParamsError(f"unknown template {self.template!r}; expected one of {', '.join(templates.TEMPLATES)}",
+                               key="template")
 
 
 @dataclass
@@ -103,14 +107,15 @@ def check_memory(hp: TrainRewardHParams, model: lm_tasks.PretrainedModel, run: R
 
 def load_label_rows(hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, *, encoding,
                     data_dir: str) -> tuple[label_types.LabelType, list[dict]]:
-    """Resolve, download (once, cached) and validate the label file."""
+    """Resolve, download (once, cached) and validate the label file; a preference-pair file is
+    rendered with `labels.template` and tokenized (`pair_labels`)."""
     label_type = label_types.get_label_type(hp.labels.type)
     if not hp.labels.source:
         raise HParamsError("no label file; pass --labels.source=PATH_OR_URL", key="labels.source")
     path = labels.resolve_label_source(hp.labels.source, cache_dir=Path(data_dir) / "labels")
-    rows = labels.read_labels(path, label_type=label_type, query_length=task.query_length,
-                              response_length=task.response_length, vocab_size=encoding.n_vocab,
-                              pad_token=encoding.padding_token)
+    rows = pair_labels.read_label_rows(path, label_type=label_type, template=hp.labels.template,
+                                       query_length=task.query_length, response_length=task.response_length,
+                                       encoding=encoding)
     if len(rows) < hp.labels.num_train:
         raise labels.LabelFileError(f"{path}: {len(rows)} labels, but labels.num_train={hp.labels.num_train}")
     return label_type, rows
