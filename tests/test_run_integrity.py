@@ -16,35 +16,21 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
-import tiny
 import torch
 from dist_utils import run_distributed
-from test_reliability import (ENV, LQ, LR, ROOT, Crash, assert_same_model, assert_same_run, checkpoint_names,
-                              cli_args, hparams, policy_config, reward_config, rows, sft_config, start,
+# files: the module's tiny model, corpus, labels and reward model (a fixture of test_reliability's)
+from test_reliability import (ENV, ROOT, Crash, assert_same_model, assert_same_run, checkpoint_names,
+                              cli_args, files, hparams, policy_config, reward_config, rows, sft_config, start,
                               temporary_files, train_ppo, train_rm)
 
 import launch
-from lm_human_preferences import (collect_labels, lm_tasks, pipeline, ppo, run_status, train_policy, train_reward,
+from lm_human_preferences import (collect_labels, pipeline, ppo, run_status, train_policy, train_reward,
                                   train_sft)
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language import checkpoints
 from lm_human_preferences.runtime import Run
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny model with a 64-token vocabulary, a corpus, 520 labels and a reward model (as in test_reliability)."""
-    d = tmp_path_factory.mktemp("integrity")
-    enc = tiny.small_encoding()
-    model = tiny.make_model(d / "model", encoding=enc)
-    labels = tiny.make_best_of_4_labels(d / "labels.json", n=520, query_length=LQ, response_length=LR, encoding=enc)
-    initial = lm_tasks.load_pretrained(str(model))
-    rm = train_reward.save_reward_model(d / "rm", train_reward.build_reward_model(initial, seed=1),
-                                        encoding=enc.to_meta())
-    return SimpleNamespace(dir=d, model=model, corpus=tiny.make_corpus(d / "corpus.txt"), labels=labels, rm=rm)
 
 
 def status(run_dir) -> dict:
