@@ -91,3 +91,11 @@ def read_label_rows(path, *, label_type: LabelType, template: str, query_length:
     pairs = preferences.read_pairs(path)
     return pairs_to_rows(pairs, where=str(path), label_type=label_type, template=template,
                          query_length=query_length, response_length=response_length, encoding=encoding)
+
+
+def row_uids(path, n_rows: int) -> list[str]:
+    """Each label row's name in logs: a pair file's pair's `meta["uid"]` when it has one, else its
+    row index (0-based), as a string; a token label file's rows are their indices."""
+    if not is_pair_file(path):
+        return [str(i) for i in range(n_rows)]
+    return [str(pair.meta.get("uid", i)) for i, pair in enumerate(preferences.read_pairs(path))]
