@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lm_human_preferences import label_types, lm_tasks, templates
+from lm_human_preferences import label_types, lm_tasks, pair_labels, templates
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.runtime import RunHParams
 
@@ -21,7 +21,8 @@ class LabelHParams(HParams):
     type: str = "best_of_4"  # best_of_N (N >= 2), scalar_rating, scalar_compare, preference or soft_preference
     num_train: int = 4992  # labels trained on (each epoch); the rest of the file is held out
     source: str = ""  # a label or preference-pair file (path or URL); empty: the original's file for the task
-    template: str = "plain"  # how a pair file's prompt and response become query and response text (templates.py)
+    # How a pair file's prompt and response become query and response text (templates.py; auto: the format's own)
+    template: str = "plain"
     # Pairwise types: each pair's rewards at each training visit, into <run>/pair_scores.jsonl
     # ({"epoch", "step", "uid", "r_chosen", "r_rejected"}; uid: the pair's meta.uid, else its row index)
     log_pair_scores: bool = False
@@ -34,9 +35,9 @@ class LabelHParams(HParams):
         if label_type.num_responses > MAX_RESPONSES:
             raise HParamsError(f"at most {MAX_RESPONSES} responses per label", key="type")
         check_count(self, "num_train")
-        if self.template not in templates.TEMPLATES:
-            raise HParamsError(f"unknown template {self.template!r}; expected one of {', '.join(templates.TEMPLATES)}",
-                               key="template")
+        if self.template not in (*templates.TEMPLATES, pair_labels.AUTO):
+            raise HParamsError(f"unknown template {self.template!r}; expected one of {', '.join(templates.TEMPLATES)} "
+                               f"or {pair_labels.AUTO}", key="template")
         if self.log_pair_scores and not isinstance(label_type, label_types.Pairwise):
             raise HParamsError(f"logs the rewards of pairs: needs --labels.type=preference or soft_preference, not "
                                f"{self.type}", key="log_pair_scores")
