@@ -140,3 +140,15 @@ def test_the_options_name_their_key(pair_task, tmp_path, capsys):
             f"--run.save_dir={tmp_path / 'b'}"]
     assert launch.main(args) == 2
     assert "select_best" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_pipeline_report_names_the_best_models_step(tmp_path):
+    from lm_human_preferences import pipeline
+
+    side = {"score": 0.0, "gold": 0.0, "kl": 0.0, "texts": ["a"], "gold_each": [0.0]}
+    for reward_eval, expected in (({"eval/accuracy": 0.5}, "accuracy: 0.500 (chance"),
+                                  ({"eval/accuracy": 0.5, "best/step": 4, "best/eval/accuracy": 0.75},
+                                   "accuracy: 0.750 (the best evaluation's model, from step 4) (chance")):
+        pipeline.write_report(tmp_path / "report.md", task_name="t", before=side, after=side, query_texts=["q"],
+                              timings={}, reward_eval=reward_eval)
+        assert expected in (tmp_path / "report.md").read_text()
