@@ -110,7 +110,8 @@ def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
 def _held_out_accuracy(reward_eval: dict) -> str:
     """The saved reward model's held-out accuracy, and the step it is from under select_best."""
     if "best/step" in reward_eval:
-        return f"{reward_eval['best/eval/accuracy']:.3f} (the best evaluation's model, from step {reward_eval['best/step']})"
+        accuracy, step = reward_eval["best/eval/accuracy"], reward_eval["best/step"]
+        return f"{accuracy:.3f} (the best evaluation's model, from step {step})"
     return f"{reward_eval.get('eval/accuracy', float('nan')):.3f}"
 
 
