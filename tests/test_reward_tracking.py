@@ -129,6 +129,34 @@ def test_select_best_saves_the_best_evaluations_model(pair_task, tmp_path, monke
     assert not all(torch.equal(saved[k], after_step[6][k]) for k in saved)
 
 
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_run_keeps_its_best_model(pair_task, tmp_path, monkeypatch):
+    """The best evaluation (step 2) came before the checkpoint the run resumes from (step 3)."""
+    by_step = {1: 0.5, 2: 0.875, 3: 0.625, 4: 0.75, 5: 0.75, 6: 0.5}
+    monkeypatch.setattr(train_reward.RewardTrainer, "evaluate",
+                        lambda self: {"eval/accuracy": by_step[self.step], "eval/loss": 0.0})
+    options = dict(epochs=3, eval_interval=1, select_best=True, normalize_after=False, **{"run.save_interval": 1})
+    straight = train_reward.train(hparams(pair_task, tmp_path / "straight", **options), exp_name="straight")
+    train_step = train_reward.RewardTrainer.train_step
+
+    def crash_at_step_4(self, indices, lr):
+        if self.step == 3:
+            raise Crash
+        return train_step(self, indices, lr)
+
+    monkeypatch.setattr(train_reward.RewardTrainer, "train_step", crash_at_step_4)
+    with pytest.raises(Crash):
+        train_reward.train(hparams(pair_task, tmp_path / "resumed", **options), exp_name="resumed")
+    monkeypatch.setattr(train_reward.RewardTrainer, "train_step", train_step)
+    resumed = train_reward.train(hparams(pair_task, tmp_path / "resumed", **options), exp_name="resumed")
+    assert jsonl(resumed / "metrics.jsonl")[-1]["best/step"] == 2
+    a, b = load_weights(straight).trunk, load_weights(resumed).trunk
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_options_name_their_key(pair_task, tmp_path, capsys):
     hp = hparams(pair_task, tmp_path / "a", **{"labels.type": "best_of_4", "labels.log_pair_scores": True})
     with pytest.raises(HParamsError, match="preference or soft_preference"):
