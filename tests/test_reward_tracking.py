@@ -134,25 +134,28 @@ class Crash(Exception):
 
 
 def test_a_resumed_run_keeps_its_best_model(pair_task, tmp_path, monkeypatch):
-    """The best evaluation (step 2) came before the checkpoint the run resumes from (step 3)."""
+    """The best evaluation (step 2) is in the checkpoint the run resumes from (step 2); the pair
+    scores of step 3, written before the crash, are written once."""
     by_step = {1: 0.5, 2: 0.875, 3: 0.625, 4: 0.75, 5: 0.75, 6: 0.5}
     monkeypatch.setattr(train_reward.RewardTrainer, "evaluate",
                         lambda self: {"eval/accuracy": by_step[self.step], "eval/loss": 0.0})
-    options = dict(epochs=3, eval_interval=1, select_best=True, normalize_after=False, **{"run.save_interval": 1})
+    options = dict(epochs=3, eval_interval=1, select_best=True, normalize_after=False,
+                   **{"run.save_interval": 2, "labels.log_pair_scores": True})
     straight = train_reward.train(hparams(pair_task, tmp_path / "straight", **options), exp_name="straight")
     train_step = train_reward.RewardTrainer.train_step
 
-    def crash_at_step_4(self, indices, lr):
+    def crash_after_step_3(self, indices, lr):
         if self.step == 3:
             raise Crash
         return train_step(self, indices, lr)
 
-    monkeypatch.setattr(train_reward.RewardTrainer, "train_step", crash_at_step_4)
+    monkeypatch.setattr(train_reward.RewardTrainer, "train_step", crash_after_step_3)
     with pytest.raises(Crash):
         train_reward.train(hparams(pair_task, tmp_path / "resumed", **options), exp_name="resumed")
     monkeypatch.setattr(train_reward.RewardTrainer, "train_step", train_step)
     resumed = train_reward.train(hparams(pair_task, tmp_path / "resumed", **options), exp_name="resumed")
     assert jsonl(resumed / "metrics.jsonl")[-1]["best/step"] == 2
+    assert jsonl(resumed / "pair_scores.jsonl") == jsonl(straight / "pair_scores.jsonl")  # no visit twice
     a, b = load_weights(straight).trunk, load_weights(resumed).trunk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
