@@ -9,6 +9,7 @@ import functools
 import pytest
 import tiny
 import torch
+# files: the module's tiny models and corpus (a fixture of test_train_policy's)
 from test_train_policy import Crash, files, hparams, metrics, record_updates, token_score  # noqa: F401
 
 from lm_human_preferences import lm_tasks, ppo, rollouts, shaping, train_policy
