@@ -75,7 +75,9 @@ def length_only(target: float | None = None) -> Shaping:
 class Composition:
     """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n). A stateful
     shaping (e.g. running statistics) has `state_dict()` / `load_state_dict(state)`; the
-    composition's state is theirs by position, and train_policy keeps it in its checkpoints."""
+    composition's state is theirs by position, and train_policy keeps it in its checkpoints.
+    A shaping sees this rank's scores; a checkpoint holds rank 0's state, which every rank
+    resumes from, so a state should be the same on every rank (statistics all-reduced)."""
 
     def __init__(self, *fns: Shaping):
         self.fns = fns
