@@ -9,7 +9,9 @@ packed into rows of `seq_length + 1` tokens separated by end-of-text, and every 
 trained on. A `.jsonl` whose rows have `prompt` and `response` is prompt/response data: one
 row per example, the loss only on response tokens (and the end-of-text after them).
 From scratch, `encoding=gpt2-subset` restricts GPT-2 BPE to the tokens the corpus uses
-(see `SubsetEncoding`), which makes tiny models on CPU practical.
+(see `SubsetEncoding`), which makes tiny models on CPU practical. `freeze_layers=0.8` trains
+only the top 20% of the blocks (`freezing.py`; Kirk et al. 2023 fine-tune so); the result is a
+language model like any other, the initial model of reward model training or PPO.
 """
 
 from __future__ import annotations
