@@ -75,11 +75,15 @@ def ead_n(texts: Sequence[str], n: int, *, vocab_size: int = GPT2_VOCAB) -> floa
 
 def ngram_cosine_similarity(a: str, b: str, n: int) -> float:
     """The cosine similarity of the n-gram count vectors of two texts (0 without a common n-gram)."""
-    ca, cb = Counter(ngrams(a, n)), Counter(ngrams(b, n))
-    common = set(ca) & set(cb)
-    if not common:
+    return _count_cosine(Counter(ngrams(a, n)), Counter(ngrams(b, n)))
+
+
+def _count_cosine(ca: Counter, cb: Counter) -> float:
+    if len(cb) < len(ca):
+        ca, cb = cb, ca
+    dot = sum(c * cb[g] for g, c in ca.items() if g in cb)
+    if not dot:
         return 0.0
-    dot = sum(ca[g] * cb[g] for g in common)
     return dot / math.sqrt(sum(c * c for c in ca.values()) * sum(c * c for c in cb.values()))
 
 
@@ -92,7 +96,8 @@ def ngram_cosine_diversity(texts: Sequence[str], n: int) -> Optional[float]:
     """1 - the mean n-gram cosine similarity over every pair of texts (None for fewer than 2)."""
     if len(texts) < 2:
         return None
-    sims = [ngram_cosine_similarity(texts[i], texts[j], n) for i, j in pairs(texts)]
+    counts = [Counter(ngrams(t, n)) for t in texts]
+    sims = [_count_cosine(counts[i], counts[j]) for i, j in pairs(texts)]
     return 1.0 - sum(sims) / len(sims)
 
 
