@@ -8,6 +8,7 @@
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
+    python launch.py compare <task> <experiment> --outputs=NAME=FILE,NAME=FILE [--references=FILE --split=SPEC]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
@@ -48,6 +49,7 @@ TRAINERS = {
     "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
     "generate": ("lm_human_preferences.generate", "GenerateHParams"),
     "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
+    "compare": ("lm_human_preferences.compare", "CompareHParams"),
 }
 
 
