@@ -8,6 +8,7 @@
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
+    python launch.py merge <task> <experiment> --models=DIR,DIR[,...] [--weights=W,W,...] [--adapters=product]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
@@ -48,6 +49,7 @@ TRAINERS = {
     "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
     "generate": ("lm_human_preferences.generate", "GenerateHParams"),
     "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
+    "merge": ("lm_human_preferences.soups", "MergeHParams"),
 }
 
 
@@ -57,7 +59,7 @@ def stage_presets(subcommand: str, task: str) -> dict:
 
     if task not in params.TASKS:
         raise HParamsError(f"unknown task {task!r}; expected one of {sorted(params.TASKS)}")
-    preset = {} if subcommand == "train_sft" else {f"task.{k}": v for k, v in params.TASKS[task].items()}
+    preset = {} if subcommand in ("train_sft", "merge") else {f"task.{k}": v for k, v in params.TASKS[task].items()}
     return {**preset, **params.EXPERIMENTS.get(subcommand, {}).get(task, {})}
 
 

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 
 from lm_human_preferences import distributed, label_types, labels, lm_tasks, pair_labels, templates
+from lm_human_preferences.adapters import LoRAHParams, attach, save_model
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
@@ -67,6 +67,7 @@ class RewardTrainingHParams(HParams):
     normalize_before: bool = True  # normalize the initial policy's rewards before training (to the label type's mean, std)
     normalize_after: bool = True  # normalize them again after training (to mean 0, std 1)
     eval_batch_size: int = 64  # held-out labels per evaluation batch
+    lora: Optional[LoRAHParams] = None  # train low-rank adapters and the head only (adapters.py)
 
     def _validate(self):
         for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
@@ -231,7 +232,8 @@ class RewardTrainer:
         return self.reward_model
 
     def save(self, save_dir: Path) -> None:
-        save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta())
+        save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta(), lora_hp=self.hp.lora,
+                          base=self.task.policy.initial_model)
 
     def saved(self, final: dict[str, float]) -> str:
         return (f"reward model saved to {self.run.save_dir} "
@@ -285,16 +287,17 @@ class RewardTrainer:
         return final
 
 
-def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> RewardModel:
-    """A reward model whose trunk starts from the initial policy's weights; seeded head."""
+def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int, lora_hp=None) -> RewardModel:
+    """A reward model whose trunk starts from the initial policy's weights; seeded head (and
+    adapters with `lora_hp`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return RewardModel(copy.deepcopy(initial.gpt))
+        return RewardModel(attach(copy.deepcopy(initial.gpt), lora_hp, seed=seed))
 
 
-def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dict):
+def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dict, lora_hp=None, base: str = ""):
     return save_model(out_dir, gpt=reward_model.gpt, heads=reward_model.head_state(),
-                      meta={"kind": "reward", "encoding": encoding})
+                      meta={"kind": "reward", "encoding": encoding}, lora_hp=lora_hp, base=base)
 
 
 def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
@@ -303,8 +306,8 @@ def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
     lm_tasks.check_task_fits(hp.task, initial)
     check_memory(hp, initial, run)
     label_type, rows = load_label_rows(hp, hp.task, encoding=initial.encoding, data_dir=hp.run.data_dir)
-    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding,
-                         reward_model=build_reward_model(initial, seed=hp.run.seed), policy=Policy(initial.gpt),
+    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding, policy=Policy(initial.gpt),
+                         reward_model=build_reward_model(initial, seed=hp.run.seed, lora_hp=hp.lora),
                          label_type=label_type, rows=rows)
 
 
