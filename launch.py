@@ -8,6 +8,7 @@
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
+    python launch.py train_pmorl <task> <experiment> --pmorl.reward_models=OPTION=DIR,... [--key=value ...]
     python launch.py merge <task> <experiment> --models=DIR,DIR[,...] [--weights=W,W,...] [--adapters=product]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
 
@@ -49,6 +50,7 @@ TRAINERS = {
     "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
     "generate": ("lm_human_preferences.generate", "GenerateHParams"),
     "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
+    "train_pmorl": ("lm_human_preferences.personalization", "TrainPMORLHParams"),
     "merge": ("lm_human_preferences.soups", "MergeHParams"),
 }
 
