@@ -146,7 +146,9 @@ TRAIN_POLICY = {
     "offline_descriptiveness": _OFFLINE_POLICY,
     "offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096},
 }
-TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096}}
+# P-MORL and the P-Soups policies (one preference each): LoRA, as in the paper
+TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "ppo.lr": 2e-3, "lora": "on",
+                                    "lora.rank": 4, "lora.alpha": 16.0}}
 
 _OFFLINE_SFT = {
     "data": "offline_corpus",

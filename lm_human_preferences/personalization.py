@@ -38,6 +38,7 @@ from lm_human_preferences.language.checkpoints import atomic_writer
 from lm_human_preferences.rewards import load_reward_model
 
 MODES = ("response", "released")
+LABELER = "labeler"  # in place of a reward model directory: the option's scripted labeler
 
 
 def preference_prompt(text: str, options: Iterable[str]) -> str:
@@ -140,7 +141,9 @@ def pmorl_scorer(scorers: dict[str, scoring.ScoreFn], *, encoding, mode: str = "
 
 @dataclass
 class PMORLHParams(HParams):
-    reward_models: str = ""  # comma-separated OPTION=DIR: a reward model per preference (e.g. friendly=runs/rm_f)
+    # comma-separated OPTION=DIR, a reward model per preference (e.g. friendly=runs/rm_f), or
+    # OPTION=labeler: the option's scripted labeler as the reward (the gold reward, no reward model)
+    reward_models: str = ""
     mode: str = "response"  # response: rewards of the response (mean); released: of the prompt alone, as released
 
     def model_dirs(self) -> dict[str, str]:
@@ -159,7 +162,7 @@ class PMORLHParams(HParams):
         if not dirs:
             raise HParamsError("give a reward model per preference as OPTION=DIR,OPTION=DIR", key="reward_models")
         for path in dirs.values():
-            if not Path(path).is_dir():
+            if path != LABELER and not Path(path).is_dir():
                 raise HParamsError(f"{path}: no such directory", key="reward_models")
         if self.mode not in MODES:
             raise HParamsError(f"expected one of {', '.join(MODES)}, got {self.mode!r}", key="mode")
@@ -171,9 +174,12 @@ class TrainPMORLHParams(train_policy.TrainPolicyHParams):
 
 
 def reward_model_scorers(dirs: dict[str, str], *, encoding) -> dict[str, scoring.ScoreFn]:
-    """{option: the reward model's scorer} for `dirs` ({option: directory}): each model is loaded on
-    the CPU and moved, once, to the device of the first batch it scores; it runs in fp32."""
-    def scorer(path: str) -> scoring.ScoreFn:
+    """{option: its scorer} for `dirs` ({option: directory or "labeler"}): a reward model is loaded
+    on the CPU and moved, once, to the device of the first batch it scores; it runs in fp32. A
+    labeler scores the decoded responses (`scoring.labeler_scorer`)."""
+    def scorer(name: str, path: str) -> scoring.ScoreFn:
+        if path == LABELER:
+            return scoring.labeler_scorer(labelers.PreferenceLabeler(name), encoding=encoding)
         model = load_reward_model(path, encoding=encoding).eval().requires_grad_(False)
 
         @torch.no_grad()
@@ -181,7 +187,7 @@ def reward_model_scorers(dirs: dict[str, str], *, encoding) -> dict[str, scoring
             return model.to(responses.device)(queries, responses, pad_token=encoding.padding_token).float()
         return score
 
-    return {name: scorer(path) for name, path in dirs.items()}
+    return {name: scorer(name, path) for name, path in dirs.items()}
 
 
 def train(hp: TrainPMORLHParams, *, exp_name: str) -> Path:

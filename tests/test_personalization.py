@@ -122,3 +122,30 @@ def test_pmorl_settings_are_checked(tmp_path):
     hp = personalization.PMORLHParams(reward_models=f"friendly={tmp_path}", mode="sum")
     with pytest.raises(HParamsError, match="expected one of"):
         hp.validate()
+
+
+def test_reward_model_per_preference_scores_the_stripped_query_and_the_response(tmp_path):
+    from lm_human_preferences.language.gpt import GPT, GPTConfig
+    from lm_human_preferences.rewards import RewardModel
+    from lm_human_preferences.train_reward import save_reward_model
+
+    enc = encoding()
+    models = {}
+    for seed, name in enumerate(["friendly", "expert"]):
+        torch.manual_seed(seed)
+        models[name] = RewardModel(GPT(GPTConfig(n_vocab=enc.n_vocab, n_ctx=48, n_embd=16, n_head=2, n_layer=1)))
+        save_reward_model(tmp_path / name, models[name], encoding=enc.to_meta())
+    dirs = {name: str(tmp_path / name) for name in models}
+    scorers = personalization.reward_model_scorers({**dirs, "simple": "labeler"}, encoding=enc)
+    score = personalization.pmorl_scorer(scorers, encoding=enc)
+    prompt = personalization.preference_prompt("the cat sat.", ["friendly", "expert"])
+    queries = torch.tensor([enc.encode(prompt)])
+    plain = torch.tensor([enc.encode("the cat sat.") + [enc.padding_token] * (queries.shape[1] - 4)])
+    responses = torch.tensor([enc.encode(" he was happy")])
+    with torch.no_grad():
+        want = sum(m(plain, responses, pad_token=enc.padding_token) for m in models.values()) / 2
+    torch.testing.assert_close(score(queries, responses), want)
+    simple = personalization.preference_prompt("the cat sat.", ["simple"])
+    labeler = labelers.get_labeler("simple").score(["he was happy"])
+    q = torch.tensor([enc.encode(simple)])
+    assert score(q, responses).tolist() == pytest.approx(labeler)
