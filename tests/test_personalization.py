@@ -149,3 +149,24 @@ def test_reward_model_per_preference_scores_the_stripped_query_and_the_response(
     labeler = labelers.get_labeler("simple").score(["he was happy"])
     q = torch.tensor([enc.encode(simple)])
     assert score(q, responses).tolist() == pytest.approx(labeler)
+
+
+def test_train_pmorl_cli_trains_a_lora_policy_on_preference_prompts(tmp_path, monkeypatch):
+    import launch
+    from lm_human_preferences.language import lora
+
+    import tiny
+    enc = SubsetEncoding.from_texts([" " + " ".join(tiny.WORDS) + "." + "".join(SENTENCES), *tiny.WORDS])
+    model = tiny.make_model(tmp_path / "model", encoding=enc)
+    corpus = tiny.make_corpus(tmp_path / "corpus.txt").read_text().splitlines()
+    queries = personalization.write_preference_queries(
+        tmp_path / "q.jsonl", iter(corpus * 2), combos=personalization.combinations(["tone"]), n=32, words=6)
+    monkeypatch.chdir(ROOT)
+    args = ["train_pmorl", "offline_personal", "pm", f"--run.save_dir={tmp_path / 'pm'}", "--run.device=cpu",
+            f"--task.policy.initial_model={model}", f"--task.query_dataset={queries}", "--task.query_length=16",
+            "--task.response_length=4", "--ppo.total_episodes=16", "--ppo.batch_size=8", "--ppo.nminibatches=1",
+            "--lora.rank=2", "--pmorl.reward_models=friendly=labeler,unfriendly=labeler"]
+    assert launch.main(args) == 0
+    assert lora.load_adapter(tmp_path / "pm")[0]["base"] == str(model)
+    assert launch.main([*args[:3], "--run.save_dir=" + str(tmp_path / "bad"),
+                        *args[5:-1], "--pmorl.reward_models=friendly=labeler"]) == 2  # unfriendly has no reward
