@@ -1,6 +1,6 @@
 """Scripted labelers standing in for the paper's human labelers in the offline tasks.
 
-    labeler = get_labeler("sentiment")            # or "descriptiveness", a preference like "friendly", or "module:function"
+    labeler = get_labeler("sentiment")            # or "descriptiveness", "friendly", "module:function"
     labeler.score(["what a lovely day.", "the dog was sad."])   # gold scores, [0.58, -0.48]
     labeler.best_of(samples)                      # index of the best sample (first one on ties)
 

@@ -47,7 +47,7 @@ def test_preferences_judge_averages_the_active_options():
     a, b = "he was happy.", "the old quiet man slowly walked."
     scores = judges.preference_scores()([friendly_expert] * 2, [a, b])
     fr, ex = labelers.get_labeler("friendly"), labelers.get_labeler("expert")
-    assert scores == pytest.approx([(fr.score([a])[0] + ex.score([a])[0]) / 2, (fr.score([b])[0] + ex.score([b])[0]) / 2])
+    assert scores == pytest.approx([(fr.score([r])[0] + ex.score([r])[0]) / 2 for r in (a, b)])
     assert judge.compare(friendly_expert, "he was happy and kind. the old quiet man.", "the man.") == "a"
     unfriendly = personalization.preference_prompt("the cat sat.", ["unfriendly"])
     assert judge.compare(unfriendly, "he was happy.", "he was sad.") == "b"

@@ -2,8 +2,6 @@
 (1, 0) give the first model, adapters merge as A and B separately or as B·A, and bad inputs are
 one-paragraph errors with exit status 2."""
 
-import json
-
 import launch
 import pytest
 import torch
@@ -26,7 +24,8 @@ def make(path, seed):
 def make_adapter(path, base, seed, *, rank=2):
     gpt = GPT(CONFIG)
     gpt.load_state_dict(load_weights(base).trunk)
-    lora.add_lora(gpt, rank=rank, alpha=4, targets=["c_attn", "mlp.c_fc"], generator=torch.Generator().manual_seed(seed))
+    lora.add_lora(gpt, rank=rank, alpha=4, targets=["c_attn", "mlp.c_fc"],
+                  generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for a in lora.adapters(gpt).values():
