@@ -141,9 +141,7 @@ def pmorl_scorer(scorers: dict[str, scoring.ScoreFn], *, encoding, mode: str = "
 
 @dataclass
 class PMORLHParams(HParams):
-    # comma-separated OPTION=DIR, a reward model per preference (e.g. friendly=runs/rm_f), or
-    # OPTION=labeler: the option's scripted labeler as the reward (the gold reward, no reward model)
-    reward_models: str = ""
+    reward_models: str = ""  # comma-separated OPTION=DIR (a reward model) or OPTION=labeler (its scripted score)
     mode: str = "response"  # response: rewards of the response (mean); released: of the prompt alone, as released
 
     def model_dirs(self) -> dict[str, str]:
