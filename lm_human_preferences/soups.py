@@ -8,19 +8,20 @@
 Each input is a model directory (`save_model`'s: GPT and heads) or a LoRA adapter directory
 (`adapter.safetensors`; LoRA training saves one beside its merged model). When every input holds
 an adapter, the adapters are merged (`adapters=separate` or `product`), else, or with
-`adapters=off`, the models. Weights default to uniform
-and are used as given (they need not sum to 1; a soup's weights usually do).
+`adapters=off`, the models. Weights default to uniform and are used as given (they need not
+sum to 1; a soup's weights usually do).
 - Models: every tensor (trunk and heads) is the weighted sum of the K models' tensors; the
   models must have the same config and tensors.
-- Adapters, `adapters=separate` (the released P-Soups code): A = Σ w_k A_k and B = Σ w_k B_k,
-  one adapter of the same rank. The soup is not the weighted sum of the updates B_k A_k (cross
-  terms B_j A_k appear), which is what the paper merges in practice.
-- Adapters, `adapters=product`: the soup's update is Σ w_k s_k B_k A_k exactly, written as one
-  adapter of rank K·r (A = the A_k stacked, B = the w_k s_k B_k side by side, scale 1).
-The output directory holds the merged model (the base with the merged update added, loadable by
-every command as `--model=DIR` / `--task.policy.initial_model=DIR`) and, for adapters, the
-merged adapter. Adapters are merged into the base model their config names (`base`), unless
-`base` is given.
+- Adapters, `adapters=separate` (what the released P-Soups code does): A = Σ w_k A_k and
+  B = Σ w_k B_k, one adapter of the same rank. Its update B A is not the weighted sum of the
+  updates B_k A_k: cross terms B_j A_k appear.
+- Adapters, `adapters=product`: the update is Σ w_k s_k B_k A_k exactly, written as one adapter
+  of rank K·r (A = the A_k stacked, B = the w_k s_k B_k side by side, scale 1); the same as
+  merging the K models with their adapters merged in.
+The output directory holds the merged model (loadable by every command as `--model=DIR` or
+`--task.policy.initial_model=DIR`) and, for adapters, the merged adapter. Adapters are merged
+into the base model their config names (`base`), unless `base` is given; the model's heads are
+then the base model's (a policy's value head is not in its adapter).
 """
 
 from __future__ import annotations
