@@ -12,7 +12,6 @@ evaluating a policy, so the reward model's score can be compared with what it st
 from __future__ import annotations
 
 import abc
-import functools
 import re
 from typing import Iterable
 
@@ -162,8 +161,7 @@ class PreferenceLabeler(Labeler):
 
 
 LABELERS: dict[str, type[Labeler]] = {"sentiment": SentimentLabeler,
-                                      "descriptiveness": DescriptivenessLabeler,
-                                      **{name: functools.partial(PreferenceLabeler, name) for name in PREFERENCES}}
+                                      "descriptiveness": DescriptivenessLabeler}
 
 
 def get_labeler(name: str, *, key: str = "labeler") -> Labeler:
@@ -173,9 +171,11 @@ def get_labeler(name: str, *, key: str = "labeler") -> Labeler:
     name `key`)."""
     if ":" in name:
         return FunctionLabeler(name, key=key)
+    if name in PREFERENCES:
+        return PreferenceLabeler(name)
     key = name[len("offline_"):] if name.startswith("offline_") else name
     if key not in LABELERS:
         names = sorted(LABELERS) + [f"offline_{n}" for n in sorted(LABELERS)]
         raise ValueError(f"unknown labeler {name!r}; expected one of {', '.join(names)}, or a function of "
-                         f"your own as {plugins.SPEC_FORM}")
+                         f"your own as {plugins.SPEC_FORM}; or a personal preference: {', '.join(PREFERENCES)}")
     return LABELERS[key]()
