@@ -9,6 +9,8 @@
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
     python launch.py compare <task> <experiment> --outputs=NAME=FILE,NAME=FILE [--references=FILE --split=SPEC]
+    python launch.py train_pmorl <task> <experiment> --pmorl.reward_models=OPTION=DIR,... [--key=value ...]
+    python launch.py merge <task> <experiment> --models=DIR,DIR[,...] [--weights=W,W,...] [--adapters=product]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
@@ -50,6 +52,8 @@ TRAINERS = {
     "generate": ("lm_human_preferences.generate", "GenerateHParams"),
     "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
     "compare": ("lm_human_preferences.compare", "CompareHParams"),
+    "train_pmorl": ("lm_human_preferences.personalization", "TrainPMORLHParams"),
+    "merge": ("lm_human_preferences.soups", "MergeHParams"),
 }
 
 
@@ -59,7 +63,7 @@ def stage_presets(subcommand: str, task: str) -> dict:
 
     if task not in params.TASKS:
         raise HParamsError(f"unknown task {task!r}; expected one of {sorted(params.TASKS)}")
-    preset = {} if subcommand == "train_sft" else {f"task.{k}": v for k, v in params.TASKS[task].items()}
+    preset = {} if subcommand in ("train_sft", "merge") else {f"task.{k}": v for k, v in params.TASKS[task].items()}
     return {**preset, **params.EXPERIMENTS.get(subcommand, {}).get(task, {})}
 
 

@@ -58,6 +58,11 @@ OFFLINE_TASK = {
     "policy.initial_model": "saved_models/offline-gpt",
 }
 
+# Personalized Soups offline (docs/personalized_soups.md): queries carry preference sentences,
+# written by `python datasets/personal.py queries`; each stage names its own query file.
+OFFLINE_PERSONAL_TASK = {**OFFLINE_TASK, "query_length": 24, "start_text": None,
+                         "query_dataset": "datasets/personal/pmorl.jsonl"}
+
 TASKS = {
     "sentiment": BOOKS_TASK,
     "descriptiveness": BOOKS_TASK,
@@ -65,6 +70,7 @@ TASKS = {
     "tldr": TLDR_TASK,
     "offline_sentiment": OFFLINE_TASK,
     "offline_descriptiveness": OFFLINE_TASK,
+    "offline_personal": OFFLINE_PERSONAL_TASK,
 }
 
 _BOOKS_REWARD = {
@@ -97,6 +103,9 @@ TRAIN_REWARD = {
     "tldr": {**_SUMMARIZE_REWARD, "labels.source": LABELS_URL + "tldr/online_45k.json"},
     "offline_sentiment": _OFFLINE_REWARD,
     "offline_descriptiveness": _OFFLINE_REWARD,
+    # one reward model per preference, on labels of queries without preferences
+    "offline_personal": {**_OFFLINE_REWARD, "labels.num_train": 1792,
+                         "task.query_dataset": "datasets/personal/plain.jsonl"},
 }
 
 _BOOKS_POLICY = {
@@ -135,7 +144,11 @@ TRAIN_POLICY = {
     "tldr": {**_SUMMARIZE_POLICY, "rewards.kl_coef": 0.03},
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
+    "offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096},
 }
+# P-MORL and the P-Soups policies (one preference each): LoRA, as in the paper
+TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "ppo.lr": 2e-3, "lora": "on",
+                                    "lora.rank": 4, "lora.alpha": 16.0}}
 
 _OFFLINE_SFT = {
     "data": "offline_corpus",
@@ -151,12 +164,18 @@ _OFFLINE_SFT = {
     "run.seed": 1,
 }
 
-TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT}
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT,
+             # the multitask SFT baseline (docs/personalized_soups.md)
+             "offline_personal": {"data": "datasets/personal/multitask_sft.jsonl",
+                                  "initial_model": "saved_models/offline-gpt", "seq_length": 40, "batch_size": 32, "steps": 100, "lr": 3e-4, "warmup_steps": 10,
+                                  "eval_interval": 50, "run.seed": 1}}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
     "offline_descriptiveness": {"labeler": "descriptiveness", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
+    "offline_personal": {"labeler": "friendly", "num_labels": 2048, "batch_size": 256, "run.seed": 1,
+                         "task.query_dataset": "datasets/personal/plain.jsonl"},
 }
 
 EXPERIMENTS = {"train_sft": TRAIN_SFT, "collect_labels": COLLECT_LABELS, "train_reward": TRAIN_REWARD,
-               "train_policy": TRAIN_POLICY}
+               "train_policy": TRAIN_POLICY, "train_pmorl": TRAIN_PMORL}

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from lm_human_preferences import distributed, lm_tasks
 from lm_human_preferences.freezing import freeze_layers, trainable
+from lm_human_preferences.adapters import LoRAHParams, attach, save_model
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.datasets import get_passages
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
@@ -74,6 +74,7 @@ class TrainSFTHParams(HParams):
     eval_batches: int = 4  # held-out batches per evaluation
     freeze_layers: float = 0.0  # fraction of the blocks, from the input, that do not train (with wpe); see freezing.py
     freeze_embeddings: bool = False  # also freeze the token embeddings, which are the tied LM head
+    lora: Optional[LoRAHParams] = None  # train low-rank adapters only (adapters.py); off: every weight
 
     def _validate(self):
         for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches", "vocab_passages"):
@@ -299,7 +300,8 @@ class SFTTrainer:
         self.step = state["step"]
 
     def save(self, save_dir: Path) -> None:
-        save_model(save_dir, gpt=self.model, meta={"kind": "gpt", "encoding": self.encoding.to_meta()})
+        save_model(save_dir, gpt=self.model, meta={"kind": "gpt", "encoding": self.encoding.to_meta()},
+                   lora_hp=self.hp.lora, base=self.hp.initial_model)
 
     def saved(self, final: dict[str, float]) -> str:
         return f"language model saved to {self.run.save_dir}"
@@ -308,6 +310,7 @@ class SFTTrainer:
 def build_trainer(hp: TrainSFTHParams, run: Run) -> SFTTrainer:
     """The model to train (see `initial_model`) and the batch layout, checked; the trainer."""
     gpt, encoding = initial_model(hp, run)
+    attach(gpt, hp.lora, seed=hp.run.seed)
     if hp.seq_length > gpt.config.n_ctx:
         raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
     per_rank = run.per_rank(hp.batch_size, "batch_size")
