@@ -58,6 +58,21 @@ OFFLINE_TASK = {
     "policy.initial_model": "saved_models/offline-gpt",
 }
 
+# The offline dialogue task (RLCD, docs/rlcd.md): Human/Assistant prompts of the generated
+# dialogue corpus; a reply ends at the newline before the next "Human:" turn, and a reply that
+# does not end within response_length gets the penalty (the paper's non-termination penalty).
+OFFLINE_DIALOGUE_TASK = {
+    "query_length": 64,
+    "query_dataset": "offline_dialogue_prompts",
+    "response_length": 24,
+    "start_text": None,
+    "end_text": None,
+    "truncate_token": 7,  # "\n" in the vocabulary train_sft builds from the dialogue corpus (a test checks it)
+    "truncate_after": 1,
+    "policy.temperature": 0.7,
+    "policy.initial_model": "saved_models/offline-dialogue-gpt",
+}
+
 TASKS = {
     "sentiment": BOOKS_TASK,
     "descriptiveness": BOOKS_TASK,
@@ -65,6 +80,7 @@ TASKS = {
     "tldr": TLDR_TASK,
     "offline_sentiment": OFFLINE_TASK,
     "offline_descriptiveness": OFFLINE_TASK,
+    "offline_dialogue": OFFLINE_DIALOGUE_TASK,
 }
 
 _BOOKS_REWARD = {
@@ -97,6 +113,10 @@ TRAIN_REWARD = {
     "tldr": {**_SUMMARIZE_REWARD, "labels.source": LABELS_URL + "tldr/online_45k.json"},
     "offline_sentiment": _OFFLINE_REWARD,
     "offline_descriptiveness": _OFFLINE_REWARD,
+    # Simulated pairs (simulate_pairs' pairs.csv) with soft labels where the CSV has win2_prob.
+    "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 1792,
+                         "batch_size": 32, "lr": 5e-4, "rollout_batch_size": 128, "normalize_samples": 256,
+                         "run.seed": 1},
 }
 
 _BOOKS_POLICY = {
@@ -135,6 +155,8 @@ TRAIN_POLICY = {
     "tldr": {**_SUMMARIZE_POLICY, "rewards.kl_coef": 0.03},
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
+    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "rewards.adaptive_kl": "off",
+                         "rewards.kl_coef": 0.05},
 }
 
 _OFFLINE_SFT = {
@@ -151,7 +173,13 @@ _OFFLINE_SFT = {
     "run.seed": 1,
 }
 
-TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT}
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT,
+             # the dialogue base model: longer rows (a labeling document is up to ~150 tokens)
+             "offline_dialogue": {**_OFFLINE_SFT, "data": "offline_dialogue", "model.n_ctx": 160,
+                                  "seq_length": 160, "model.n_embd": 96, "steps": 500}}
+
+SIMULATE_PAIRS = {"offline_dialogue": {"affixes": "offline_dialogue", "length": 24, "batch_size": 128,
+                                       "run.seed": 1}}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
@@ -159,4 +187,4 @@ COLLECT_LABELS = {
 }
 
 EXPERIMENTS = {"train_sft": TRAIN_SFT, "collect_labels": COLLECT_LABELS, "train_reward": TRAIN_REWARD,
-               "train_policy": TRAIN_POLICY}
+               "train_policy": TRAIN_POLICY, "simulate_pairs": SIMULATE_PAIRS}

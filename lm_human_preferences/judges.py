@@ -25,6 +25,8 @@ Judges (`get_judge`), scoring the response only:
   the longer of two responses of equal sentiment, as LLM judges are known to;
 - "length_neutral": the mean VADER compound score of the response's sentences (split after
   . ! ?), so repeating a response, or adding sentences of the same sentiment, does not change it;
+- "harmless": the offline dialogue task's oracle (`labelers.HarmlessnessLabeler`): harmless
+  marker words minus harmful ones;
 - "MODULE:FUNCTION": a labeler function of yours, `fn(texts) -> scores` (see `labelers.py`).
 
 `win_rate` counts A's wins over the compared prompts, ties as half, with a percentile bootstrap
@@ -149,7 +151,7 @@ def length_neutral_scores(labeler: labelers.Labeler) -> ScoreFn:
     return score
 
 
-JUDGES = ("sentiment", "length_biased", "length_neutral")
+JUDGES = ("sentiment", "length_biased", "length_neutral", "harmless")
 
 
 def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
@@ -162,6 +164,8 @@ def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; expected one of {', '.join(JUDGES)}, or a labeler function "
                          f"of your own as MODULE:FUNCTION")
+    if name == "harmless":
+        return Judge(labeler_scores(labelers.HarmlessnessLabeler()), name=name, **options)
     labeler = labelers.SentimentLabeler()
     score_fn = {"sentiment": lambda: labeler_scores(labeler),
                 "length_biased": lambda: length_biased_scores(labeler, length_weight=length_weight),
