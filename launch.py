@@ -139,7 +139,8 @@ def cmd_sample(argv: list[str]) -> None:
 
 
 def cmd_consolidate_pairs(argv: list[str]) -> None:
-    from lm_human_preferences import rlcd
+    from lm_human_preferences import judges, rlcd
+    from lm_human_preferences.hparams import HParamsError
     from lm_human_preferences.preferences import write_pairs
 
     p = argparse.ArgumentParser(prog="launch.py consolidate_pairs",
@@ -151,13 +152,22 @@ def cmd_consolidate_pairs(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="the CSV to write")
     p.add_argument("--distillation", default="", help="also write prompt/response .jsonl SFT data (rlcd only)")
     p.add_argument("--seed", type=int, default=0, help="the order of rlcd pairs' outputs")
+    p.add_argument("--judge", default="", help="also print how often this judge (judges.py) agrees with the labels")
     ns = p.parse_args(argv)
+    try:  # a bad name fails before anything is written
+        judge = judges.get_judge(ns.judge, seed=ns.seed) if ns.judge else None
+    except ValueError as e:
+        raise HParamsError(str(e), key="judge") from None
     records = rlcd.read_records(*ns.dirs, method=ns.method)
     pairs = rlcd.consolidate(records, method=ns.method, seed=ns.seed)
     write_pairs(ns.out, pairs, format="rlcd")
     if ns.distillation:
         rlcd.write_jsonl(ns.distillation, rlcd.distillation_rows(records))
     print(f"wrote {len(pairs)} pairs ({len(records) - len(pairs)} failed indices left out) to {ns.out}")
+    if judge is not None and pairs:
+        agree = judges.agreement(judge, pairs)
+        print(f"agreement with judge {ns.judge}: {agree.rate:.3f} [{agree.low:.3f}, {agree.high:.3f}] over "
+              f"{agree.n} pairs ({agree.ties} ties, counted half)")
 
 
 def cmd_dialogue_prompts(argv: list[str]) -> None:

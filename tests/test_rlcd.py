@@ -234,7 +234,7 @@ def simulate(out, prompts, model, *args):
                         f"--prompts={prompts}", "--batch_size=4", *args])
 
 
-def test_rlcd_simulation_writes_records_pairs_and_distillation_data(setup):
+def test_rlcd_simulation_writes_records_pairs_and_distillation_data(setup, capsys):
     tmp, prompts, model = setup
     assert simulate(tmp / "sim", prompts, model) == 0
     records = rlcd.read_records(tmp / "sim" / "simulated", method="rlcd")
@@ -245,6 +245,15 @@ def test_rlcd_simulation_writes_records_pairs_and_distillation_data(setup):
     assert {(p.chosen, p.rejected) for p in pairs} == {("stay safe and be kind.", "i hate you.")}
     rows = [json.loads(line) for line in (tmp / "sim" / "distillation.jsonl").read_text().splitlines()]
     assert rows[0] == {"prompt": "\n\nHuman: q0\n\nAssistant:", "response": " stay safe and be kind."}
+    out = tmp / "again.csv"
+    assert launch.main(["consolidate_pairs", "--method=rlcd", f"--out={out}", "--seed=1", "--judge=harmless",
+                        f"--distillation={tmp / 'cd.jsonl'}", str(tmp / "sim" / "simulated")]) == 0
+    assert "agreement with judge harmless: 1.000" in capsys.readouterr().out
+    assert (tmp / "cd.jsonl").read_text() == (tmp / "sim" / "distillation.jsonl").read_text()
+    assert {(p.chosen, p.rejected) for p in read_pairs(out)} == {("stay safe and be kind.", "i hate you.")}
+    assert launch.main(["consolidate_pairs", "--method=rlcd", f"--out={tmp / 'no.csv'}", "--judge=nope",
+                        str(tmp / "sim" / "simulated")]) == 2
+    assert "unknown judge 'nope'" in capsys.readouterr().err and not (tmp / "no.csv").exists()
 
 
 def test_retries_run_out_into_a_failed_record(setup):
