@@ -9,8 +9,10 @@ reward model's or a reward function's, after the task's truncation penalty), `le
 number of tokens of each response (e.g. `lm_tasks.eos_mask(...).sum(1)`, or the tokens before
 truncation). `compose` applies its functions left to right, each to the output of the one
 before; in a PPO step the composed function goes between the score and the KL penalty
-(`ppo.kl_penalty_rewards`), which it does not touch. An empty composition returns the scores
-unchanged.
+(`ppo.kl_penalty_rewards`), which it does not touch; train_policy takes one as
+`--rewards.shaping=SPEC` (order: score → truncation penalty → shaping → score whitening → KL
+penalty). An empty composition returns the scores unchanged. A shaping may keep state (see
+`Composition`).
 
 | name | `parse_shaping` form | result |
 |---|---|---|
@@ -70,13 +72,31 @@ def length_only(target: float | None = None) -> Shaping:
     return shape
 
 
-def compose(*fns: Shaping) -> Shaping:
-    """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n)."""
-    def shape(scores, lengths):
-        for fn in fns:
+class Composition:
+    """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n). A stateful
+    shaping (e.g. running statistics) has `state_dict()` / `load_state_dict(state)`; the
+    composition's state is theirs by position, and train_policy keeps it in its checkpoints."""
+
+    def __init__(self, *fns: Shaping):
+        self.fns = fns
+
+    def __call__(self, scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        for fn in self.fns:
             scores = fn(scores, lengths)
         return scores
-    return shape
+
+    def state_dict(self) -> dict:
+        return {str(i): fn.state_dict() for i, fn in enumerate(self.fns) if hasattr(fn, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, fn in enumerate(self.fns):
+            if hasattr(fn, "load_state_dict"):
+                fn.load_state_dict(state[str(i)])
+
+
+def compose(*fns: Shaping) -> Composition:
+    """The shapings applied left to right (`Composition`)."""
+    return Composition(*fns)
 
 
 SHAPINGS: dict[str, tuple[Callable[..., Shaping], tuple[int, ...]]] = {  # name -> (maker, allowed argument counts)
@@ -85,7 +105,7 @@ SHAPINGS: dict[str, tuple[Callable[..., Shaping], tuple[int, ...]]] = {  # name 
 }
 
 
-def parse_shaping(spec: str) -> Shaping:
+def parse_shaping(spec: str) -> Composition:
     """A composition from "name=a:b,name=c,...", in the order written (see the module's table);
     an empty string is no shaping. A bad item is a ValueError naming it."""
     fns = []
