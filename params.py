@@ -114,7 +114,7 @@ TRAIN_REWARD = {
     "offline_sentiment": _OFFLINE_REWARD,
     "offline_descriptiveness": _OFFLINE_REWARD,
     # Simulated pairs (simulate_pairs' pairs.csv) with soft labels where the CSV has win2_prob.
-    "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 1792,
+    "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 768,
                          "batch_size": 32, "lr": 5e-4, "rollout_batch_size": 128, "normalize_samples": 256,
                          "run.seed": 1},
 }
@@ -155,8 +155,12 @@ TRAIN_POLICY = {
     "tldr": {**_SUMMARIZE_POLICY, "rewards.kl_coef": 0.03},
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
+    # AlpacaFarm's options as the paper used them: the KL estimate clamped at zero, responses
+    # ending at the next Human turn (with the task's penalty when a reply does not end); the
+    # rewards are whitened without a shift (the original's ppo.whiten_rewards already is).
     "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "rewards.adaptive_kl": "off",
-                         "rewards.kl_coef": 0.05},
+                         "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
+                         "task.stop_text": "\n\nHuman:"},
 }
 
 _OFFLINE_SFT = {
