@@ -158,7 +158,7 @@ TRAIN_POLICY = {
     # AlpacaFarm's options as the paper used them: the KL estimate clamped at zero, responses
     # ending at the next Human turn (with the task's penalty when a reply does not end); the
     # rewards are whitened without a shift (the original's ppo.whiten_rewards already is).
-    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "rewards.adaptive_kl": "off",
+    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512, "rewards.adaptive_kl": "off",
                          "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
                          "task.stop_text": "\n\nHuman:"},
 }

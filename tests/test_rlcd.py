@@ -298,3 +298,13 @@ def test_a_prompt_without_the_assistant_turn_is_refused(setup, capsys):
     prompts.write_text(json.dumps({"prompt": "\n\nHuman: q"}) + "\n")
     assert simulate(tmp / "bad", prompts, model) == 2
     assert "line 1: the prompt must end with" in capsys.readouterr().err and not (tmp / "bad").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["train_sft", "simulate_pairs", "train_reward", "train_policy", "generate"])
+def test_the_offline_dialogue_presets_are_valid_settings(subcommand):
+    hp = launch.trainer_hparams(subcommand, "offline_dialogue", [])
+    if subcommand == "train_policy":
+        assert hp.ppo.kl_estimator == "k1_clamped" and hp.task.stop_text == "\n\nHuman:"
+        assert hp.task.truncate_token == 7 and hp.task.query_dataset == "offline_dialogue_prompts"
+    if subcommand == "simulate_pairs":
+        assert hp.affixes == "offline_dialogue" and hp.method == "rlcd"
