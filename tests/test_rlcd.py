@@ -263,6 +263,17 @@ def test_retries_run_out_into_a_failed_record(setup):
     assert len(read_pairs(tmp / "sim" / "pairs.csv")) == 1
 
 
+def test_a_rerun_skips_the_indices_already_recorded(setup):
+    tmp, prompts, model = setup
+    rlcd.write_record(tmp / "sim" / "simulated", {"index": 0, "method": "rlcd", "status": True,
+                                                  "prompt": "\n\nHuman: q0\n\nAssistant:", "chosen": "kept.",
+                                                  "rejected": "old."})
+    assert simulate(tmp / "sim", prompts, model, "--indices=0-1") == 0
+    records = rlcd.read_records(tmp / "sim" / "simulated", method="rlcd")
+    assert [r["chosen"] for r in records] == ["kept.", "stay safe and be kind."]
+    assert len(read_pairs(tmp / "sim" / "pairs.csv")) == 2
+
+
 def test_shards_consolidate_to_the_single_run(setup, capsys):
     tmp, prompts, model = setup
     assert simulate(tmp / "all", prompts, model, "--method=rlcd_rescore") == 0
