@@ -17,8 +17,9 @@ pair, the principle and the rescore order; see `rlcd.py` for the methods), the m
 reply, and a continuation it rejects (no end of turn, or empty) is sampled again, at most
 `max_retries` times in all, after which the index is recorded as failed (`"status": false`).
 RLAIF and RLCD-Rescore then ask `labeler_model` (default: the same model) for `win2_prob`
-(`rlaif.ModelLabeler`). Writes `<save_dir>/simulated/<index>.json` as each index is done (a
-rerun skips the indices already there), and at the end `<save_dir>/pairs.csv` (the RLCD CSV of
+(`rlaif.ModelLabeler`). Writes `<save_dir>/simulated/<index>.json` once its indices are sampled
+and labeled (a rerun skips the indices already there; split a large file with `indices` to keep
+runs short), and at the end `<save_dir>/pairs.csv` (the RLCD CSV of
 every record in `simulated/`, `rlcd.consolidate` seeded with `run.seed`) and, for `rlcd`,
 `<save_dir>/distillation.jsonl` (context distillation SFT data for `train_sft --data=`).
 """
