@@ -12,6 +12,9 @@
     python launch.py train_pmorl <task> <experiment> --pmorl.reward_models=OPTION=DIR,... [--key=value ...]
     python launch.py merge <task> <experiment> --models=DIR,DIR[,...] [--weights=W,W,...] [--adapters=product]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
+    python launch.py simulate_pairs <task> <experiment> --prompts=FILE [--method=rlcd|rlaif|rlcd_rescore ...]
+    python launch.py consolidate_pairs --method M --out FILE.csv DIR [DIR ...]  # simulated records -> RLCD CSV
+    python launch.py dialogue_prompts --split S --num N --out FILE.jsonl   # the offline dialogue task's prompts
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
@@ -54,6 +57,7 @@ TRAINERS = {
     "compare": ("lm_human_preferences.compare", "CompareHParams"),
     "train_pmorl": ("lm_human_preferences.personalization", "TrainPMORLHParams"),
     "merge": ("lm_human_preferences.soups", "MergeHParams"),
+    "simulate_pairs": ("lm_human_preferences.simulate_pairs", "SimulatePairsHParams"),
 }
 
 
@@ -140,10 +144,60 @@ def cmd_sample(argv: list[str]) -> None:
         print(json.dumps(row) if ns.json else text.replace("\n", "\\n"), flush=True)
 
 
+def cmd_consolidate_pairs(argv: list[str]) -> None:
+    from lm_human_preferences import judges, rlcd
+    from lm_human_preferences.hparams import HParamsError
+    from lm_human_preferences.preferences import write_pairs
+
+    p = argparse.ArgumentParser(prog="launch.py consolidate_pairs",
+                                description="Merge the simulated records of simulate_pairs runs (their simulated/ "
+                                            "directories) into one RLCD CSV, and for rlcd the context distillation "
+                                            "data.")
+    p.add_argument("dirs", nargs="+", help="directories of <index>.json records")
+    p.add_argument("--method", required=True, choices=rlcd.METHODS)
+    p.add_argument("--out", required=True, help="the CSV to write")
+    p.add_argument("--distillation", default="", help="also write prompt/response .jsonl SFT data (rlcd only)")
+    p.add_argument("--seed", type=int, default=0, help="the order of rlcd pairs' outputs")
+    p.add_argument("--judge", default="", help="also print how often this judge (judges.py) agrees with the labels")
+    ns = p.parse_args(argv)
+    try:  # a bad name fails before anything is written
+        judge = judges.get_judge(ns.judge, seed=ns.seed) if ns.judge else None
+    except ValueError as e:
+        raise HParamsError(str(e), key="judge") from None
+    records = rlcd.read_records(*ns.dirs, method=ns.method)
+    pairs = rlcd.consolidate(records, method=ns.method, seed=ns.seed)
+    write_pairs(ns.out, pairs, format="rlcd")
+    if ns.distillation:
+        rlcd.write_jsonl(ns.distillation, rlcd.distillation_rows(records))
+    print(f"wrote {len(pairs)} pairs ({len(records) - len(pairs)} failed indices left out) to {ns.out}")
+    if judge is not None and pairs:
+        agree = judges.agreement(judge, pairs)
+        print(f"agreement with judge {ns.judge}: {agree.rate:.3f} [{agree.low:.3f}, {agree.high:.3f}] over "
+              f"{agree.n} pairs ({agree.ties} ties, counted half)")
+
+
+def cmd_dialogue_prompts(argv: list[str]) -> None:
+    from lm_human_preferences.language.dialogues import SPLITS, dialogue_prompts
+    from lm_human_preferences.rlcd import write_jsonl
+
+    p = argparse.ArgumentParser(prog="launch.py dialogue_prompts",
+                                description="Write prompts of the offline dialogue task (dialogue prefixes ending "
+                                            "in Assistant:) as {\"prompt\": ...} lines.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args(argv)
+    write_jsonl(ns.out, [{"prompt": text} for text in dialogue_prompts(ns.num, seed=ns.seed, split=ns.split)])
+    print(f"wrote {ns.num} prompts to {ns.out}")
+
+
 COMMANDS = {
     "pipeline": cmd_pipeline,
     **{name: (lambda argv, name=name: cmd_train(name, argv)) for name in TRAINERS},
     "sample": cmd_sample,
+    "consolidate_pairs": cmd_consolidate_pairs,
+    "dialogue_prompts": cmd_dialogue_prompts,
 }
 
 

@@ -62,6 +62,20 @@ OFFLINE_TASK = {
 # written by `python datasets/personal.py queries`; each stage names its own query file.
 OFFLINE_PERSONAL_TASK = {**OFFLINE_TASK, "query_length": 24, "start_text": None,
                          "query_dataset": "datasets/personal/pmorl.jsonl"}
+# The offline dialogue task (RLCD, docs/rlcd.md): Human/Assistant prompts of the generated
+# dialogue corpus; a reply ends at the newline before the next "Human:" turn, and a reply that
+# does not end within response_length gets the penalty (the paper's non-termination penalty).
+OFFLINE_DIALOGUE_TASK = {
+    "query_length": 64,
+    "query_dataset": "offline_dialogue_prompts",
+    "response_length": 24,
+    "start_text": None,
+    "end_text": None,
+    "truncate_token": 7,  # "\n" in the vocabulary train_sft builds from the dialogue corpus (a test checks it)
+    "truncate_after": 1,
+    "policy.temperature": 0.7,
+    "policy.initial_model": "saved_models/offline-dialogue-gpt",
+}
 
 TASKS = {
     "sentiment": BOOKS_TASK,
@@ -71,6 +85,7 @@ TASKS = {
     "offline_sentiment": OFFLINE_TASK,
     "offline_descriptiveness": OFFLINE_TASK,
     "offline_personal": OFFLINE_PERSONAL_TASK,
+    "offline_dialogue": OFFLINE_DIALOGUE_TASK,
 }
 
 _BOOKS_REWARD = {
@@ -106,6 +121,10 @@ TRAIN_REWARD = {
     # one reward model per preference, on labels of queries without preferences
     "offline_personal": {**_OFFLINE_REWARD, "labels.num_train": 1792,
                          "task.query_dataset": "datasets/personal/plain.jsonl"},
+    # Simulated pairs (simulate_pairs' pairs.csv) with soft labels where the CSV has win2_prob.
+    "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 768,
+                         "batch_size": 32, "lr": 5e-4, "rollout_batch_size": 128, "normalize_samples": 256,
+                         "run.seed": 1},
 }
 
 _BOOKS_POLICY = {
@@ -145,6 +164,12 @@ TRAIN_POLICY = {
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
     "offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096},
+    # AlpacaFarm's options as the paper used them: the KL estimate clamped at zero, responses
+    # ending at the next Human turn (with the task's penalty when a reply does not end); the
+    # rewards are whitened without a shift (the original's ppo.whiten_rewards already is).
+    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512, "rewards.adaptive_kl": "off",
+                         "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
+                         "task.stop_text": "\n\nHuman:"},
 }
 # P-MORL and the P-Soups policies (one preference each): LoRA, as in the paper
 TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "ppo.lr": 2e-3, "lora": "on",
@@ -168,7 +193,13 @@ TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFL
              # the multitask SFT baseline (docs/personalized_soups.md)
              "offline_personal": {"data": "datasets/personal/multitask_sft.jsonl",
                                   "initial_model": "saved_models/offline-gpt", "seq_length": 40, "batch_size": 32, "steps": 100, "lr": 3e-4, "warmup_steps": 10,
-                                  "eval_interval": 50, "run.seed": 1}}
+                                  "eval_interval": 50, "run.seed": 1},
+             # the dialogue base model: longer rows (a labeling document is up to ~150 tokens)
+             "offline_dialogue": {**_OFFLINE_SFT, "data": "offline_dialogue", "model.n_ctx": 160,
+                                  "seq_length": 160, "model.n_embd": 96, "steps": 500}}
+
+SIMULATE_PAIRS = {"offline_dialogue": {"affixes": "offline_dialogue", "length": 24, "batch_size": 128,
+                                       "run.seed": 1}}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
@@ -178,4 +209,5 @@ COLLECT_LABELS = {
 }
 
 EXPERIMENTS = {"train_sft": TRAIN_SFT, "collect_labels": COLLECT_LABELS, "train_reward": TRAIN_REWARD,
-               "train_policy": TRAIN_POLICY, "train_pmorl": TRAIN_PMORL}
+               "train_policy": TRAIN_POLICY, "train_pmorl": TRAIN_PMORL,
+               "simulate_pairs": SIMULATE_PAIRS}

@@ -59,7 +59,7 @@ class EvaluateHParams(HParams):
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # the responses' truncation, penalty
     outputs: str = ""  # the output file to score: JSON lines with "prompt" and "response" (generate's)
     reward_model: str = ""  # a reward model directory (train_reward's) to score every row with (empty: none)
-    judge: str = ""  # a judges.JUDGES name (e.g. sentiment, preferences, friendly) or MODULE:FUNCTION (empty: none)
+    judge: str = ""  # a judges.JUDGES name (e.g. sentiment, harmless, preferences, friendly) or MODULE:FUNCTION (empty: none)
     baseline: str = ""  # the output file the judge compares with: the same prompts in the same order
     batch_size: int = 64  # rows the reward model scores at once
     num_resamples: int = 1000  # bootstrap resamples of the win rate's interval

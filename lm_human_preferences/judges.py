@@ -29,6 +29,8 @@ Judges (`get_judge`), scoring the response only:
   "unfriendly"): its `labelers.PreferenceLabeler` score;
 - "preferences" (reads the prompt): the mean score of the options whose sentences the prompt
   carries (`active_preferences`), so one judge rates every combination of preferences;
+- "harmless": the offline dialogue task's oracle (`labelers.HarmlessnessLabeler`): harmless
+  marker words minus harmful ones;
 - "MODULE:FUNCTION": a labeler function of yours, `fn(texts) -> scores` (see `labelers.py`).
 
 `win_rate` counts A's wins over the compared prompts, ties as half, with a percentile bootstrap
@@ -171,7 +173,7 @@ def preference_scores() -> ScoreFn:
     return score
 
 
-JUDGES = ("sentiment", "length_biased", "length_neutral", "preferences", *labelers.PREFERENCES)
+JUDGES = ("sentiment", "length_biased", "length_neutral", "harmless", "preferences", *labelers.PREFERENCES)
 
 
 def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
@@ -188,6 +190,8 @@ def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
         return Judge(preference_scores(), name=name, **options)
     if name in labelers.PREFERENCES:
         return Judge(labeler_scores(labelers.PreferenceLabeler(name)), name=name, **options)
+    if name == "harmless":
+        return Judge(labeler_scores(labelers.HarmlessnessLabeler()), name=name, **options)
     labeler = labelers.SentimentLabeler()
     score_fn = {"sentiment": lambda: labeler_scores(labeler),
                 "length_biased": lambda: length_biased_scores(labeler, length_weight=length_weight),

@@ -1,6 +1,6 @@
 """Scripted labelers standing in for the paper's human labelers in the offline tasks.
 
-    labeler = get_labeler("sentiment")            # or "descriptiveness", "friendly", "module:function"
+    labeler = get_labeler("sentiment")            # or "descriptiveness", "friendly", "harmless", "module:function"
     labeler.score(["what a lovely day.", "the dog was sad."])   # gold scores, [0.58, -0.48]
     labeler.best_of(samples)                      # index of the best sample (first one on ties)
 
@@ -16,6 +16,7 @@ import re
 from typing import Iterable
 
 from lm_human_preferences import plugins
+from lm_human_preferences.language.dialogues import harmlessness
 from lm_human_preferences.language.offline_corpus import DESCRIPTIVE_WORDS
 
 _WORD = re.compile(r"[a-z]+")
@@ -98,6 +99,16 @@ class DescriptivenessLabeler(Labeler):
         return scores
 
 
+class HarmlessnessLabeler(Labeler):
+    """The offline dialogue task's oracle: a reply's harmless marker words minus its harmful ones
+    (`dialogues.harmlessness`; e.g. "please ask a doctor to help you. just break the lamp." → 1.0)."""
+
+    name = "harmless"
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [harmlessness(t) for t in texts]
+
+
 class FunctionLabeler(Labeler):
     """A function of your own, `fn(texts: list[str]) -> scores` (one number per text, higher is
     better), named as "module:function" or "path/to/file.py:function" (see `plugins.py`). A
@@ -161,11 +172,12 @@ class PreferenceLabeler(Labeler):
 
 
 LABELERS: dict[str, type[Labeler]] = {"sentiment": SentimentLabeler,
-                                      "descriptiveness": DescriptivenessLabeler}
+                                      "descriptiveness": DescriptivenessLabeler,
+                                      "harmless": HarmlessnessLabeler}
 
 
 def get_labeler(name: str, *, key: str = "labeler") -> Labeler:
-    """A new labeler: "sentiment" or "descriptiveness" (an "offline_" prefix is accepted), a
+    """A new labeler: "sentiment", "descriptiveness" or "harmless" (an "offline_" prefix is accepted), a
     personal preference's option (`PREFERENCES`: simple, expert, concise, verbose, friendly,
     unfriendly), or a function of your own as "module:function" (`FunctionLabeler`; its errors
     name `key`)."""
