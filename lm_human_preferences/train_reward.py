@@ -313,8 +313,8 @@ def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
                            f"(not scalar_rating)", key="select_best")
     uids = (pair_labels.row_uids(label_path(hp, data_dir=hp.run.data_dir), len(rows))
             if hp.labels.log_pair_scores else None)
-    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding,
-                         reward_model=build_reward_model(initial, seed=hp.run.seed), policy=Policy(initial.gpt),
+    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding, policy=Policy(initial.gpt),
+                         reward_model=build_reward_model(initial, seed=hp.run.seed, lora_hp=hp.lora),
                          label_type=label_type, rows=rows, uids=uids)
 
 
