@@ -1,0 +1,103 @@
+"""Next-token cross-entropy through the tied LM head, without the (N, V) logits in memory at once.
+
+    loss = head_cross_entropy(hidden, weight, targets)   # hidden (..., D), weight (V, D), targets (...)
+
+equals, up to rounding,
+
+    F.cross_entropy(kernels.lm_head(hidden, weight).reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+
+forward and backward, in fp32 and under bf16 autocast: the logits are computed in fp32 as
+`lm_head` computes them (oneDNN on CPU), and under bf16 autocast with gradients the two backward
+products run in bf16 with fp32 inputs rounded once, as `lm_head`'s backward does. The difference
+is the order of the work: only positions whose target is not ignored enter the head at all; they
+go through in chunks of rows, and each chunk's gradients (softmax minus one-hot, divided by the
+number of targets) are taken while its logits are at hand, so the head's gradients are ready
+when the forward pass ends and no logits, log-softmax or logit gradients stay alive. The whole
+head's work is one product forward and two backward, as unfused; the loss's backward only scales
+the gradients kept by the incoming gradient (a scalar). Peak memory for the head is one chunk's
+logits (`CHUNK_ELEMENTS`) instead of three or four (N, V) buffers (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lm_human_preferences.language import kernels
+
+CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 333 rows of GPT-2's vocabulary
+
+
+def chunk_rows(n_vocab: int) -> int:
+    """Rows per chunk: about CHUNK_ELEMENTS logits, and at least 64 rows (products stay efficient)."""
+    return max(64, CHUNK_ELEMENTS // n_vocab)
+
+
+def _chunk_losses(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's log-softmax (c, V) fp32 (F.cross_entropy's own kernel) and its losses (c,)."""
+    logp = torch.log_softmax(kernels.fp32_linear(h, w, None), 1)  # (c, V)
+    return logp, -logp.gather(1, t[:, None]).squeeze(1)
+
+
+def _grad_products(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, bf16: bool):
+    """g (c, V) @ w (V, D) and g^T @ h (c, D) as fp32 results (None where not wanted): in fp32
+    through oneDNN on CPU (`kernels.fp32_linear`), or, with `bf16`, products of bf16 operands (`w`
+    already bf16) as under autocast."""
+    if bf16:
+        g = g.bfloat16()
+        return (None if w is None else (g @ w).float()), (None if h is None else (g.t() @ h.bfloat16()).float())
+    return (None if w is None else kernels.fp32_linear(g, w.t(), None),
+            None if h is None else kernels.fp32_linear(g.t(), h.t(), None))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of rows `h` (n, D) against `targets` (n,) through `w` (V, D), with the
+    gradients computed chunk by chunk in the forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, bf16_backward: bool, rows: int):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        w_for_grad = None if grad_h is None else w.bfloat16() if bf16_backward else w
+        total = h.new_zeros(())
+        for start in range(0, n, rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            logp, losses = _chunk_losses(hc, w, tc)
+            total += losses.sum()
+            g = logp.exp_()  # softmax (c, V), in place
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            g.mul_(1.0 / n)  # d(mean loss)/d(logits)
+            gh, gw = _grad_products(g, hc if grad_w is not None else None, w_for_grad, bf16_backward)
+            if gh is not None:
+                grad_h[start:start + rows] = gh
+            if gw is not None:
+                grad_w += gw
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad, None if grad_w is None else grad_w * grad,
+                None, None, None)
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                       ignore_index: int = -100, rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden (..., D) @ weight (V, D)^T` against `targets` (...),
+    positions whose target is `ignore_index` left out (see the module docstring); fp32 scalar.
+    `rows`: rows per chunk (default `chunk_rows(V)`)."""
+    dev = hidden.device.type
+    bf16_backward = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    with torch.autocast(dev, enabled=False):
+        h, w = hidden.float().reshape(-1, hidden.shape[-1]), weight.float()
+        t = targets.reshape(-1)
+        keep = (t != ignore_index).nonzero().squeeze(1)
+        if not len(keep):  # nothing to predict: F.cross_entropy's own answer (nan) and gradients
+            return F.cross_entropy(kernels.lm_head(h, w), t, ignore_index=ignore_index)
+        h, t = h.index_select(0, keep), t.index_select(0, keep)
+        rows = rows or chunk_rows(w.shape[0])
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            return _HeadCrossEntropy.apply(h, w, t, bf16_backward, rows)
+        return sum(_chunk_losses(h[s:s + rows], w, t[s:s + rows])[1].sum() for s in range(0, len(t), rows)) / len(t)
