@@ -3,7 +3,7 @@
 
     python bench/run.py                          # the default sections, full sizes (~5 min on 2 idle cores)
     python bench/run.py --device cuda            # on a GPU: every section, GPU sizes -> bench/results-cuda.json
-    python bench/run.py --only sampling,train    # some of: sampling, train, ppo, peak, ops, ppo_scale
+    python bench/run.py --only sampling,train    # some of: sampling, train, memory, ppo, peak, ops, ppo_scale
     python bench/run.py --only train --update    # re-measure one section into bench/results-<device>.json
     python bench/run.py --quick                  # tiny sizes: a smoke check (seconds), no JSON
     python bench/run.py --quick --only ppo_scale # the sentiment-scale PPO update at tiny sizes
@@ -15,10 +15,12 @@ records how much CPU other processes used meanwhile (`others_cores`; ~0 on a qui
   sampling  `language.sample.sample_sequence` vs transformers `GPT2LMHeadModel.generate` on
             identical weights: fixed length, temperature 0.7, no top-k/top-p, fp32 and bf16
             autocast; plus our prefill alone (the same matmul work for any implementation).
-  train     forward+backward of the PPO minibatch computation (`Policy.forward`, loss
-            logprobs.sum() + values.sum()) vs transformers forward with the LM loss on all
-            positions + backward, and vs transformers doing our work (logits of the response
-            positions only); fp32 and bf16 autocast.
+  train     forward+backward of each kind of training step, ours vs transformers doing the same
+            work (`bench/train_steps.py`): the PPO minibatch step (logits at the response
+            positions), the next-token loss at every position (pretraining, SFT) and the reward
+            model's last-token score; fp32 and bf16 autocast.
+  memory    peak memory of one next-token-loss step, ours and transformers', each in a fresh
+            process (`bench/peak_memory.py` says how it is measured).
   ppo       seconds per phase of `train_policy.PPOTrainer.step` on the offline task.
   peak      the machine's matmul peak (best square matmul) and streaming read bandwidth; with
             the sections above, achieved model FLOP/s and MFU (= achieved / peak).
@@ -51,7 +53,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -68,8 +69,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-SECTIONS = ("sampling", "train", "ppo", "peak", "ops", "ppo_scale")
-TEMPERATURE = 0.7
+from bench.common import (TEMPERATURE, OthersCpu, build_pair, fmt_cores, fmt_others, forward_flops,  # noqa: E402
+                          interleaved, load_average, median, model_config, now, ppo_update_flops, precisions,
+                          sampling_flops, table)
+from bench.peak_memory import bench_memory, memory_table  # noqa: E402
+from bench.train_steps import bench_train, train_table  # noqa: E402
+
+SECTIONS = ("sampling", "train", "memory", "ppo", "peak", "ops", "ppo_scale")
+LM_STEP_TARGET, LM_MEMORY_TARGET = 1.5, 0.6  # the lm step: speed over transformers, peak memory as a fraction
 PPO_SCALE_TARGET = 550  # episodes/s on one GPU
 
 
@@ -99,154 +106,9 @@ def sizes(quick: bool, dev: torch.device) -> dict:
                 bandwidth_mb=512)
 
 
-def precisions(dev: torch.device):
-    return {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast(dev.type, dtype=torch.bfloat16)}
-
 
 def describe(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-
-
-# ---- timing -------------------------------------------------------------------------------
-
-def now(dev: torch.device) -> float:
-    """time.perf_counter() once `dev` has finished the work queued so far: CUDA kernels run
-    asynchronously, so without the synchronize a timed call would measure only their launch
-    (and the next one would pay for it). Every timing in this file reads the clock through this."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
-def interleaved(fns: dict[str, Callable[[], object]], *, dev: torch.device, repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, run alternately: a warm-up round, then `repeats` rounds
-    whose order alternates (A B, B A, ...), so drift in machine load hits every function alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = now(dev)
-            fns[name]()
-            times[name].append(now(dev) - t0)
-    return times
-
-
-def fmt_cores(c: float | None) -> str:
-    return "n/a" if c is None else f"{c:.2f} cores busy"
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-class OthersCpu:
-    """CPU time spent by OTHER processes (and the hypervisor's steal) while a measurement runs, in
-    cores: 0 on a quiet machine. From /proc/stat (all CPUs) minus this process' own CPU time. On a
-    2-core machine, anything above ~0.2 means our threads were competing for a core."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system
-
-    def cores(self) -> float | None:
-        end = self._read()
-        if self.start is None or end is None or end[0] <= self.start[0]:
-            return None
-        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, others / (end[0] - self.start[0]))
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-# ---- models: ours and transformers' on identical weights ----------------------------------------
-
-def model_config(spec):
-    from lm_human_preferences.language.gpt import GPTConfig
-    return GPTConfig.named(spec) if isinstance(spec, str) else GPTConfig(**spec)
-
-
-def build_pair(cfg, dev: torch.device, *, seed: int = 0):
-    """(ours, hf) on `dev`: transformers' GPT2LMHeadModel with random weights, saved with
-    `save_pretrained` and loaded into our GPT by `language.checkpoints.load_gpt` (the library's
-    own HF loader)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    from lm_human_preferences.language.checkpoints import load_gpt
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    special = cfg.n_vocab - 1  # GPT-2's <|endoftext|> is its last token
-    hcfg = GPT2Config(vocab_size=cfg.n_vocab, n_positions=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, bos_token_id=special, eos_token_id=special, pad_token_id=special,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hcfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(hcfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = load_gpt(d).eval()
-    ours, hf = ours.to(dev), hf.to(dev)
-    tokens = torch.randint(0, cfg.n_vocab - 1, (2, 16)).to(dev)
-    with torch.no_grad():
-        diff = (ours(tokens).logits - hf(tokens).logits).abs().max().item()
-    if diff > 1e-3:
-        raise RuntimeError(f"our GPT and transformers' disagree on identical weights (max |logit diff| {diff})")
-    return ours, hf
-
-
-def n_matmul_params(cfg) -> int:
-    """Weights of the per-token matmuls of the transformer blocks (12 d^2 per layer)."""
-    return 12 * cfg.n_layer * cfg.n_embd ** 2
-
-
-def forward_flops(cfg, *, batch: int, positions: list[int], head_positions: int) -> float:
-    """Model FLOPs of a forward pass of `batch` sequences: a token at position p (0-based) costs
-    2 * N_mm for the block matmuls and 4 * n_layer * d * (p + 1) for attention (q.k and a.v over
-    the p + 1 keys it may see, i.e. causal pairs only); each position where logits are computed
-    costs 2 * d * V for the LM head. Embedding lookups, layer norms, GELU and softmax are not counted."""
-    d, L, V = cfg.n_embd, cfg.n_layer, cfg.n_vocab
-    per_seq = sum(2 * n_matmul_params(cfg) + 4 * L * d * (p + 1) for p in positions) + head_positions * 2 * d * V
-    return float(batch * per_seq)
-
-
-def sampling_flops(cfg, *, batch: int, query: int, response: int) -> float:
-    """Prefill of the query (logits at its last position only), then response - 1 single-token
-    steps at positions query .. query + response - 2; `response` LM-head evaluations in all."""
-    return forward_flops(cfg, batch=batch, positions=list(range(query + response - 1)), head_positions=response)
-
-
-def train_flops(cfg, *, batch: int, length: int, head_positions: int) -> float:
-    """Forward + backward = 3 x forward (the backward costs two matmuls per forward matmul)."""
-    return 3 * forward_flops(cfg, batch=batch, positions=list(range(length)), head_positions=head_positions)
-
-
-def ppo_update_flops(cfg, *, batch: int, query: int, response: int, noptepochs: int) -> float:
-    """One PPO update: sampling; forward passes of the policy and the reference (logits at the
-    response positions) and of the reward model (no logits); `noptepochs` training passes."""
-    T = query + response
-    policy_fwd = forward_flops(cfg, batch=batch, positions=list(range(T)), head_positions=response)
-    reward_fwd = forward_flops(cfg, batch=batch, positions=list(range(T)), head_positions=0)
-    return (sampling_flops(cfg, batch=batch, query=query, response=response) + 2 * policy_fwd + reward_fwd
-            + noptepochs * 3 * policy_fwd)
 
 
 # ---- sampling -----------------------------------------------------------------------------
@@ -346,70 +208,6 @@ def _sampling_row(times: dict[str, list[float]], others: float | None, *, new_to
         t_kept = median(times["ours_kept"])
         row.update(ours_kept_s=t_kept, ratio_kept=t_peer / t_kept)
     return row
-
-
-# ---- training step -------------------------------------------------------------------------
-
-def bench_train(sz: dict, dev: torch.device) -> dict:
-    from lm_human_preferences.policy import Policy
-
-    cfg = model_config(sz["model"])
-    ours, hf = build_pair(cfg, dev)
-    policy = Policy(ours).to(dev).train()  # the value head is created on the CPU
-    hf.eval()  # no dropout: the same computation as ours (dropout is 0 anyway)
-    if sz["compile"]:  # both compiled; the first (untimed) round of `interleaved` compiles
-        ours.compile_blocks()
-        hf = torch.compile(hf)
-    B, Tc, L = sz["train_batch"], sz["query"], sz["response"]
-    T = Tc + L
-    pad = cfg.n_vocab + 2
-    torch.manual_seed(2)
-    contexts = torch.randint(0, cfg.n_vocab - 1, (B, Tc)).to(dev)
-    responses = torch.randint(0, cfg.n_vocab - 1, (B, L)).to(dev)
-    tokens = torch.cat([contexts, responses], 1)
-    flops_ours = train_flops(cfg, batch=B, length=T, head_positions=L)
-    flops_peer = train_flops(cfg, batch=B, length=T, head_positions=T)
-    rows = {}
-    for prec, autocast in precisions(dev).items():
-        def run_ours():
-            with autocast():
-                out = policy(contexts, responses, temperature=TEMPERATURE, pad_token=pad)
-                loss = out.logprobs.sum() + out.values.sum()
-            loss.backward()
-            policy.zero_grad(set_to_none=True)
-
-        def run_peer():
-            with autocast():
-                loss = hf(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            hf.zero_grad(set_to_none=True)
-
-        def run_peer_same_work():
-            # The same work as ours: logits only where responses are predicted (logits_to_keep), the
-            # log-probabilities of the response tokens under temperature.
-            with autocast():
-                logits = hf(input_ids=tokens, logits_to_keep=L + 1).logits[:, :-1].float() / TEMPERATURE
-                loss = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).sum()
-            loss.backward()
-            hf.zero_grad(set_to_none=True)
-
-        watch = OthersCpu()
-        times = interleaved({"ours": run_ours, "transformers": run_peer, "transformers_same_work": run_peer_same_work},
-                            dev=dev, repeats=sz["repeats"])
-        others = watch.cores()
-        t_ours, t_peer, t_same = (median(times[k]) for k in ("ours", "transformers", "transformers_same_work"))
-        rows[prec] = dict(ours_s=t_ours, peer_s=t_peer, peer_same_work_s=t_same,
-                          ours_tokens_per_s=B * T / t_ours, peer_tokens_per_s=B * T / t_peer,
-                          peer_same_work_tokens_per_s=B * T / t_same,
-                          ratio=t_peer / t_ours, ratio_same_work=t_same / t_ours,
-                          ours_flops_per_s=flops_ours / t_ours, peer_flops_per_s=flops_peer / t_peer,
-                          peer_same_work_flops_per_s=flops_ours / t_same, times=times, load=load_average(),
-                          others_cores=others)
-        print(f"  train {prec}: ours {B * T / t_ours:8.1f} tok/s  transformers {B * T / t_peer:8.1f} tok/s"
-              f" (ratio {t_peer / t_ours:.2f}x)  transformers same work {B * T / t_same:8.1f} tok/s"
-              f" (ratio {t_same / t_ours:.2f}x; other processes {fmt_cores(others)})", flush=True)
-    return dict(config=cfg.to_dict(), batch=B, query=Tc, response=L, model_flops_ours=flops_ours,
-                model_flops_peer=flops_peer, precisions=rows)
 
 
 # ---- PPO update breakdown ------------------------------------------------------------------
@@ -811,30 +609,39 @@ def mfu_table(results: dict) -> dict:
     peak = results.get("peak")
     if not peak:
         return {}
+    measured = [("sampling", prec, r, ("ours", "peer", "prefill"))
+                for prec, r in results.get("sampling", {}).get("precisions", {}).items()]
+    measured += [(f"train_{kind}", prec, r, ("ours", "peer"))
+                 for kind, by_prec in results.get("train", {}).get("steps", {}).items() for prec, r in by_prec.items()]
+    measured += [("ppo_scale", prec, r, ("ours",)) for prec, r in results.get("ppo_scale", {}).get("precisions", {}).items()]
     rows = {}
-    for section, keys in (("sampling", ("ours", "peer", "prefill")), ("train", ("ours", "peer", "peer_same_work")),
-                          ("ppo_scale", ("ours",))):
-        for prec, r in results.get(section, {}).get("precisions", {}).items():
-            for who in keys:
-                achieved = r[f"{who}_flops_per_s"]
-                rows[f"{section}/{prec}/{who}"] = dict(flops_per_s=achieved, peak_flops_per_s=peak[f"{prec}_flops_per_s"],
-                                                       mfu=achieved / peak[f"{prec}_flops_per_s"])
+    for section, prec, r, keys in measured:
+        for who in keys:
+            achieved = r[f"{who}_flops_per_s"]
+            rows[f"{section}/{prec}/{who}"] = dict(flops_per_s=achieved, peak_flops_per_s=peak[f"{prec}_flops_per_s"],
+                                                   mfu=achieved / peak[f"{prec}_flops_per_s"])
     return rows
 
 
 def targets(results: dict) -> list[dict]:
-    """The project's performance targets, met or not, from whatever sections ran."""
+    """The project's performance targets, met or not, from whatever sections ran. Every ratio is
+    against transformers doing the same work."""
     out = []
     for prec, r in results.get("sampling", {}).get("precisions", {}).items():
         out.append(dict(target=f"sampling {prec} >= 3x transformers.generate", value=f"{r['ratio']:.2f}x",
                         met=r["ratio"] >= 3))
-    for prec, r in results.get("train", {}).get("precisions", {}).items():
-        out.append(dict(target=f"training step {prec} >= 1.2x transformers fwd+bwd", value=f"{r['ratio']:.2f}x",
-                        met=r["ratio"] >= 1.2))
+    steps = results.get("train", {}).get("steps", {})
+    for kind, goal in (("lm", LM_STEP_TARGET), ("ppo", 1.2)):
+        for prec, r in steps.get(kind, {}).items():
+            out.append(dict(target=f"{kind} training step {prec} >= {goal}x transformers (same work)",
+                            value=f"{r['ratio']:.2f}x", met=r["ratio"] >= goal))
+    for prec, r in results.get("memory", {}).get("precisions", {}).items():
+        out.append(dict(target=f"lm step peak memory {prec} <= {LM_MEMORY_TARGET}x transformers'",
+                        value=f"{r['ratio']:.2f}x", met=r["ratio"] <= LM_MEMORY_TARGET))
     for key, r in results.get("mfu", {}).items():
         section, prec, who = key.split("/")
-        if section == "train" and who == "ours":
-            out.append(dict(target=f"training step {prec} >= 50% of matmul peak", value=f"{r['mfu']:.0%}",
+        if section in ("train_ppo", "train_lm") and who == "ours":
+            out.append(dict(target=f"{section[6:]} training step {prec} >= 50% of matmul peak", value=f"{r['mfu']:.0%}",
                             met=r["mfu"] >= 0.5))
     # The throughput target is for a GPU at full size: elsewhere the number is shown, not judged.
     scale = results.get("ppo_scale", {})
@@ -848,19 +655,6 @@ def targets(results: dict) -> list[dict]:
 
 
 # ---- report -------------------------------------------------------------------------------
-
-def table(title: str, header: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in row] for row in [header] + rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    lines = [f"\n{title}", fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(lines + [fmt(r) for r in cells[1:]])
-
-
-def fmt_others(r: dict) -> str:
-    c = r.get("others_cores")
-    return "n/a" if c is None else f"{c:.2f}"
-
 
 def sampling_table(s: dict, *, query: int, response: int) -> str:
     rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
@@ -902,14 +696,9 @@ def report(results: dict) -> str:
         for r in [s] + list(s.get("more_batches", {}).values()):
             out.append(sampling_table(r, query=s["query"], response=s["response"]))
     if "train" in results:
-        s = results["train"]
-        rows = [[p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
-                 f"{r['peer_same_work_tokens_per_s']:.1f}", f"{r['ratio_same_work']:.2f}x", fmt_others(r)]
-                for p, r in s["precisions"].items()]
-        out.append(table(f"training step (fwd+bwd): batch {s['batch']} x {s['query'] + s['response']} tokens "
-                         f"(tokens/s; ratio = ours / transformers)",
-                         ["precision", "ours tok/s", "transformers LM loss tok/s", "ratio",
-                          "transformers same work tok/s", "ratio", "others' CPU"], rows))
+        out.append(train_table(results["train"]))
+    if "memory" in results:
+        out.append(memory_table(results["memory"]))
     if "ppo" in results:
         out.append(ppo_table("PPO update breakdown", results["ppo"]))
     if "ppo_scale" in results:
@@ -1012,7 +801,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
 def main(argv: list[str] | None = None) -> int:
     args, dev, only, default_json = parse_args(argv)
     sz = sizes(args.quick, dev)
-    sz["compile"] = args.compile
+    sz["compile"], sz["glibc_malloc"] = args.compile, args.glibc_malloc
     if args.quick:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
     if args.repeats is not None:
@@ -1051,8 +840,8 @@ def run_sections(results: dict, only: list[str], sz: dict, dev: torch.device) ->
     """Each section of `only` into `results`, in a fixed order, with the load and wall time."""
     t_start = time.perf_counter()
     torch.set_grad_enabled(True)
-    for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train), ("ppo", bench_ppo),
-                     ("ppo_scale", bench_ppo_scale), ("ops", bench_ops)):
+    for name, fn in (("peak", bench_peak), ("sampling", bench_sampling), ("train", bench_train),
+                     ("memory", bench_memory), ("ppo", bench_ppo), ("ppo_scale", bench_ppo_scale), ("ops", bench_ops)):
         if name in only:
             print(f"[{name}]", flush=True)
             results[name] = fn(sz, dev)

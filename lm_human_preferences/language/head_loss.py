@@ -39,15 +39,32 @@ def _chunk_losses(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[to
     return logp, -logp.gather(1, t[:, None]).squeeze(1)
 
 
-def _grad_products(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, bf16: bool):
-    """g (c, V) @ w (V, D) and g^T @ h (c, D) as fp32 results (None where not wanted): in fp32
-    through oneDNN on CPU (`kernels.fp32_linear`), or, with `bf16`, products of bf16 operands (`w`
-    already bf16) as under autocast."""
-    if bf16:
-        g = g.bfloat16()
-        return (None if w is None else (g @ w).float()), (None if h is None else (g.t() @ h.bfloat16()).float())
-    return (None if w is None else kernels.fp32_linear(g, w.t(), None),
-            None if h is None else kernels.fp32_linear(g.t(), h.t(), None))
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    """[start, end) of about `rows` rows each, as equal as can be (no small remainder chunk: each
+    chunk's weight gradient costs a pass over a (V, D) buffer whatever its rows)."""
+    size = -(-n // -(-n // rows))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _logit_grads(logp: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    """d(mean loss over n rows)/d(logits) of a chunk: (softmax - one-hot) / n, in place of `logp`."""
+    g = logp.exp_()
+    g[torch.arange(len(targets), device=g.device), targets] -= 1.0
+    return g.mul_(1.0 / n)
+
+
+def _times_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g (c, V) @ w (V, D) as fp32: bf16 operands (bf16 `g` and `w`) or fp32 ones through oneDNN."""
+    return (g @ w).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
+
+
+def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """acc + g^T (V, c) @ h (c, D) as fp32 (`acc` None: zero): bf16 operands for a bf16 `g`, else
+    fp32 through oneDNN with the sum fused into the product (`kernels.fp32_linear_add`)."""
+    if g.dtype == torch.bfloat16:
+        p = (g.t() @ h.bfloat16()).float()
+        return p if acc is None else acc.add_(p)
+    return kernels.fp32_linear(g.t(), h.t(), None) if acc is None else kernels.fp32_linear_add(g.t(), h.t(), acc)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -57,22 +74,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, bf16_backward: bool, rows: int):
         n = h.shape[0]
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        w_for_grad = None if grad_h is None else w.bfloat16() if bf16_backward else w
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = None
+        w_g = (w.bfloat16() if bf16_backward else w) if want_h else None
         total = h.new_zeros(())
-        for start in range(0, n, rows):
-            hc, tc = h[start:start + rows], targets[start:start + rows]
+        for start, end in _chunks(n, rows):
+            hc, tc = h[start:end], targets[start:end]
             logp, losses = _chunk_losses(hc, w, tc)
             total += losses.sum()
-            g = logp.exp_()  # softmax (c, V), in place
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            g.mul_(1.0 / n)  # d(mean loss)/d(logits)
-            gh, gw = _grad_products(g, hc if grad_w is not None else None, w_for_grad, bf16_backward)
-            if gh is not None:
-                grad_h[start:start + rows] = gh
-            if gw is not None:
-                grad_w += gw
+            g = _logit_grads(logp, tc, n)
+            g = g.bfloat16() if bf16_backward else g  # rounded once, as lm_head's backward rounds the logits' gradient
+            if want_h:
+                grad_h[start:end] = _times_weight(g, w_g)
+            if want_w:
+                grad_w = _add_outer(grad_w, g, hc)
         ctx.save_for_backward(grad_h, grad_w)
         return total / n
 
@@ -100,4 +116,4 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         rows = rows or chunk_rows(w.shape[0])
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return _HeadCrossEntropy.apply(h, w, t, bf16_backward, rows)
-        return sum(_chunk_losses(h[s:s + rows], w, t[s:s + rows])[1].sum() for s in range(0, len(t), rows)) / len(t)
+        return sum(_chunk_losses(h[s:e], w, t[s:e])[1].sum() for s, e in _chunks(len(t), rows)) / len(t)

@@ -68,6 +68,14 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def fp32_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """x (N, in) @ weight (out, in)^T + other (N, out), fp32, no gradients: on CPU one oneDNN
+    product with the sum fused into it (no separate pass over `other` and the product), else addmm."""
+    if x.device.type == "cpu" and onednn_available() and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
+    return torch.addmm(other, x, weight.t())
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU: the tanh approximation."""
     return F.gelu(x, approximate="tanh")
