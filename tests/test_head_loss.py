@@ -129,3 +129,14 @@ def test_train_sft_loss_and_gradients_equal_the_logits_path(bf16, monkeypatch):
             assert relative(new_grads[name], grad) < 1e-2, name
         else:
             torch.testing.assert_close(new_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+def test_fp32_either_product_kernel(vendor, monkeypatch):
+    """The same comparison with the fp32 products on MKL and on oneDNN (`kernels.fp32_onednn`)."""
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    kernels.fp32_onednn.cache_clear()
+    try:
+        test_fp32_loss_and_gradients_equal_the_plain_path(rows=5)
+    finally:
+        kernels.fp32_onednn.cache_clear()
