@@ -12,7 +12,10 @@ products run in bf16 with fp32 inputs rounded once, as `lm_head`'s backward does
 is the order of the work: only positions whose target is not ignored enter the head at all; they
 go through in chunks of rows, and each chunk's gradients (softmax minus one-hot, divided by the
 number of targets) are taken while its logits are at hand, so the head's gradients are ready
-when the forward pass ends and no logits, log-softmax or logit gradients stay alive. The whole
+when the forward pass ends and no logits, log-softmax or logit gradients stay alive. Under bf16
+autocast the chunks' logit gradients, rounded to bf16, are gathered for up to
+`BF16_GROUP_ELEMENTS` of them and meet the weights in one product each (up to 1335 rows of GPT-2's
+vocabulary: the same products as `lm_head`'s backward). The whole
 head's work is one product forward and two backward, as unfused; the loss's backward only scales
 the gradients kept by the incoming gradient (a scalar). Peak memory for the head is one chunk's
 logits (`CHUNK_ELEMENTS`) instead of three or four (N, V) buffers (BENCHMARKS.md).
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from lm_human_preferences.language import kernels
 
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 333 rows of GPT-2's vocabulary
+BF16_GROUP_ELEMENTS = 2 ** 26  # bf16 logit gradients per product (128 MiB): 1335 rows of GPT-2's vocabulary
 
 
 def chunk_rows(n_vocab: int) -> int:
@@ -79,16 +83,25 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_w = None
         w_g = (w.bfloat16() if bf16_backward else w) if want_h else None
         total = h.new_zeros(())
-        for start, end in _chunks(n, rows):
-            hc, tc = h[start:end], targets[start:end]
-            logp, losses = _chunk_losses(hc, w, tc)
-            total += losses.sum()
-            g = _logit_grads(logp, tc, n)
-            g = g.bfloat16() if bf16_backward else g  # rounded once, as lm_head's backward rounds the logits' gradient
+        # bf16: the logits' gradients of a group of chunks (BF16_GROUP_ELEMENTS) meet the weights in
+        # one product each, fewer passes over the (V, D) weight gradient; fp32: a group is a chunk.
+        group = max(rows, BF16_GROUP_ELEMENTS // w.shape[0]) if bf16_backward else rows
+        for g_start, g_end in _chunks(n, group):
+            grads = (torch.empty(g_end - g_start, w.shape[0], dtype=torch.bfloat16, device=h.device)
+                     if bf16_backward else None)
+            for start, end in _chunks(g_end - g_start, rows):
+                hc, tc = h[g_start + start:g_start + end], targets[g_start + start:g_start + end]
+                logp, losses = _chunk_losses(hc, w, tc)
+                total += losses.sum()
+                g = _logit_grads(logp, tc, n)
+                if grads is not None:  # rounded once, as lm_head's backward rounds the logits' gradient
+                    grads[start:end] = g
+                else:
+                    grads = g
             if want_h:
-                grad_h[start:end] = _times_weight(g, w_g)
+                grad_h[g_start:g_end] = _times_weight(grads, w_g)
             if want_w:
-                grad_w = _add_outer(grad_w, g, hc)
+                grad_w = _add_outer(grad_w, grads, h[g_start:g_end])
         ctx.save_for_backward(grad_h, grad_w)
         return total / n
 
