@@ -7,7 +7,7 @@ equals, up to rounding,
     F.cross_entropy(kernels.lm_head(hidden, weight).reshape(-1, V), targets.reshape(-1), ignore_index=-100)
 
 forward and backward, in fp32 and under bf16 autocast: the logits are computed in fp32 as
-`lm_head` computes them (oneDNN on CPU), and under bf16 autocast with gradients the two backward
+`lm_head` computes them (`kernels.fp32_linear`), and under bf16 autocast with gradients the two backward
 products run in bf16 with fp32 inputs rounded once, as `lm_head`'s backward does. The difference
 is the order of the work: only positions whose target is not ignored enter the head at all; they
 go through in chunks of rows, and each chunk's gradients (softmax minus one-hot, divided by the
