@@ -51,5 +51,5 @@ def test_either_kernel_gives_the_layers_results_and_gradients(vendor, name):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     other = torch.randn(300, 40)
-    torch.testing.assert_close(kernels.fp32_linear_add(x.detach(), layer.weight.detach(), other),
+    torch.testing.assert_close(kernels.fp32_linear_add(x.detach(), layer.weight.detach(), other.clone()),
                                torch.addmm(other, x.detach(), layer.weight.detach().t()), rtol=1e-5, atol=1e-5)

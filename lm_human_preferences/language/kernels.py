@@ -88,12 +88,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def fp32_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """x (N, in) @ weight (out, in)^T + other (N, out), fp32, no gradients: on CPU one oneDNN
-    product with the sum fused into it (no separate pass over `other` and the product) where
-    `fp32_onednn`, else addmm."""
+    """other (N, out) + x (N, in) @ weight (out, in)^T, fp32, no gradients; `other` may be
+    overwritten. Where `fp32_onednn`, one oneDNN product with the sum fused into it (a new
+    tensor); else `other.addmm_` in place (no second buffer of `other`'s size)."""
     if x.device.type == "cpu" and fp32_onednn() and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
-    return torch.addmm(other, x, weight.t())
+    return other.addmm_(x, weight.t())
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
