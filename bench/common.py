@@ -21,6 +21,10 @@ def precisions(dev: torch.device):
     return {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast(dev.type, dtype=torch.bfloat16)}
 
 
+def describe(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
 # ---- timing -------------------------------------------------------------------------------
 
 def now(dev: torch.device) -> float:

@@ -49,15 +49,12 @@ import argparse
 import contextlib
 import copy
 import gc
-import itertools
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -69,10 +66,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from bench.common import (TEMPERATURE, OthersCpu, build_pair, fmt_cores, fmt_others, forward_flops,  # noqa: E402
-                          interleaved, load_average, median, model_config, now, ppo_update_flops, precisions,
-                          sampling_flops, table)
+# now, PPO_PHASES and _timed are read through this module by tests/test_bench.py.
+from bench.common import (TEMPERATURE, OthersCpu, build_pair, fmt_cores, fmt_others, forward_flops,  # noqa: E402,F401
+                          interleaved, load_average, median, model_config, now, precisions, sampling_flops, table)
+from bench.limits import bench_ops, bench_peak  # noqa: E402
 from bench.peak_memory import bench_memory, memory_table  # noqa: E402
+from bench.ppo_update import PPO_PHASES, _timed, bench_ppo, bench_ppo_scale, ppo_table  # noqa: E402,F401
 from bench.train_steps import bench_train, train_table  # noqa: E402
 
 SECTIONS = ("sampling", "train", "memory", "ppo", "peak", "ops", "ppo_scale")
@@ -105,10 +104,6 @@ def sizes(quick: bool, dev: torch.device) -> dict:
     return dict(full, batch=16, more_batches=[], train_batch=16, peak_sizes=[1024, 2048, 3072], peak_repeats=8,
                 bandwidth_mb=512)
 
-
-
-def describe(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 # ---- sampling -----------------------------------------------------------------------------
@@ -210,400 +205,6 @@ def _sampling_row(times: dict[str, list[float]], others: float | None, *, new_to
     return row
 
 
-# ---- PPO update breakdown ------------------------------------------------------------------
-
-PPO_PHASES = ["queries", "sample", "analyze_policy", "analyze_ref", "score", "train"]
-
-
-class _TimedQueries:
-    """Wraps the trainer's query iterator to time `next()` (query loading and tokenisation)."""
-
-    def __init__(self, inner, clock: dict, dev: torch.device):
-        self.inner, self.clock, self.dev = inner, clock, dev
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        t0 = now(self.dev)
-        try:
-            return next(self.inner)
-        finally:
-            self.clock["queries"] = self.clock.get("queries", 0.0) + now(self.dev) - t0
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-
-def _timed(fn, clock: dict, name: str, dev: torch.device):
-    def wrapper(*args, **kwargs):
-        t0 = now(dev)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            clock[name] = clock.get(name, 0.0) + now(dev) - t0
-    return wrapper
-
-
-def _instrument(trainer, clock: dict, dev: torch.device) -> None:
-    """Make `trainer.step` add the seconds of each phase (PPO_PHASES) to `clock`: wraps
-    `policy.respond`, `analyze` (per model), the score function, `train_minibatch` and the
-    query iterator. Each phase starts and ends with a device sync, so GPU work is charged to the
-    phase that queued it."""
-    trainer.queries = _TimedQueries(trainer.queries, clock, dev)
-    trainer.score_fn = _timed(trainer.score_fn, clock, "score", dev)
-    trainer.policy.respond = _timed(trainer.policy.respond, clock, "sample", dev)
-    analyze = trainer.analyze
-
-    def timed_analyze(policy, *args, **kwargs):
-        name = "analyze_policy" if policy is trainer.policy else "analyze_ref"
-        return _timed(analyze, clock, name, dev)(policy, *args, **kwargs)
-
-    trainer.analyze = timed_analyze
-    trainer.train_minibatch = _timed(trainer.train_minibatch, clock, "train", dev)
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has made in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev: torch.device, label: str) -> dict:
-    """Per-phase medians of `updates` PPO updates after one warm-up update, for `train_policy.PPOTrainer`
-    built as `train_policy.train` builds it: a policy and a frozen reference from `gpt`, a reward
-    model on a copy of the same trunk, queries from `make_queries(hp)`. On cuda, also the peak
-    memory allocated."""
-    from lm_human_preferences import train_policy
-    from lm_human_preferences.policy import Policy
-    from lm_human_preferences import scoring
-    from lm_human_preferences.rewards import RewardModel
-    from lm_human_preferences.runtime import Run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hp.run.save_dir = tmp
-        hp.validate()
-        run = Run(hp.run, exp_name="bench_ppo", config=hp)
-        try:
-            reward_model = run.place(RewardModel(copy.deepcopy(gpt))).eval().requires_grad_(False)
-            scorer = scoring.reward_model_scorer(reward_model, pad_token=encoding.padding_token, autocast=run.autocast)
-            score_fn = scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token, scorer=scorer)
-            trainer = train_policy.PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(gpt)),
-                                              ref_policy=Policy(copy.deepcopy(gpt)), score_fn=score_fn,
-                                              encoding=encoding, queries=make_queries(hp))
-            clock: dict[str, float] = {}
-            _instrument(trainer, clock, dev)
-            if dev.type == "cuda":
-                gc.collect()  # an earlier measurement's trainer (reference cycles) still holds GPU memory
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            steps = []
-            watch = OthersCpu()
-            for i in range(updates + 1):  # the first update is a warm-up
-                clock.clear()
-                graphs = compiled_graphs()
-                t0 = now(dev)
-                trainer.step()
-                total = now(dev) - t0
-                if i > 0:  # with --compile, a graph first needed now (e.g. a new mask kind) compiles in here
-                    steps.append({**clock, "total": total, "compiled_graphs": compiled_graphs() - graphs})
-            others = watch.cores()
-            peak_memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-        finally:
-            run.close()
-    med = {k: median([s.get(k, 0.0) for s in steps]) for k in PPO_PHASES + ["total"]}
-    med["other"] = max(0.0, med["total"] - sum(med[k] for k in PPO_PHASES))
-    compiling = sum(s["compiled_graphs"] > 0 for s in steps)
-    row = dict(batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
-               query_length=hp.task.query_length, response_length=hp.task.response_length, dtype=hp.run.dtype,
-               seconds=med, share={k: med[k] / med["total"] for k in PPO_PHASES + ["other"]},
-               episodes_per_s=hp.ppo.batch_size / med["total"], steps=steps, load=load_average(), others_cores=others,
-               timed_updates_that_compiled=compiling)
-    if peak_memory is not None:
-        row["max_memory_allocated"] = peak_memory
-    print(f"  {label}: {med['total']:.3f} s/update ({row['episodes_per_s']:.1f} episodes/s)  " +
-          "  ".join(f"{k} {med[k] / med['total']:.0%}" for k in PPO_PHASES + ["other"]) +
-          (f"  peak memory {peak_memory / 2 ** 30:.2f} GiB" if peak_memory is not None else "") +
-          (f"  ({compiling} timed updates compiled graphs)" if compiling else "") +
-          f"  (other processes {fmt_cores(others)})", flush=True)
-    return row
-
-
-def _offline_setup(quick: bool):
-    """(gpt, encoding, source) for the offline task: the cached base model when it exists, else a
-    random GPT of the same shape with the offline corpus' gpt2-subset vocabulary."""
-    from lm_human_preferences import lm_tasks
-    from lm_human_preferences.language.encodings import SubsetEncoding
-    from lm_human_preferences.language.gpt import GPT, GPTConfig
-    from lm_human_preferences.language.offline_corpus import iter_passages
-
-    path = ROOT / "saved_models" / "offline-gpt"
-    if (path / "config.json").is_file():
-        pre = lm_tasks.load_pretrained(str(path))
-        return pre.gpt, pre.encoding, str(path.relative_to(ROOT))
-    encoding = SubsetEncoding.from_texts(list(itertools.islice(iter_passages(seed=1), 500 if quick else 5000)))
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(n_vocab=encoding.n_vocab, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
-    return gpt, encoding, "random GPT (n_layer=2, n_embd=64, n_head=4, n_ctx=64), gpt2-subset vocabulary"
-
-
-def _policy_hparams(task: str, overrides: dict):
-    """TrainPolicyHParams as `launch.py train_policy <task>` resolves them, then `overrides`."""
-    import params
-    from lm_human_preferences import train_policy
-
-    hp = train_policy.TrainPolicyHParams()
-    hp.override_from_dict({f"task.{k}": v for k, v in params.TASKS[task].items()})
-    hp.override_from_dict(params.TRAIN_POLICY[task])
-    hp.override_from_dict({"task.policy.initial_model": "unused", "run.wandb": "off", "run.resume": "never",
-                           **overrides})
-    return hp
-
-
-def bench_ppo(sz: dict, dev: torch.device) -> dict:
-    from lm_human_preferences import lm_tasks
-
-    gpt, encoding, source = _offline_setup(sz["ppo_batch"] is not None)
-    results = {"model": source, "config": gpt.config.to_dict(), "precisions": {}}
-    for prec in ("fp32", "bf16"):
-        hp = _policy_hparams("offline_sentiment",
-                             {"run.device": str(dev), "run.dtype": prec, "run.compile": sz["compile"]})
-        if sz["ppo_batch"] is not None:
-            hp.override_from_dict({"ppo.batch_size": sz["ppo_batch"], "ppo.nminibatches": sz["ppo_nminibatches"],
-                                   "ppo.noptepochs": sz["ppo_noptepochs"]})
-        hp.override_from_dict({"ppo.total_episodes": hp.ppo.batch_size * (sz["ppo_updates"] + 1)})
-
-        def make_queries(hp):
-            return lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=str(ROOT / "datasets"),
-                                          batch_size=hp.ppo.batch_size, rank=0, world_size=1, seed=hp.run.seed)
-
-        results["precisions"][prec] = _measure_ppo(hp, gpt=gpt, encoding=encoding, make_queries=make_queries,
-                                                   updates=sz["ppo_updates"], dev=dev, label=f"ppo {prec}")
-    return results
-
-
-# ---- PPO update at the sentiment task's scale -------------------------------------------------
-
-class _TokenIds:
-    """The encoding of synthetic queries: token ids with the library's padding token (n_vocab + 2,
-    outside the vocabulary) and no text (the sentiment task has no query prefix or suffix)."""
-
-    def __init__(self, n_vocab: int):
-        self.n_vocab, self.padding_token = n_vocab, n_vocab + 2
-
-    def encode(self, text: str) -> list[int]:
-        if text:
-            raise ValueError(f"synthetic token-id queries cannot encode text ({text!r})")
-        return []
-
-    def decode(self, tokens) -> str:
-        return " ".join(str(int(t)) for t in tokens)
-
-
-class _RandomQueries:
-    """An endless stream of (batch, length) random token-id query batches, in place of a dataset
-    (books is a download; throughput does not depend on what the tokens say)."""
-
-    def __init__(self, *, batch: int, length: int, n_vocab: int, seed: int = 0):
-        self.shape, self.n_vocab = (batch, length), n_vocab
-        self.gen = torch.Generator().manual_seed(seed)  # on the CPU, as a dataset's batches: the trainer moves them
-        self.batches = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        self.batches += 1
-        return torch.randint(0, self.n_vocab, self.shape, generator=self.gen)
-
-    def state_dict(self) -> dict:
-        return {"batches": self.batches}
-
-
-def bench_ppo_scale(sz: dict, dev: torch.device) -> dict:
-    """The PPO update of `launch.py train_policy sentiment` on one device (params.py's presets: batch
-    512, 1 minibatch x 4 epochs, query 64, response 24, temperature 0.7), bf16 on cuda, fp32 on cpu;
-    random weights and random-token queries."""
-    from lm_human_preferences.language.gpt import GPT
-
-    s = sz["scale"]
-    cfg = model_config(s["model"])
-    prec = "bf16" if dev.type == "cuda" else "fp32"
-    hp = _policy_hparams("sentiment", {"run.device": str(dev), "run.dtype": prec, "run.compile": sz["compile"],
-                                       "ppo.batch_size": s["batch"], "task.query_length": s["query"],
-                                       "task.response_length": s["response"]})
-    hp.task.truncate_after = min(hp.task.truncate_after, hp.task.response_length)  # 16 > the --quick response
-    torch.manual_seed(0)
-    gpt = GPT(cfg)
-    encoding = _TokenIds(cfg.n_vocab)
-
-    def make_queries(hp):
-        return _RandomQueries(batch=hp.ppo.batch_size, length=hp.task.query_length, n_vocab=cfg.n_vocab)
-
-    row = _measure_ppo(hp, gpt=gpt, encoding=encoding, make_queries=make_queries, updates=sz["ppo_updates"], dev=dev,
-                       label=f"ppo_scale {prec}")
-    flops = ppo_update_flops(cfg, batch=hp.ppo.batch_size, query=hp.task.query_length,
-                             response=hp.task.response_length, noptepochs=hp.ppo.noptepochs)
-    row.update(model_flops=flops, ours_flops_per_s=flops / row["seconds"]["total"])
-    name = s["model"] if isinstance(s["model"], str) else ", ".join(f"{k} {v}" for k, v in s["model"].items())
-    return {"model": f"random GPT-2 {name}", "config": cfg.to_dict(), "device": dev.type, "device_name": describe(dev),
-            "queries": "random token ids", "precisions": {prec: row}}
-
-
-# ---- hot spots: micro-benchmarks of the operations the profiles point at ---------------------------
-
-def bench_ops(sz: dict, dev: torch.device) -> dict:
-    """Alternatives for the costliest small pieces of sampling and training, timed side by side."""
-    cfg = model_config(sz["model"])
-    B, L, D, V = sz["batch"], sz["response"], cfg.n_embd, cfg.n_vocab
-    torch.manual_seed(3)
-    W = torch.randn(V, D, device=dev) * 0.02
-    h = torch.randn(B, D, device=dev)
-    logits = torch.randn(B, V, device=dev) * 3
-    gen = torch.Generator(device=dev).manual_seed(0)
-    out: dict = {"batch": B, "n_embd": D, "n_vocab": V, "device": dev.type}
-
-    watch = OthersCpu()
-
-    def section(name, fns):
-        times = interleaved(fns, dev=dev, repeats=max(5, sz["repeats"]))
-        out[name] = {k: median(v) for k, v in times.items()}
-        print(f"  {name}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out[name].items()), flush=True)
-
-    section("lm_head_step", _lm_head_ops(h, W, dev=dev))
-    section("draw_token", _draw_token_ops(logits, gen, dev=dev))
-    # A fresh tensor of the tied embedding's size (as the embedding gradient and the grad
-    # accumulation allocate every step) vs filling one that exists: the difference is page faults.
-    grad_buf = torch.zeros(V, D, device=dev)
-    section("embedding_sized_buffer", {
-        "torch.zeros (fresh)": lambda: torch.zeros(V, D, device=dev),
-        "fill_ (reused)": lambda: grad_buf.fill_(0),
-    })
-    train_logits = (torch.randn(B, L, V, device=dev) * 3).requires_grad_()
-    tokens = torch.randint(0, V, (B, L), device=dev)
-    section("logprobs_and_entropy", _logprobs_ops(train_logits, tokens))
-    out["others_cores"] = watch.cores()
-    return out
-
-
-def _lm_head_ops(h: torch.Tensor, W: torch.Tensor, *, dev: torch.device) -> dict:
-    """One decode step's LM head (B, D) x (V, D)^T in fp32: F.linear (MKL) is what transformers
-    runs; W @ h^T is the same product in the layout MKL handles better; on CPU ours decodes with
-    oneDNN-packed weights (GPT.pack_for_decoding)."""
-    import torch.nn.functional as F
-
-    W_bf16 = W.bfloat16()
-    head = {
-        "F.linear(h, W) fp32": lambda: F.linear(h, W),
-        "(W @ h.T).T fp32": lambda: (W @ h.t()).t(),
-        "F.linear bf16 weight": lambda: F.linear(h.bfloat16(), W_bf16),
-    }
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # what our decoding steps use on CPU
-        from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
-
-        W_packed = onednn_pack(W, h.shape[0])
-        head["oneDNN-packed W fp32 (ours, decoding)"] = lambda: onednn_linear(h, W_packed, None)
-    return head
-
-
-def _draw_token_ops(logits: torch.Tensor, gen: torch.Generator, *, dev: torch.device) -> dict:
-    """Drawing one token per row (softmax included): ours is inverse-CDF sampling with float64
-    sums (one uniform per row); the exponential race draws V exponentials per row; transformers
-    uses torch.multinomial."""
-    from lm_human_preferences.language.sample import sample_from_logits
-
-    B, V = logits.shape
-
-    def inverse_cdf_fp32(p):
-        cdf = p.cumsum(-1)  # (B, V)
-        u = torch.rand(B, 1, device=dev, generator=gen) * cdf[:, -1:]  # scaled by the total: fp32 cumsum rounding
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
-
-    return {
-        "sample_from_logits (ours: inverse CDF, float64)": lambda: sample_from_logits(
-            logits, temperature=TEMPERATURE, generator=gen),
-        "inverse CDF, float32": lambda: inverse_cdf_fp32(torch.softmax(logits / TEMPERATURE, -1)),
-        "exponential race": lambda: (torch.softmax(logits / TEMPERATURE, -1)
-                                     / torch.empty_like(logits).exponential_(1, generator=gen)).argmax(-1),
-        "torch.multinomial (transformers)": lambda: torch.multinomial(
-            torch.softmax(logits / TEMPERATURE, -1), 1, generator=gen),
-    }
-
-
-def _logprobs_ops(train_logits: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """Logprobs and the logged entropy of the training step's (B, L, V) logits: both from one
-    log-softmax, the entropy without a graph (Policy.forward), vs the entropy from the logits in
-    the autograd graph (the first edition), vs no entropy at all (rollout analysis)."""
-    from lm_human_preferences.ppo import entropy_from_logits, logprobs_and_entropies, logprobs_from_logits
-
-    return {
-        "logprobs + entropy_from_logits in the graph (before)":
-            lambda: (logprobs_from_logits(train_logits, tokens), entropy_from_logits(train_logits)),
-        "logprobs only": lambda: logprobs_from_logits(train_logits, tokens),
-        "logprobs_and_entropies (ours)": lambda: logprobs_and_entropies(train_logits, tokens),
-    }
-
-
-# ---- limits: matmul peak and memory bandwidth ---------------------------------------------------
-
-def bench_peak(sz: dict, dev: torch.device) -> dict:
-    out = {"sizes": sz["peak_sizes"], "threads": torch.get_num_threads(), "device": describe(dev)}
-    if dev.type == "cuda":
-        # What "fp32" means for every cuda section: torch's default is full fp32 matmuls (no TF32).
-        out.update(float32_matmul_precision=torch.get_float32_matmul_precision(),
-                   matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
-    # On a GPU one kernel is short against a synchronize: time several back to back.
-    calls = 10 if dev.type == "cuda" else 1
-    watch = OthersCpu()
-    # On CPU torch.mm goes to MKL for fp32 (oneDNN for bf16), and MKL may not use the widest
-    # vector units of every CPU, so the peak is the best of torch.mm and a oneDNN-packed product.
-    onednn = dev.type == "cpu" and torch.backends.mkldnn.is_available()
-    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        per_kernel: dict[str, dict[int, float]] = {}
-        for n in sz["peak_sizes"]:
-            a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
-            c = torch.empty(n, n, dtype=dtype, device=dev)
-            kernels = {"torch.mm": lambda: torch.mm(a, b, out=c)}
-            if onednn:
-                from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
-
-                packed = onednn_pack(b, n)
-                kernels["oneDNN packed"] = lambda: onednn_linear(a, packed, None)
-            for kernel, fn in kernels.items():
-                for _ in range(2):
-                    fn()
-                best = float("inf")
-                for _ in range(sz["peak_repeats"]):
-                    t0 = now(dev)
-                    for _ in range(calls):
-                        fn()
-                    best = min(best, (now(dev) - t0) / calls)
-                per_kernel.setdefault(kernel, {})[n] = 2 * n ** 3 / best
-        out[f"{prec}_by_size"] = per_kernel["torch.mm"]
-        out[f"{prec}_by_kernel"] = per_kernel
-        kernel, by_size = max(per_kernel.items(), key=lambda kv: max(kv[1].values()))
-        out[f"{prec}_flops_per_s"], out[f"{prec}_kernel"] = max(by_size.values()), kernel
-        print(f"  peak {prec}: {max(by_size.values()) / 1e9:.1f} GFLOP/s ({kernel}; square matmuls, best of "
-              f"{sz['peak_repeats']} at each size: " +
-              "; ".join(f"{k} " + ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in v.items())
-                        for k, v in per_kernel.items()) + ")", flush=True)
-    # Streaming read bandwidth: what bounds single-token decoding, which reads every weight per step.
-    x = torch.ones(sz["bandwidth_mb"] * 2 ** 20 // 4, device=dev)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t0 = now(dev)
-        for _ in range(calls):
-            x.sum()
-        best = min(best, (now(dev) - t0) / calls)
-    out["read_bytes_per_s"] = x.numel() * 4 / best
-    out["others_cores"] = watch.cores()
-    print(f"  memory read bandwidth: {x.numel() * 4 / best / 1e9:.1f} GB/s (sum over {sz['bandwidth_mb']} MiB); "
-          f"other processes {fmt_cores(out['others_cores'])}", flush=True)
-    return out
-
-
 def mfu_table(results: dict) -> dict:
     """Achieved model FLOP/s of each measured implementation as a fraction of the matmul peak."""
     peak = results.get("peak")
@@ -668,25 +269,6 @@ def sampling_table(s: dict, *, query: int, response: int) -> str:
                  f"calls inside `keep_decoding_weights`, which pack the weights once)",
                  ["precision", "ours tok/s", "transformers tok/s", "ratio", "ours s", "transformers s",
                   "ours prefill s", "ours decode s", "bound", "kept", "others' CPU"], rows)
-
-
-def ppo_table(title: str, s: dict) -> str:
-    """Seconds and share of each phase of a PPO update (`_measure_ppo` rows), per precision."""
-    rows = []
-    for p, r in s["precisions"].items():
-        rows += [[p, k, f"{r['seconds'][k]:.3f}", f"{r['share'][k]:.1%}" if k != "total" else "100%"]
-                 for k in PPO_PHASES + ["other", "total"]]
-    for p, r in s["precisions"].items():
-        rows.append([p, "(episodes/s)", f"{r['episodes_per_s']:.1f}", ""])
-        if "ours_flops_per_s" in r:
-            rows.append([p, "(model GFLOP/s, see ppo_update_flops)", f"{r['ours_flops_per_s'] / 1e9:.1f}", ""])
-        if "max_memory_allocated" in r:
-            rows.append([p, "(peak GPU memory allocated)", f"{r['max_memory_allocated'] / 2 ** 30:.2f} GiB", ""])
-        rows.append([p, "(other processes' CPU)", fmt_others(r), ""])
-    first = next(iter(s["precisions"].values()))
-    return table(f"{title} ({s['model']}; batch {first['batch_size']}, {first['nminibatches']} minibatches x "
-                 f"{first['noptepochs']} epochs, query {first['query_length']}, response {first['response_length']})",
-                 ["precision", "phase", "seconds", "share"], rows)
 
 
 def report(results: dict) -> str:
