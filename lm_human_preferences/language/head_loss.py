@@ -58,13 +58,15 @@ def _logit_grads(logp: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Ten
 
 
 def _times_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g (c, V) @ w (V, D) as fp32: bf16 operands (bf16 `g` and `w`) or fp32 ones through oneDNN."""
+    """g (c, V) @ w (V, D) as fp32: bf16 operands (bf16 `g` and `w`), or fp32 ones through
+    `kernels.fp32_linear` (oneDNN or MKL on CPU, see `kernels.fp32_onednn`)."""
     return (g @ w).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
 
 
 def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """acc + g^T (V, c) @ h (c, D) as fp32 (`acc` None: zero): bf16 operands for a bf16 `g`, else
-    fp32 through oneDNN with the sum fused into the product (`kernels.fp32_linear_add`)."""
+    """acc + g^T (V, c) @ h (c, D) as fp32 (`acc` None: zero; else overwritten): bf16 operands for a
+    bf16 `g`, else fp32 through `kernels.fp32_linear` / `kernels.fp32_linear_add` (the sum fused
+    into the product or made in place)."""
     if g.dtype == torch.bfloat16:
         p = (g.t() @ h.bfloat16()).float()
         return p if acc is None else acc.add_(p)
