@@ -277,7 +277,7 @@ def report(results: dict) -> str:
         s = results["sampling"]
         for r in [s] + list(s.get("more_batches", {}).values()):
             out.append(sampling_table(r, query=s["query"], response=s["response"]))
-    if "train" in results:
+    if "steps" in results.get("train", {}):  # (a results file from before the steps were split has none)
         out.append(train_table(results["train"]))
     if "memory" in results:
         out.append(memory_table(results["memory"]))
