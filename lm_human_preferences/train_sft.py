@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from lm_human_preferences import distributed, lm_tasks
 from lm_human_preferences.freezing import freeze_layers, trainable
@@ -186,11 +185,13 @@ def is_prompt_response_file(data: str) -> bool:
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], *, pad_token: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over the masked positions."""
+    """Mean next-token cross-entropy over the masked positions. `model`: a GPT, or DDP around one
+    (the blocks run through its forward; the LM head and the loss, in chunks, through
+    `GPT.lm_loss`, which never holds every position's logits)."""
     tokens, mask = batch["tokens"], batch["mask"]
-    logits = model(tokens[:, :-1], pad_token=pad_token).logits  # (B, T, V) fp32
+    hidden = model(tokens[:, :-1], pad_token=pad_token, logits=False).hidden  # (B, T, D)
     targets = tokens[:, 1:].masked_fill(~mask, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return getattr(model, "module", model).lm_loss(hidden, targets)
 
 
 def read_passages(hp: TrainSFTHParams, *, split: str = "train"):
@@ -317,10 +318,10 @@ def build_trainer(hp: TrainSFTHParams, run: Run) -> SFTTrainer:
     micro = min(hp.micro_batch_size or per_rank, per_rank)
     if per_rank % micro:
         raise HParamsError(f"per-rank batch {per_rank} is not a multiple of {micro}", key="micro_batch_size")
-    lm_tasks.check_memory(run.device, [(
+    lm_tasks.check_memory(run.device, [(  # no logits: lm_loss holds one chunk of them at a time
         "micro_batch_size" if hp.micro_batch_size else "batch_size",
         memory.training_bytes(gpt.config, rows=micro, tokens=hp.seq_length, value_bytes=2 if run.bf16 else 4,
-                              logits=True),
+                              logits=False),
         f"a training micro-batch of {micro} sequences (--micro_batch_size accumulates smaller ones)")])
     return SFTTrainer(run=run, hp=hp, gpt=gpt, encoding=encoding, per_rank=per_rank, micro=micro)
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from lm_human_preferences.language import kernels
+from lm_human_preferences.language.head_loss import head_cross_entropy
 from lm_human_preferences.language.kernels import linear
 
 NAMED_CONFIGS = {
@@ -307,6 +308,13 @@ class GPT(nn.Module):
         with packed weights (decoding on CPU) supplies the head's packed copy."""
         packed = None if cache is None or cache.packed is None else cache.packed["head"]
         return kernels.lm_head(hidden, self.wte.weight, packed)
+
+    def lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of the LM head's logits at `hidden` (..., D) against
+        `targets` (...), positions with `ignore_index` left out: `F.cross_entropy` of `lm_logits`
+        up to rounding, forward and backward, without the (..., V) logits in memory at once
+        (`head_loss.head_cross_entropy`)."""
+        return head_cross_entropy(hidden, self.wte.weight, targets, ignore_index=ignore_index)
 
     def forward(self, tokens: torch.Tensor, *, pad_token: int | None = None,
                 cache: KVCache | None = None, logits: bool = True) -> GPTOutput:

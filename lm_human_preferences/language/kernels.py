@@ -8,7 +8,8 @@
 and `pack_for_decoding` / `fingerprint` for the weights decoding reads.
 
 CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rather than torch's
-MKL path, which on some x86 CPUs reaches under half of oneDNN's speed; sampling decodes from
+MKL path on CPUs not made by Intel, where MKL reached under half of oneDNN's speed (on Intel's,
+MKL was the faster: `fp32_onednn`); sampling decodes from
 oneDNN-packed weights; one-query and bf16 attention is computed directly. Measurements and the
 reasons are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
 """
@@ -28,6 +29,24 @@ PACK_MIN_BYTES = 2**22  # smaller models decode as fast from cache without packe
 @functools.cache
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it ("GenuineIntel", "AuthenticAMD", ...); "" if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def fp32_onednn() -> bool:
+    """Whether fp32 training products on CPU go through oneDNN rather than torch's MKL path. MKL
+    runs its AVX-512 kernels on Intel CPUs only: on an AMD Zen 5 it reached under half of oneDNN's
+    fp32 speed, while on an Intel Xeon (AVX-512, AMX) MKL was the faster of the two (BENCHMARKS.md,
+    finding 0). So oneDNN everywhere but on Intel CPUs."""
+    return onednn_available() and cpu_vendor() != "GenuineIntel"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -62,10 +81,19 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where available, else F.linear."""
-    if x.device.type != "cpu" or not x.numel() or not onednn_available():
+    """x (..., in) @ weight^T + bias for fp32 operands: oneDNN on CPU where `fp32_onednn`, else F.linear."""
+    if x.device.type != "cpu" or not x.numel() or not fp32_onednn():
         return F.linear(x, weight, bias)
     return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp32_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """other (N, out) + x (N, in) @ weight (out, in)^T, fp32, no gradients; `other` may be
+    overwritten. Where `fp32_onednn`, one oneDNN product with the sum fused into it (a new
+    tensor); else `other.addmm_` in place (no second buffer of `other`'s size)."""
+    if x.device.type == "cpu" and fp32_onednn() and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
+    return other.addmm_(x, weight.t())
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +104,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
     """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
     see `pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
-    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN. A layer with a low-rank
+    `fp32_linear` (oneDNN, see `fp32_onednn`); bf16 autocast already runs on oneDNN. A layer with a low-rank
     adapter (a submodule `lora`, see `lora.py`) adds the adapter's output before the GELU."""
     adapter = layer._modules.get("lora")
     if adapter is not None:
