@@ -172,22 +172,25 @@ class PreferenceLabeler(Labeler):
 
 
 LABELERS: dict[str, type[Labeler]] = {"sentiment": SentimentLabeler,
-                                      "descriptiveness": DescriptivenessLabeler,
-                                      "harmless": HarmlessnessLabeler}
+                                      "descriptiveness": DescriptivenessLabeler}
+ORACLES: dict[str, type[Labeler]] = {"harmless": HarmlessnessLabeler}  # scripted oracles of other offline tasks
 
 
 def get_labeler(name: str, *, key: str = "labeler") -> Labeler:
-    """A new labeler: "sentiment", "descriptiveness" or "harmless" (an "offline_" prefix is accepted), a
+    """A new labeler: "sentiment" or "descriptiveness" (an "offline_" prefix is accepted), a
     personal preference's option (`PREFERENCES`: simple, expert, concise, verbose, friendly,
-    unfriendly), or a function of your own as "module:function" (`FunctionLabeler`; its errors
-    name `key`)."""
+    unfriendly), a task's oracle (`ORACLES`: harmless), or a function of your own as
+    "module:function" (`FunctionLabeler`; its errors name `key`)."""
     if ":" in name:
         return FunctionLabeler(name, key=key)
     if name in PREFERENCES:
         return PreferenceLabeler(name)
+    if name in ORACLES:
+        return ORACLES[name]()
     key = name[len("offline_"):] if name.startswith("offline_") else name
     if key not in LABELERS:
         names = sorted(LABELERS) + [f"offline_{n}" for n in sorted(LABELERS)]
         raise ValueError(f"unknown labeler {name!r}; expected one of {', '.join(names)}, or a function of "
-                         f"your own as {plugins.SPEC_FORM}; or a personal preference: {', '.join(PREFERENCES)}")
+                         f"your own as {plugins.SPEC_FORM}; or a personal preference: {', '.join(PREFERENCES)}; "
+                         f"or a task's oracle: {', '.join(ORACLES)}")
     return LABELERS[key]()
