@@ -9,6 +9,9 @@
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
+    python launch.py prep_pairs OUT --pairs=FILE [--balance_len] [--rand_ratio=R] [--keep_uids=FILE]
+    python launch.py cartography PAIR_SCORES OUT_DIR [--max_confidence=X]
+    python launch.py length_report OUT_DIR --before=SCORES --after=NAME=SCORES [...]
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
@@ -134,10 +137,18 @@ def cmd_sample(argv: list[str]) -> None:
         print(json.dumps(row) if ns.json else text.replace("\n", "\\n"), flush=True)
 
 
+def cmd_module(module: str, function: str):
+    """A subcommand whose argument parser lives in `lm_human_preferences.<module>`."""
+    return lambda argv: getattr(importlib.import_module(f"lm_human_preferences.{module}"), function)(argv)
+
+
 COMMANDS = {
     "pipeline": cmd_pipeline,
     **{name: (lambda argv, name=name: cmd_train(name, argv)) for name in TRAINERS},
     "sample": cmd_sample,
+    "prep_pairs": cmd_module("prep_pairs", "cmd_prep_pairs"),
+    "cartography": cmd_module("prep_pairs", "cmd_cartography"),
+    "length_report": cmd_module("length_report", "cmd_length_report"),
 }
 
 
