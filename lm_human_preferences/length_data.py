@@ -9,11 +9,14 @@ transforms of `PreferencePair` lists, and dataset cartography of a reward model'
     kept = keep_uids(pairs, keep)
 
 - **Length balancing** (`balance_by_length`): d = length(chosen) − length(rejected) falls in a
-  bin (lo, lo + width] of `width`-token bins over (−max_diff, max_diff] (d = 0 in (−width, 0],
-  as the paper's code bins it; pairs outside the range are dropped). Each bin below zero and its
-  mirror (−hi, −lo] keep the same number of pairs, min of the two counts, drawn at random
-  (`seed`), so the chosen response is the longer one about as often as the shorter one. The
-  kept pairs stay in file order.
+  bin of `width` length units, (k·width, (k+1)·width] for d > 0 and its mirror
+  [−(k+1)·width, −k·width) for d < 0, up to |d| ≤ max_diff (pairs beyond are dropped). Each bin
+  and its mirror keep the same number of pairs, min of the two counts, drawn at random (`seed`),
+  so the chosen response is the longer one exactly as often as the shorter one; ties (d = 0) are
+  all kept. `ties="released"` bins as the paper's code: (lo, lo + width] over
+  (−max_diff, max_diff], a tie in (−width, 0] and so mirrored with (0, width], which leaves
+  "longer wins" above 50% when ties are common (short responses, word lengths). The kept pairs
+  stay in file order.
 - **Random-pair augmentation** (R-DA, `random_pair_augment`): int(n · ratio) pairs drawn at
   random (`seed`) get, as their rejected response, the chosen response of a pair with another
   prompt (drawn at random); these new pairs are appended after the n originals, with meta
@@ -100,20 +103,41 @@ def length_bin(diff: int, *, width: int = 10, max_diff: int = 200) -> int | None
     return math.ceil(diff / width) - 1
 
 
+def _signed_bin(diff: int, *, width: int, max_diff: int) -> int | None:
+    """Bins symmetric about 0 with ties apart: k for diff in (k·width, (k+1)·width], −k − 1 for
+    −diff there, None for a tie (kept whatever the bins) or beyond max_diff."""
+    if diff == 0 or abs(diff) > max_diff:
+        return None
+    k = math.ceil(abs(diff) / width) - 1
+    return k if diff > 0 else -k - 1
+
+
 def balance_by_length(pairs: Sequence[PreferencePair], *, length: LengthFn = word_length, width: int = 10,
-                      max_diff: int = 200, seed: int = 0) -> list[PreferencePair]:
-    """The pairs left after equalizing each length-difference bin with its mirror (module docstring)."""
+                      max_diff: int = 200, seed: int = 0, ties: str = "apart") -> list[PreferencePair]:
+    """The pairs left after equalizing each length-difference bin with its mirror (module
+    docstring). `ties="released"` bins as the paper's code (a tie in (−width, 0], mirrored with
+    (0, width]; lengths differing by max_diff, negative, dropped); `ties="apart"` keeps every
+    tie and mirrors [−(k+1)·width, −k·width) with (k·width, (k+1)·width], so that "longer wins"
+    is exactly 50% over the pairs that are not ties."""
     if width < 1 or max_diff < width:
         raise ValueError(f"need width >= 1 and max_diff >= width, got {width} and {max_diff}")
+    if ties not in ("apart", "released"):
+        raise ValueError(f"ties must be 'apart' or 'released', got {ties!r}")
     bins: dict[int, list[int]] = {}
+    kept: list[int] = []
     for i, p in enumerate(pairs):
-        k = length_bin(length(p.chosen) - length(p.rejected), width=width, max_diff=max_diff)
+        diff = length(p.chosen) - length(p.rejected)
+        if ties == "released":
+            k = length_bin(diff, width=width, max_diff=max_diff)
+        else:
+            k = _signed_bin(diff, width=width, max_diff=max_diff)
+            if diff == 0:
+                kept.append(i)
         if k is not None:
             bins.setdefault(k, []).append(i)
     rng = random.Random(seed)
-    kept: list[int] = []
     for k in sorted(b for b in bins if b < 0):
-        negative, positive = bins[k], bins.get(-k - 1, [])  # (k·w, (k+1)·w] mirrors (−(k+1)·w, −k·w]
+        negative, positive = bins[k], bins.get(-k - 1, [])  # bin k < 0 and its mirror -k - 1 >= 0
         n = min(len(negative), len(positive))
         kept += rng.sample(negative, n) + rng.sample(positive, n)
     return [pairs[i] for i in sorted(kept)]

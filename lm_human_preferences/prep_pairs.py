@@ -8,9 +8,11 @@
 `prep_pairs` writes a new preference-pair file (any `preferences.FORMATS` format, `--format`;
 default `pairs`) for `train_reward --labels.source`: the pairs of `--pairs` (any format), or
 pairs a judge labels from an output file of `generate` with 2 samples a prompt
-(`--from_outputs`, `--judge`, `length_data.pairs_from_outputs`); every pair gets `meta.uid`
+(`--from_outputs`, `--judge`, `length_data.pairs_from_outputs`; `--length_weight` is the
+`length_biased` judge's score per word); every pair gets `meta.uid`
 (its row index unless it has one), then, in this order, `--keep_uids` (confidence-based
-truncation), `--balance_len` (length balancing in `--bin_width` bins over ±`--max_diff`) and
+truncation), `--balance_len` (length balancing in `--bin_width` bins up to ±`--max_diff`, ties
+apart; `--released_bins`: the paper code's bins) and
 `--rand_ratio` (R-DA) apply (`length_data`). Lengths are whitespace-separated words
 (`--length_unit=words`) or GPT-2 BPE tokens (`gpt2`). It prints the counts and the accuracy of
 "longer wins" before and after.
@@ -52,7 +54,7 @@ def source_pairs(ns) -> list[preferences.PreferencePair]:
         raise HParamsError("--from_outputs needs --judge=NAME (length_biased, length_neutral, sentiment or "
                            "MODULE:FUNCTION) to label the pairs", key="judge")
     try:
-        judge = judges.get_judge(ns.judge, seed=ns.seed)
+        judge = judges.get_judge(ns.judge, seed=ns.seed, length_weight=ns.length_weight)
     except HParamsError:
         raise
     except ValueError as e:
@@ -71,7 +73,7 @@ def prepare(ns) -> tuple[list[preferences.PreferencePair], list[str]]:
     try:
         if ns.balance_len:
             pairs = length_data.balance_by_length(pairs, length=length, width=ns.bin_width, max_diff=ns.max_diff,
-                                                  seed=ns.seed)
+                                                  seed=ns.seed, ties="released" if ns.released_bins else "apart")
             lines.append(f"length-balanced: {len(pairs)} pairs")
         if ns.rand_ratio:
             pairs = length_data.random_pair_augment(pairs, ratio=ns.rand_ratio, seed=ns.seed)
@@ -91,11 +93,14 @@ def cmd_prep_pairs(argv: list[str]) -> None:
     p.add_argument("--pairs", default="", help="a preference-pair file (any format preferences.py reads)")
     p.add_argument("--from_outputs", default="", help="an output file of generate, 2 samples a prompt")
     p.add_argument("--judge", default="", help="the judge that labels --from_outputs")
+    p.add_argument("--length_weight", type=float, default=0.05, help="the length_biased judge's score per word")
     p.add_argument("--format", default="pairs", choices=list(preferences.FORMATS), help="the output's format")
     p.add_argument("--keep_uids", default="", help="keep only the pairs with these uids (one a line)")
     p.add_argument("--balance_len", action="store_true", help="balance the chosen-minus-rejected length bins")
     p.add_argument("--bin_width", type=int, default=10, help="length-difference bin width")
-    p.add_argument("--max_diff", type=int, default=200, help="length differences kept: (-max_diff, max_diff]")
+    p.add_argument("--max_diff", type=int, default=200, help="length differences kept: |d| <= max_diff")
+    p.add_argument("--released_bins", action="store_true",
+                   help="bin as the paper's code (ties mirrored with (0, bin_width]) instead of ties apart")
     p.add_argument("--rand_ratio", type=float, default=0.0, help="R-DA: append this fraction of random pairs")
     p.add_argument("--length_unit", default="words", help="words (whitespace) or gpt2 (BPE tokens)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,9 +29,18 @@ def test_length_bin_edges():
     assert length_data.length_bin(201) is None and length_data.length_bin(-200) is None
 
 
-def test_balance_keeps_mirrored_bins_equal():
+def test_balance_keeps_mirrored_bins_equal_and_ties_apart():
     pairs = length_data.with_uids([pair_of(d) for d in DIFFS])
     balanced = length_data.balance_by_length(pairs, seed=0)
+    # the tie kept; (0, 10] three 5s, mirror [-10, 0) -3 -> 1 + 1; (10, 20] 12, [-20, -10) -15 -> 1 + 1; 250 dropped
+    kept = [int(p.meta["uid"]) for p in balanced]
+    assert len(kept) == 5 and {3, 4, 5, 6} <= set(kept) and len({0, 1, 2} & set(kept)) == 1
+    assert length_data.longer_wins(balanced) == 0.5
+
+
+def test_balance_with_the_released_bins():
+    pairs = length_data.with_uids([pair_of(d) for d in DIFFS])
+    balanced = length_data.balance_by_length(pairs, seed=0, ties="released")
     # bins: (-10, 0] holds -3 and 0, mirror (0, 10] three 5s -> 2 + 2; (-20, -10] -15, mirror (10, 20] 12 -> 1 + 1;
     # 250 is out of range
     kept = [int(p.meta["uid"]) for p in balanced]
@@ -41,19 +50,21 @@ def test_balance_keeps_mirrored_bins_equal():
     diffs = [DIFFS[i] for i in kept]
     assert sum(d > 0 for d in diffs) == 3 and sum(d < 0 for d in diffs) == 2  # the tie (0) counts as shorter
     assert length_data.longer_wins(balanced) == pytest.approx(3.5 / 6)
-    assert length_data.balance_by_length(pairs, seed=0) == balanced  # seeded
+    assert length_data.balance_by_length(pairs, seed=0, ties="released") == balanced  # seeded
     assert length_data.longer_wins(pairs) == pytest.approx(5.5 / 8)
 
 
 def test_balance_with_a_token_length_and_other_bins():
     pairs = [pair_of(d) for d in (1, 2, -1, 3, 4)]
-    balanced = length_data.balance_by_length(pairs, width=2, max_diff=4, seed=1)
+    balanced = length_data.balance_by_length(pairs, width=2, max_diff=4, seed=1, ties="released")
     # width 2: (0, 2] holds 1, 2; (-2, 0] holds -1 -> one each; (2, 4] holds 3, 4 without a mirror -> none
     assert len(balanced) == 2 and pairs[2] in balanced
-    by_chars = length_data.balance_by_length(pairs, length=len, width=2, max_diff=4)  # characters: 2 per word
+    by_chars = length_data.balance_by_length(pairs, length=len, width=2, max_diff=4, ties="released")  # 2 a word
     assert len(by_chars) == 2
     with pytest.raises(ValueError, match="width >= 1"):
         length_data.balance_by_length(pairs, width=0)
+    with pytest.raises(ValueError, match="ties must be 'apart' or 'released'"):
+        length_data.balance_by_length(pairs, ties="mirror")
 
 
 def test_random_pair_augmentation_counts():
@@ -126,9 +137,12 @@ def test_prep_pairs_and_cartography_commands(tmp_path, capsys):
     source = tmp_path / "pairs.jsonl"
     write_pairs(source, [pair_of(d, prompt=f"q{i % 3}") for i, d in enumerate(DIFFS)])
     out = tmp_path / "out.jsonl"
-    assert launch.main(["prep_pairs", str(out), f"--pairs={source}", "--balance_len", "--rand_ratio=0.5"]) == 0
+    assert launch.main(["prep_pairs", str(out), f"--pairs={source}", "--balance_len", "--rand_ratio=0.5",
+                        "--released_bins"]) == 0
     written = read_pairs(out)
     assert len(written) == 6 + 3 and sum(bool(p.meta.get("rda")) for p in written) == 3
+    assert launch.main(["prep_pairs", str(out), f"--pairs={source}", "--balance_len"]) == 0
+    assert len(read_pairs(out)) == 5
     assert "8 pairs, longer wins 0.688" in capsys.readouterr().out
     log = tmp_path / "pair_scores.jsonl"
     log.write_text("".join(json.dumps(visit(e, e * 10 + u, str(u), float(u * e))) + "\n"
