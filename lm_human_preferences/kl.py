@@ -2,6 +2,8 @@
 penalty folded into the rewards (the original's way) or added to the loss, and the fixed and
 adaptive controllers of its coefficient β. Pure functions on tensors and two small plain-float
 controllers, re-exported by `ppo`; shapes as there (``B`` episodes, ``T`` response tokens).
+In a PPO step (`rollouts`) the penalty comes last: score → truncation penalty → shaping
+(`shaping`) → score whitening → KL penalty.
 """
 
 import torch

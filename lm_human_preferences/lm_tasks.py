@@ -54,6 +54,10 @@ class TaskHParams(HParams):
     truncate_token: Optional[int] = None  # token id ending a response (later ones become padding); None: no truncation
     truncate_after: int = 0  # truncate_token counts only from this response position on
     penalty_reward_value: float = -1.0  # the score of a response without truncate_token
+    # PPO: a response ends at its first end-of-text token; later tokens are masked out (off: fixed length)
+    stop_at_eos: bool = False
+    # PPO: a response ends with the token completing this text's first occurrence, e.g. "\n\nHuman:" (empty: none)
+    stop_text: str = ""
     policy: PolicyHParams = field(default_factory=PolicyHParams)  # the initial policy and how it samples
 
     def _validate(self):
@@ -116,6 +120,9 @@ def check_task_fits(task: TaskHParams, model: PretrainedModel) -> None:
     if task.truncate_token is not None and not 0 <= task.truncate_token < enc.n_vocab:
         raise HParamsError(f"{task.truncate_token} is not a token of {model.path}'s vocabulary (0 to "
                            f"{enc.n_vocab - 1}), so no response could ever be truncated", key="task.truncate_token")
+    if task.stop_at_eos and enc.eot_token is None:
+        raise HParamsError(f"the {enc.name!r} encoding of {model.path} has no end-of-text token to stop at",
+                           key="task.stop_at_eos")
 
 
 def check_memory(device: torch.device, needs: list[tuple[str, int, str]]) -> None:
@@ -204,6 +211,38 @@ def eos_mask(responses: torch.Tensor, *, eos_token: int) -> torch.Tensor:
     truncate_token=eos_token, truncate_after=0, ...)` pads the rest; the default stays the
     original's fixed-length responses."""
     return ~truncation_mask(responses, truncate_token=eos_token, truncate_after=0)
+
+
+def stop_text_mask(responses: torch.Tensor, *, text: str, decode) -> torch.Tensor:
+    """(B, Lr) bool, True up to and including the token that completes the first occurrence of
+    `text` in the decoded response (all True without one). Token level: a response keeps its
+    shortest prefix of tokens whose decoded text (`decode(ids) -> str`) contains `text`, found by
+    bisection (a prefix that contains it stays containing it as tokens are added)."""
+    ends = []
+    for row in responses.tolist():
+        lo, hi = len(row), len(row)
+        if text in decode(row):
+            lo = 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if text in decode(row[:mid]) else (mid + 1, hi)
+        ends.append(lo)
+    positions = torch.arange(responses.shape[1], device=responses.device)  # (Lr,)
+    return positions[None, :] < torch.tensor(ends, device=responses.device)[:, None]
+
+
+def response_mask(responses: torch.Tensor, *, task: TaskHParams, encoding: Encoding) -> torch.Tensor | None:
+    """(B, Lr) bool, True at the tokens a response keeps under `task.stop_at_eos` (`eos_mask`) and
+    `task.stop_text` (`stop_text_mask`): the earlier stop wins. None when neither is set: the
+    original's fixed-length responses."""
+    if not task.stop_at_eos and not task.stop_text:
+        return None
+    mask = torch.ones_like(responses, dtype=torch.bool)  # (B, Lr)
+    if task.stop_at_eos:
+        mask &= eos_mask(responses, eos_token=encoding.eot_token)
+    if task.stop_text:
+        mask &= stop_text_mask(responses, text=task.stop_text, decode=encoding.decode)
+    return mask
 
 
 def truncate_responses(responses: torch.Tensor, *, truncate_token: int | None, truncate_after: int,

@@ -7,7 +7,8 @@ episodes), ``T`` (response length) and ``V`` (vocabulary size).
 Conventions that match the OAI TensorFlow code:
 
 * every mean/variance is over *all* ``B*T`` elements (no masking), variances are biased
-  (population) as in ``tf.nn.moments``;
+  (population) as in ``tf.nn.moments``; an optional ``mask`` ``(B, T)`` (True at a response's
+  real tokens, e.g. up to its EOS) restricts them to its True positions, and zeroes the rest;
 * GAE bootstraps with ``V_T = 0`` and ``returns = advantages + values`` (before the advantages
   are whitened);
 * clip fractions count strict ``>`` between the clipped and unclipped losses.
@@ -21,22 +22,9 @@ from lm_human_preferences.kl import (KL_ESTIMATORS, AdaptiveKLController, FixedK
                                      kl_loss, kl_penalty_rewards)
 
 __all__ = [
-    "whiten",
-    "gae",
-    "advantages_and_returns",
-    "policy_loss",
-    "value_loss",
-    "ppo_losses",
-    "kl_penalty_rewards",
-    "KL_ESTIMATORS",
-    "kl_estimate",
-    "kl_loss",
-    "FixedKLController",
-    "AdaptiveKLController",
-    "linear_lr",
-    "var_explained",
-    "entropy_from_logits",
-    "logprobs_and_entropies",
+    "masked_mean", "whiten", "gae", "advantages_and_returns", "policy_loss", "value_loss", "ppo_losses",
+    "kl_penalty_rewards", "KL_ESTIMATORS", "kl_estimate", "kl_loss", "FixedKLController",
+    "AdaptiveKLController", "linear_lr", "var_explained", "entropy_from_logits", "logprobs_and_entropies",
     "logprobs_from_logits",
 ]
 
@@ -46,7 +34,21 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def whiten(values: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``torch.mean(x)``, or the mean over the True positions of ``mask`` (of x's shape)."""
+    return torch.mean(x) if mask is None else (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _var_mean(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased ``torch.var_mean(x)``, or over the True positions of ``mask``."""
+    if mask is None:
+        return torch.var_mean(x, correction=0)
+    mean = masked_mean(x, mask)
+    return masked_mean(torch.square(x - mean), mask), mean
+
+
+def whiten(values: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Normalise ``values`` to zero mean / unit variance over ALL elements.
 
     ``(x - mean(x)) / sqrt(var(x) + eps)`` with the biased (population) variance, as OAI's
@@ -57,15 +59,16 @@ def whiten(values: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) 
         values: floating tensor of any shape, e.g. ``(B, T)``.
         shift_mean: if False, the result keeps the original mean.
         eps: added to the variance inside the square root.
+        mask: optional bool, statistics over its True positions; the result is 0 elsewhere.
 
     Returns:
         Tensor of the same shape and dtype as ``values``.
     """
-    var, mean = torch.var_mean(values, correction=0)  # scalars
+    var, mean = _var_mean(values, mask)  # scalars
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened
+    return whitened if mask is None else whitened * mask
 
 
 def gae(
@@ -110,6 +113,7 @@ def advantages_and_returns(
     lam: float,
     whiten_rewards: bool,
     whiten_fn: Callable[..., torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-minibatch preprocessing of OAI's ``PPOTrainer.loss`` (docs/original.md §6).
 
@@ -122,6 +126,8 @@ def advantages_and_returns(
         gamma, lam: GAE parameters.
         whiten_rewards: whether to rescale the rewards first.
         whiten_fn: replaces ``whiten`` (same signature), e.g. with statistics over several ranks.
+        mask: optional ``(B, T)`` bool: rewards and values are zeroed outside it before GAE (so
+            nothing after a response's end reaches its advantages) and whitened over it.
 
     Returns:
         ``(advantages, returns)``, ``(B, T)`` each, detached; advantages are whitened.
@@ -129,10 +135,13 @@ def advantages_and_returns(
     whiten_fn = whiten_fn or whiten
     rewards = rewards.detach()
     values = values.detach()
+    masked = {} if mask is None else {"mask": mask}
+    if mask is not None:
+        rewards, values = rewards * mask, values * mask
     if whiten_rewards:
-        rewards = whiten_fn(rewards, shift_mean=False)  # (B, T)
+        rewards = whiten_fn(rewards, shift_mean=False, **masked)  # (B, T)
     advantages, returns = gae(rewards, values, gamma=gamma, lam=lam)  # (B, T), (B, T)
-    advantages = whiten_fn(advantages)  # (B, T)
+    advantages = whiten_fn(advantages, **masked)  # (B, T)
     return advantages, returns
 
 
@@ -147,6 +156,7 @@ def policy_loss(
     advantages: torch.Tensor,
     *,
     cliprange: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate, OAI form.
 
@@ -158,6 +168,7 @@ def policy_loss(
         old_logprobs: ``(B, T)`` log-probabilities recorded at rollout time.
         advantages: ``(B, T)`` (normally whitened) advantages.
         cliprange: ``c`` above.
+        mask: optional ``(B, T)`` bool; the means are over its True positions.
 
     Returns:
         ``(loss, stats)``: scalar loss with graph; ``stats`` holds detached scalars
@@ -170,12 +181,12 @@ def policy_loss(
     ratio = torch.exp(logratio)  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    loss = torch.mean(torch.maximum(pg_losses, pg_losses2))  # ()
+    loss = masked_mean(torch.maximum(pg_losses, pg_losses2), mask)  # ()
     with torch.no_grad():
         stats = {
-            "approxkl": 0.5 * torch.mean(torch.square(logratio)),
-            "clipfrac": torch.mean(torch.gt(pg_losses2, pg_losses).to(logratio.dtype)),
-            "ratio_mean": torch.mean(ratio),
+            "approxkl": 0.5 * masked_mean(torch.square(logratio), mask),
+            "clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses).to(logratio.dtype), mask),
+            "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
 
@@ -186,6 +197,7 @@ def value_loss(
     returns: torch.Tensor,
     *,
     cliprange_value: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, OAI form.
 
@@ -197,6 +209,7 @@ def value_loss(
         old_values: ``(B, T)`` values recorded at rollout time.
         returns: ``(B, T)`` GAE returns.
         cliprange_value: ``c`` above.
+        mask: optional ``(B, T)`` bool; the means are over its True positions.
 
     Returns:
         ``(loss, stats)``: scalar loss with graph; detached scalars ``'clipfrac'`` =
@@ -208,20 +221,22 @@ def value_loss(
     vpredclipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)  # (B, T)
     vf_losses1 = torch.square(values - returns)  # (B, T)
     vf_losses2 = torch.square(vpredclipped - returns)  # (B, T)
-    loss = 0.5 * torch.mean(torch.maximum(vf_losses1, vf_losses2))  # ()
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), mask)  # ()
     with torch.no_grad():
         stats = {
-            "clipfrac": torch.mean(torch.gt(vf_losses2, vf_losses1).to(values.dtype)),
-            "error": torch.mean(vf_losses1),
-            "vpred": torch.mean(values),
+            "clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask),
+            "error": masked_mean(vf_losses1, mask),
+            "vpred": masked_mean(values, mask),
         }
     return loss, stats
 
 
-def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``1 - var(target - pred) / var(target)`` (biased variances); NaN if ``var(target) == 0``."""
-    var_target = torch.var(target, correction=0)
-    ev = 1.0 - torch.var(target - pred, correction=0) / var_target
+    def var(x):
+        return torch.var(x, correction=0) if mask is None else _var_mean(x, mask)[0]
+    var_target = var(target)
+    ev = 1.0 - var(target - pred) / var_target
     return torch.where(var_target == 0, torch.full_like(ev, float("nan")), ev)
 
 
@@ -244,6 +259,7 @@ def ppo_losses(
     cliprange_value: float,
     vf_coef: float,
     entropy: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total PPO loss plus the logged statistics, with the docs/original.md §6 / OAI names.
 
@@ -260,6 +276,7 @@ def ppo_losses(
         cliprange, cliprange_value, vf_coef: PPO hyper-parameters.
         entropy: optional ``(B, T)`` per-token entropies of the current policy; if given its
             mean is reported as ``ppo/policy/entropy``.
+        mask: optional ``(B, T)`` bool; every mean is over its True positions.
 
     Returns:
         Dict of 0-dim tensors. ``'ppo/loss/total'``, ``'ppo/loss/policy'`` and
@@ -271,8 +288,8 @@ def ppo_losses(
         :func:`var_explained` of the averages instead), ``ppo/returns/{mean,var}``,
         ``ppo/policy/advantages_{mean,var}``.
     """
-    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, cliprange=cliprange)
-    vf_loss, vf_stats = value_loss(values, old_values, returns, cliprange_value=cliprange_value)
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, cliprange=cliprange, mask=mask)
+    vf_loss, vf_stats = value_loss(values, old_values, returns, cliprange_value=cliprange_value, mask=mask)
     total = pg_loss + vf_coef * vf_loss  # ()
 
     out: dict[str, torch.Tensor] = {
@@ -287,24 +304,25 @@ def ppo_losses(
         "ppo/val/vpred": vf_stats["vpred"],
     }
     out.update(_minibatch_stats(values=values, old_values=old_values, advantages=advantages, returns=returns,
-                                entropy=entropy))
+                                entropy=entropy, mask=mask))
     return out
 
 
 @torch.no_grad()
 def _minibatch_stats(*, values: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
-                     returns: torch.Tensor, entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                     returns: torch.Tensor, entropy: torch.Tensor | None,
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The detached statistics of :func:`ppo_losses` that are not of a loss: the returns', the
     rollout values', the advantages' mean and variance, the explained variance and the entropy."""
     returns = returns.detach()
-    ret_var, ret_mean = torch.var_mean(returns, correction=0)
-    val_var, val_mean = torch.var_mean(old_values.detach(), correction=0)
-    adv_var, adv_mean = torch.var_mean(advantages.detach(), correction=0)
+    ret_var, ret_mean = _var_mean(returns, mask)
+    val_var, val_mean = _var_mean(old_values.detach(), mask)
+    adv_var, adv_mean = _var_mean(advantages.detach(), mask)
     out = {"ppo/returns/mean": ret_mean, "ppo/returns/var": ret_var, "ppo/val/mean": val_mean, "ppo/val/var": val_var,
-           "ppo/val/var_explained": _explained_variance(values.detach(), returns),
+           "ppo/val/var_explained": _explained_variance(values.detach(), returns, mask),
            "ppo/policy/advantages_mean": adv_mean, "ppo/policy/advantages_var": adv_var}
     if entropy is not None:
-        out["ppo/policy/entropy"] = torch.mean(entropy.detach())
+        out["ppo/policy/entropy"] = masked_mean(entropy.detach(), mask)
     return out
 
 

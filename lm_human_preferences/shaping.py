@@ -9,8 +9,10 @@ reward model's or a reward function's, after the task's truncation penalty), `le
 number of tokens of each response (e.g. `lm_tasks.eos_mask(...).sum(1)`, or the tokens before
 truncation). `compose` applies its functions left to right, each to the output of the one
 before; in a PPO step the composed function goes between the score and the KL penalty
-(`ppo.kl_penalty_rewards`), which it does not touch. An empty composition returns the scores
-unchanged.
+(`ppo.kl_penalty_rewards`), which it does not touch; train_policy takes one as
+`--rewards.shaping=SPEC` (order: score → truncation penalty → shaping → score whitening → KL
+penalty). An empty composition returns the scores unchanged. A shaping may keep state (see
+`Composition`).
 
 | name | `parse_shaping` form | result |
 |---|---|---|
@@ -162,15 +164,17 @@ class SigmaLengthPenalty(_Running):
         return scores + self.coef * self.stats.std * (1.0 - self.per_token * lengths.to(scores.dtype))
 
 
-class compose:
-    """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n). With `stats`,
-    that `RunningStats` is first updated with the scores it receives. `state_dict()` holds the
-    statistics and the state of every function that has one."""
+class Composition:
+    """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n). A stateful
+    shaping (e.g. running statistics) has `state_dict()` / `load_state_dict(state)`; the
+    composition's state is theirs by position, and train_policy keeps it in its checkpoints.
+    With `stats`, that `RunningStats` is first updated with the scores the composition receives
+    (its state is kept under "stats")."""
 
     def __init__(self, *fns: Shaping, stats: RunningStats | None = None):
         self.fns, self.stats = fns, stats
 
-    def __call__(self, scores, lengths):
+    def __call__(self, scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.stats is not None:
             self.stats.update(scores)
         for fn in self.fns:
@@ -187,6 +191,11 @@ class compose:
         for i, fn in enumerate(self.fns):
             if hasattr(fn, "load_state_dict"):
                 fn.load_state_dict(state[str(i)])
+
+
+def compose(*fns: Shaping, stats: RunningStats | None = None) -> Composition:
+    """The shapings applied left to right (`Composition`)."""
+    return Composition(*fns, stats=stats)
 
 
 def omit_long_indices(terminated: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -210,6 +219,8 @@ def omit_long_indices(terminated: torch.Tensor, *, generator: torch.Generator | 
     return sample_index, (rows if variant == "released" else sample_index)
 
 
+
+
 SHAPINGS: dict[str, tuple[Callable[..., Shaping], tuple[int, ...]]] = {  # name -> (maker, allowed argument counts)
     "scale": (scale, (1,)), "shift": (shift, (1,)), "normalize": (normalize, (2,)), "clip": (clip, (2,)),
     "length_penalty": (length_penalty, (1,)), "omit_long": (omit_long, (2,)), "length_only": (length_only, (0, 1)),
@@ -218,7 +229,7 @@ SHAPINGS: dict[str, tuple[Callable[..., Shaping], tuple[int, ...]]] = {  # name 
 RUNNING = ("running_scale", "len_penalty")  # the shapings that read a composition's RunningStats
 
 
-def parse_shaping(spec: str) -> Shaping:
+def parse_shaping(spec: str) -> Composition:
     """A composition from "name=a:b,name=c,...", in the order written (see the module's table);
     an empty string is no shaping. A bad item is a ValueError naming it. The running shapings
     share one `RunningStats` of the composition's input (window 10)."""

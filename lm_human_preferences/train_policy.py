@@ -4,9 +4,12 @@
 
 One update (`PPOTrainer.step`) reads as the paper's steps, numbered in its code: 1. sample
 responses to this rank's queries, 2. analyze them with the policy and the frozen reference
-policy, 3. score them (`scoring.make_score_fn`), 4. KL-penalised rewards, 5. train `noptepochs`
-epochs of minibatches (whitened rewards, GAE, whitened advantages; micro-batches accumulate),
-6. statistics averaged over ranks, 7. the KL controller moves β.
+policy, 3. score them (`scoring.make_score_fn`), 4. KL-penalised rewards (`rollouts`: score →
+truncation penalty → shaping → score whitening → KL penalty), 5. train `noptepochs` epochs of
+minibatches (whitened rewards, GAE, whitened advantages; micro-batches accumulate), 6. statistics
+averaged over ranks, 7. the KL controller moves β. Its options are `policy_hparams`'; those past
+the original's (a KL estimator, the KL as a loss term, shaping, score whitening, responses that
+stop at EOS or a stop text, masked out of everything after the stop) default to the original.
 """
 
 from __future__ import annotations
@@ -14,95 +17,23 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from lm_human_preferences import distributed, lm_tasks, plugins, ppo, scoring, train_reward
-from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences import distributed, lm_tasks, plugins, ppo, rollouts, scoring, shaping, train_reward
+from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress, summary_line
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Analysis, Policy
 from lm_human_preferences.rewards import load_reward_model
-from lm_human_preferences.runtime import Run, RunHParams
-from lm_human_preferences.train_reward import RewardTrainingHParams
+from lm_human_preferences.policy_hparams import TrainPolicyHParams
+from lm_human_preferences.runtime import Run
 from lm_human_preferences.trainer import accumulate_and_step, run_training
 
 ScoreFn, StatsFn = scoring.ScoreFn, scoring.StatsFn  # what `train` takes in place of a reward model
-
-
-@dataclass
-class AdaptiveKLParams(HParams):
-    target: float = 6.0  # the KL to the initial policy (nats per response) that β steers toward
-    horizon: int = 10000  # episodes over which β closes the gap to the target
-
-    def _validate(self):
-        check_count(self, "horizon")
-        check_number(self, "target", above=0)
-
-
-@dataclass
-class RewardsHParams(HParams):
-    kl_coef: float = 0.2  # β, the weight of the KL penalty in the reward (its start under adaptive_kl)
-    adaptive_kl: Optional[AdaptiveKLParams] = None  # adapt β toward a target KL (off: β stays kl_coef)
-    trained_model: Optional[str] = None  # a reward model directory (train_reward output)
-    train_new_model: Optional[RewardTrainingHParams] = None  # train one first, into <run>/reward_model
-    function: Optional[str] = None  # or MODULE:FUNCTION, fn(queries, responses) -> scores on texts (plugins.py)
-
-    def _validate(self):
-        check_number(self, "kl_coef", at_least=0)
-        if self.function is not None:
-            plugins.load_function(self.function, key="function")
-
-
-@dataclass
-class PPOHParams(HParams):
-    total_episodes: int = 2_000_000  # episodes (queries answered) over the whole run
-    batch_size: int = 64  # episodes per update, across all ranks
-    nminibatches: int = 1  # minibatches each batch is split into, per epoch
-    noptepochs: int = 4  # optimisation epochs over each batch
-    micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
-    lr: float = 5e-6  # Adam learning rate, annealed linearly to 0
-    vf_coef: float = 0.1  # weight of the value loss
-    cliprange: float = 0.2  # clip range of the policy ratio
-    cliprange_value: float = 0.2  # clip range of the value prediction around its rollout value
-    gamma: float = 1.0  # discount factor
-    lam: float = 0.95  # GAE λ
-    whiten_rewards: bool = True  # whiten each batch's rewards (scale only) before GAE
-    # Whitening statistics over the minibatch of every rank together (the original: each rank alone).
-    whiten_across_ranks: bool = False
-
-    def _validate(self):
-        for key in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
-            check_count(self, key)
-        if self.total_episodes < self.batch_size:
-            raise HParamsError(f"fewer episodes than one batch ({self.batch_size})", key="total_episodes")
-        if self.batch_size % self.nminibatches:
-            raise HParamsError(f"batch_size={self.batch_size} is not divisible by nminibatches={self.nminibatches}",
-                               key="nminibatches")
-        if self.micro_batch_size is not None:  # None: no gradient accumulation
-            check_count(self, "micro_batch_size")
-        check_number(self, "lr", above=0)
-        for key in ("vf_coef", "cliprange", "cliprange_value"):
-            check_number(self, key, at_least=0)
-        for key in ("gamma", "lam"):
-            check_number(self, key, at_least=0, at_most=1)
-
-
-@dataclass
-class TrainPolicyHParams(HParams):
-    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
-    rewards: RewardsHParams = field(default_factory=RewardsHParams)  # the reward: reward model and KL penalty
-    ppo: PPOHParams = field(default_factory=PPOHParams)  # PPO optimisation
-    num_logged_samples: int = 4  # samples.jsonl rows per logged update
-
-    def _validate(self):
-        check_count(self, "num_logged_samples", at_least=0)
 
 
 def check_memory(hp: TrainPolicyHParams, model: lm_tasks.PretrainedModel, run: Run) -> None:
@@ -119,15 +50,6 @@ def check_memory(hp: TrainPolicyHParams, model: lm_tasks.PretrainedModel, run: R
         ("ppo.micro_batch_size" if hp.ppo.micro_batch_size else "ppo.batch_size",
          memory.training_bytes(config, rows=micro, tokens=tokens, value_bytes=value_bytes, logits=True),
          f"a training micro-batch of {micro} episodes (--ppo.micro_batch_size accumulates smaller ones)")])
-
-
-def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """`ppo.whiten` with mean and (biased) variance over every rank's elements."""
-    s = distributed.all_reduce_sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), device=x.device)]))
-    mean = s[0] / s[2]
-    var = s[1] / s[2] - mean.square()
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
 
 
 class PPOTrainer:
@@ -156,6 +78,7 @@ class PPOTrainer:
         self.n_updates = -(-hp.ppo.total_episodes // hp.ppo.batch_size)
         self.update = 0
         self.pad = encoding.padding_token
+        self.shaping = shaping.parse_shaping(hp.rewards.shaping) if hp.rewards.shaping else None
 
     # ---- rollout ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -201,26 +124,35 @@ class PPOTrainer:
         return queries, contexts, responses
 
     # ---- training -----------------------------------------------------------------------
-    def advantages(self, rewards: torch.Tensor, values: torch.Tensor):
+    def advantages(self, rewards: torch.Tensor, values: torch.Tensor, masked: dict):
         p = self.hp.ppo
         return ppo.advantages_and_returns(rewards, values, gamma=p.gamma, lam=p.lam, whiten_rewards=p.whiten_rewards,
-                                          whiten_fn=whiten_across_ranks if p.whiten_across_ranks else None)
+                                          whiten_fn=rollouts.whiten_across_ranks if p.whiten_across_ranks else None,
+                                          **masked)
 
     def train_minibatch(self, mb: dict[str, torch.Tensor], lr: float) -> dict[str, float] | None:
         """One optimizer step on a minibatch, in micro-batches; None if it was skipped (non-finite).
-        The policy runs under autocast, the losses outside it (in fp32)."""
+        The policy runs under autocast, the losses outside it (in fp32). With a response mask (in
+        `mb`) every mean is over the kept tokens; with `ppo.kl_as=loss` the loss adds
+        β·mean(KL estimate) of the current policy to the reference (`ppo/loss/kl`)."""
         p = self.hp.ppo
-        advantages, returns = self.advantages(mb["rewards"], mb["values"])
+        advantages, returns = self.advantages(mb["rewards"], mb["values"], {"mask": mb["mask"]} if "mask" in mb else {})
 
         def losses_of(m: int) -> dict[str, torch.Tensor]:
             sl = slice(m * self.micro, (m + 1) * self.micro)
+            masked = {"mask": mb["mask"][sl]} if "mask" in mb else {}
             with self.run.autocast():
                 out = self.ddp_policy(mb["contexts"][sl], mb["responses"][sl],
                                       temperature=self.hp.task.policy.temperature, pad_token=self.pad)
-            return ppo.ppo_losses(logprobs=out.logprobs, values=out.values, old_logprobs=mb["logprobs"][sl],
-                                  old_values=mb["values"][sl], advantages=advantages[sl], returns=returns[sl],
-                                  cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
-                                  entropy=out.entropies)
+            losses = ppo.ppo_losses(logprobs=out.logprobs, values=out.values, old_logprobs=mb["logprobs"][sl],
+                                    old_values=mb["values"][sl], advantages=advantages[sl], returns=returns[sl],
+                                    cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                                    entropy=out.entropies, **masked)
+            if p.kl_as == "loss":
+                losses["ppo/loss/kl"] = ppo.kl_loss(out.logprobs, mb["ref_logprobs"][sl], kl_coef=self.kl_ctl.value,
+                                                    estimator=p.kl_estimator, **masked)
+                losses["ppo/loss/total"] = losses["ppo/loss/total"] + losses["ppo/loss/kl"]
+            return losses
 
         return accumulate_and_step(self.run, model=self.ddp_policy, optimizer=self.optimizer, lr=lr,
                                    n_micro=self.minibatch // self.micro, loss_of=losses_of, step=self.update + 1,
@@ -231,31 +163,18 @@ class PPOTrainer:
         of minibatches; the statistics averaged over the minibatches not skipped."""
         train_stats: dict[str, float] = {}
         n_mb = 0
+        keys = ["contexts", "responses", "logprobs", "values", "rewards"]
+        keys += ["mask"] * ("mask" in data) + ["ref_logprobs"] * (self.hp.ppo.kl_as == "loss")
         for order in orders:
             for start in range(0, self.per_rank, self.minibatch):
                 idx = order[start:start + self.minibatch]
-                mb = {k: data[k][idx] for k in ("contexts", "responses", "logprobs", "values", "rewards")}
+                mb = {k: data[k][idx] for k in keys}
                 if (mb_stats := self.train_minibatch(mb, lr)) is None:
                     continue
                 for k, v in mb_stats.items():
                     train_stats[k] = train_stats.get(k, 0.0) + v
                 n_mb += 1
         return {k: v / n_mb for k, v in train_stats.items()}
-
-    def record_step_stats(self, data: dict[str, torch.Tensor], *, non_score_reward: torch.Tensor,
-                          kl: torch.Tensor, kl_coef: float) -> dict[str, float]:
-        """This rank's `objective/` statistics of the rollout (the original's `record_step_stats`)."""
-        scores = data["scores"]
-        return {
-            "objective/kl": float(kl.sum(1).mean()),
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": float((-data["logprobs"]).sum(1).mean()),
-            "objective/score": float(scores.mean()),
-            "objective/score_total": float((non_score_reward.sum(1) + scores).mean()),
-            "objective/non_score_reward": float(non_score_reward.sum(1).mean()),
-            "objective/scores_std": float(scores.std(unbiased=False)),
-            "objective/truncated_frac": float((data["postprocessed_responses"] != data["responses"]).any(1).float().mean()),
-        }
 
     def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """One PPO update (the original's `PPOTrainer.step`); returns the all-reduced stats and the rollout."""
@@ -272,21 +191,30 @@ class PPOTrainer:
             cur = self.analyze(self.policy, contexts, responses, orders[0])
             ref = self.analyze(self.ref_policy, contexts, responses, orders[0])
             # 3. score (`score_fn`): truncate the responses, score them, penalise those not truncated.
-            scores, postprocessed_responses, score_stats = self.score_fn(queries, responses)  # (B,), (B, Lr)
+            #    A response that stops (EOS, stop text) is scored as it stops, with pads after.
+            mask = lm_tasks.response_mask(responses, task=self.hp.task, encoding=self.encoding)  # (B, Lr) or None
+            stopped = responses if mask is None else responses.masked_fill(~mask, self.pad)
+            scores, postprocessed_responses, score_stats = self.score_fn(queries, stopped)  # (B,), (B, Lr)
         data = dict(queries=queries, contexts=contexts, responses=responses,
                     postprocessed_responses=postprocessed_responses, logprobs=cur.logprobs, values=cur.values,
                     ref_logprobs=ref.logprobs, scores=scores, score_stats=score_stats)
-        # 4. KL-penalised rewards (`compute_rewards`): -kl_coef * (logprobs - ref_logprobs) per token,
-        #    plus the score on the last token.
+        if mask is not None:
+            data["mask"] = mask
+        # 4. rewards (`compute_rewards`): the score (shaped, whitened: `rollouts.shape_scores`) on the last
+        #    token, and -kl_coef * (logprobs - ref_logprobs) per token (the KL estimate chosen; none as a loss).
+        if self.shaping is not None or p.whiten_scores != "off":
+            data["shaped_scores"] = rollouts.shape_scores(scores, postprocessed_responses, shaping=self.shaping,
+                                                          whiten=p.whiten_scores, pad_token=self.pad)
         kl_coef = self.kl_ctl.value
-        data["rewards"], non_score_reward, kl = ppo.kl_penalty_rewards(data["logprobs"], data["ref_logprobs"],
-                                                                       data["scores"], kl_coef=kl_coef)
+        data["rewards"], non_score_reward, kl = rollouts.rewards_of(
+            data["logprobs"], data["ref_logprobs"], data.get("shaped_scores", scores), kl_coef=kl_coef,
+            estimator=p.kl_estimator, kl_as=p.kl_as, mask=mask)
         t_rollout = time.time() - t0
         # 5. train: `noptepochs` epochs of minibatches at the linearly annealed learning rate.
         lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
         stats = self.train_epochs(data, orders, lr)
         # 6. stats (`record_step_stats`): the training and rollout statistics, averaged over ranks.
-        stats.update(self.record_step_stats(data, non_score_reward=non_score_reward, kl=kl, kl_coef=kl_coef))
+        stats.update(rollouts.rollout_stats(data, non_score_reward=non_score_reward, kl=kl, kl_coef=kl_coef))
         stats.update({"ppo/lr": lr, "time/rollout": t_rollout})
         stats.update(data["score_stats"])
         stats = distributed.all_reduce_stats(stats, device=self.run.device)
@@ -323,9 +251,12 @@ class PPOTrainer:
         return f"policy saved to {self.run.save_dir}"
 
     def state_dict(self) -> dict:
-        return {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict(),
-                "skipped_batches": self.run.skipped_batches}
+        state = {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict(),
+                 "skipped_batches": self.run.skipped_batches}
+        if self.shaping is not None:  # a stateful shaping (running statistics) resumes where it was
+            state["shaping"] = self.shaping.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.update = state["update"]
@@ -334,6 +265,8 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.queries.load_state_dict(state["queries"])
+        if self.shaping is not None:
+            self.shaping.load_state_dict(state.get("shaping", {}))
 
     def sample_rows(self, data, n: int) -> list[dict]:
         """samples.jsonl rows: query and (truncated) response as text to read (no special tokens),
