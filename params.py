@@ -58,6 +58,11 @@ OFFLINE_TASK = {
     "policy.initial_model": "saved_models/offline-gpt",
 }
 
+# Length bias (docs/length_bias.md): queries end at a sentence's end and a response is the next
+# sentence, cut after its "." (token 1 of the offline model's vocabulary), so responses vary in
+# length; one without "." within 24 tokens gets the penalty.
+OFFLINE_LENGTH_TASK = {**OFFLINE_TASK, "end_text": ".", "response_length": 24, "truncate_token": 1}
+
 TASKS = {
     "sentiment": BOOKS_TASK,
     "descriptiveness": BOOKS_TASK,
@@ -65,6 +70,7 @@ TASKS = {
     "tldr": TLDR_TASK,
     "offline_sentiment": OFFLINE_TASK,
     "offline_descriptiveness": OFFLINE_TASK,
+    "offline_length": OFFLINE_LENGTH_TASK,
 }
 
 _BOOKS_REWARD = {
@@ -97,6 +103,8 @@ TRAIN_REWARD = {
     "tldr": {**_SUMMARIZE_REWARD, "labels.source": LABELS_URL + "tldr/online_45k.json"},
     "offline_sentiment": _OFFLINE_REWARD,
     "offline_descriptiveness": _OFFLINE_REWARD,
+    # preference pairs a judge labeled (prep_pairs --from_outputs); --labels.source names them
+    "offline_length": {**_OFFLINE_REWARD, "labels.type": "preference", "labels.num_train": 1152},
 }
 
 _BOOKS_POLICY = {
@@ -135,6 +143,7 @@ TRAIN_POLICY = {
     "tldr": {**_SUMMARIZE_POLICY, "rewards.kl_coef": 0.03},
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
+    "offline_length": _OFFLINE_POLICY,
 }
 
 _OFFLINE_SFT = {
@@ -151,7 +160,7 @@ _OFFLINE_SFT = {
     "run.seed": 1,
 }
 
-TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT}
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT, "offline_length": _OFFLINE_SFT}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},

@@ -175,3 +175,9 @@ def test_command_errors_exit_2_and_write_nothing(tmp_path, capsys, args, message
     assert launch.main(argv) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_length_preset():
+    hp = launch.trainer_hparams("train_reward", "offline_length", [])
+    assert (hp.labels.type, hp.task.truncate_token, hp.task.end_text, hp.task.response_length) == ("preference", 1, ".", 24)
+    assert launch.trainer_hparams("train_policy", "offline_length", []).task.truncate_token == 1
