@@ -203,7 +203,7 @@ def omit_long_indices(terminated: torch.Tensor, *, generator: torch.Generator | 
     """(sample_index, score_index), (B,) each, for the "omit long" intervention: the batch trains
     on queries[sample_index], responses[sample_index] with scores[score_index]. Each row that
     did not terminate (`terminated` (B,) bool False) gets the sample of a terminated row drawn
-    uniformly (`generator`). "released" keeps the omitted row's own score (score_index = the
+    uniformly (`generator`, a CPU one). "released" keeps the omitted row's own score (score_index = the
     row), as the paper's code does: it scores the long response and trains the replacement on
     that score. "corrected" moves the score with the sample (score_index = sample_index), so a
     replaced row is an exact copy of a terminated one. With no terminated row, nothing changes."""
@@ -214,7 +214,7 @@ def omit_long_indices(terminated: torch.Tensor, *, generator: torch.Generator | 
     sample_index = rows.clone()
     if safe.numel():
         long_rows = rows[~terminated]
-        draws = torch.randint(safe.numel(), (long_rows.numel(),), generator=generator, device=terminated.device)
+        draws = torch.randint(safe.numel(), (long_rows.numel(),), generator=generator).to(terminated.device)
         sample_index[long_rows] = safe[draws]
     return sample_index, (rows if variant == "released" else sample_index)
 
