@@ -137,6 +137,13 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
     atomic_write_bytes(path, "".join(kept).encode("utf-8"))
 
 
+def open_jsonl(path: Path, *, resume_step: int):
+    """A run's own JSONL file (one row per line, each with a ``step``), opened for appending after
+    the lines of steps up to ``resume_step`` (0 for a fresh run: an empty file). Rank 0 only."""
+    _truncate_jsonl(path, resume_step)
+    return open(path, "a", encoding="utf-8")
+
+
 class Logger:
     """Metrics/sample logger for one run directory; does nothing at all unless ``enabled``.
 

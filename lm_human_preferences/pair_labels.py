@@ -23,6 +23,8 @@ from lm_human_preferences.label_types import LabelType, Pairwise, SoftPairwise
 from lm_human_preferences.logs import print0
 from lm_human_preferences.preferences import PreferenceFileError, PreferencePair
 
+AUTO = "auto"  # the template name that means the pair file's format's own (preferences.FORMATS[...].template)
+
 
 def is_pair_file(path) -> bool:
     """Whether `path` holds preference pairs rather than token labels in OpenAI's format."""
@@ -83,11 +85,20 @@ def pairs_to_rows(pairs: list[PreferencePair], *, where: str, label_type: LabelT
 def read_label_rows(path, *, label_type: LabelType, template: str, query_length: int, response_length: int,
                     encoding) -> list[dict]:
     """The label rows of a pair file (any `preferences.read_pairs` format, rendered with
-    `template`) or of a token label file in OpenAI's format (validated by `labels.read_labels`)."""
+    `template`, or with the format's own template for `AUTO`) or of a token label file in OpenAI's format (validated by `labels.read_labels`)."""
     if not is_pair_file(path):
         return labels.read_labels(path, label_type=label_type, query_length=query_length,
                                   response_length=response_length, vocab_size=encoding.n_vocab,
                                   pad_token=encoding.padding_token)
-    pairs = preferences.read_pairs(path)
+    pairs, fmt = preferences.read_pairs_and_format(path)
+    template = fmt.template if template == AUTO else template
     return pairs_to_rows(pairs, where=str(path), label_type=label_type, template=template,
                          query_length=query_length, response_length=response_length, encoding=encoding)
+
+
+def row_uids(path, n_rows: int) -> list[str]:
+    """Each label row's name in logs: a pair file's pair's `meta["uid"]` when it has one, else its
+    row index (0-based), as a string; a token label file's rows are their indices."""
+    if not is_pair_file(path):
+        return [str(i) for i in range(n_rows)]
+    return [str(pair.meta.get("uid", i)) for i, pair in enumerate(preferences.read_pairs(path))]

@@ -107,6 +107,14 @@ def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
         plt.close(fig)
 
 
+def _held_out_accuracy(reward_eval: dict) -> str:
+    """The saved reward model's held-out accuracy, and the step it is from under select_best."""
+    if "best/step" in reward_eval:
+        accuracy, step = reward_eval["best/eval/accuracy"], reward_eval["best/step"]
+        return f"{accuracy:.3f} (the best evaluation's model, from step {step})"
+    return f"{reward_eval.get('eval/accuracy', float('nan')):.3f}"
+
+
 def write_report(path: Path, *, task_name: str, before: dict, after: dict, query_texts: list[str],
                  timings: dict[str, float | None], reward_eval: dict, reused: frozenset[str] = frozenset(),
                  n_samples: int = 6) -> None:
@@ -118,8 +126,7 @@ def write_report(path: Path, *, task_name: str, before: dict, after: dict, query
              f"| initial | {before['score']:.3f} | {before['gold']:.3f} | {before['kl']:.3f} |",
              f"| final | {after['score']:.3f} | {after['gold']:.3f} | {after['kl']:.3f} |", "",
              f"Gold score change: **{after['gold'] - before['gold']:+.3f}**. "
-             f"Reward model held-out accuracy: {reward_eval.get('eval/accuracy', float('nan')):.3f} "
-             f"(chance {1 / 4:.2f}).", "", "![learning curves](curves.png)", "", "## Samples", "",
+             f"Reward model held-out accuracy: {_held_out_accuracy(reward_eval)} (chance {1 / 4:.2f}).", "", "![learning curves](curves.png)", "", "## Samples", "",
              "| query | initial policy | final policy |", "|---|---|---|"]
 
     def cell(text: str, gold: float) -> str:
@@ -328,7 +335,7 @@ def evaluate_and_report(runs: PipelineRuns, task_name: str, *, labeler, initial:
     rm_metrics, report = Path(runs.reward.run.save_dir) / "metrics.jsonl", runs.root / "report.md"
     plot_curves(Path(runs.policy.run.save_dir) / "metrics.jsonl", rm_metrics, runs.root / "curves.png")
     rm_final = [json.loads(x) for x in rm_metrics.read_text().splitlines() if x]
-    reward_eval = {k: v for r in rm_final for k, v in r.items() if k.startswith("eval/")}
+    reward_eval = {k: v for r in rm_final for k, v in r.items() if k.startswith(("eval/", "best/"))}
     write_report(report, task_name=task_name, before=before, after=after,
                  query_texts=[enc.decode(q, skip_special=True) for q in queries.tolist()], timings=times.seconds,
                  reward_eval=reward_eval, reused=frozenset(times.reused))

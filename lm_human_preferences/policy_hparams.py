@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from lm_human_preferences import lm_tasks, plugins, shaping
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.runtime import RunHParams
-from lm_human_preferences.train_reward import RewardTrainingHParams
+from lm_human_preferences.reward_hparams import RewardTrainingHParams
 
 
 @dataclass

@@ -314,6 +314,11 @@ def read_json_rows(path) -> list[tuple[str, dict]]:
 def read_pairs(path, *, format: str | None = None) -> list[PreferencePair]:
     """Every pair of a preference file, checked row by row. `format`: a name of FORMATS, or None
     to detect it (`.csv` files are `rlcd`; otherwise the fields of the first row decide)."""
+    return read_pairs_and_format(path, format=format)[0]
+
+
+def read_pairs_and_format(path, *, format: str | None = None) -> tuple[list[PreferencePair], Format]:
+    """`read_pairs`, and the format the file was read as."""
     path = Path(path)
     fmt = _get_format(format) if format else None
     text = _decode(path)
@@ -321,7 +326,7 @@ def read_pairs(path, *, format: str | None = None) -> list[PreferencePair]:
     rows = _objects(_csv_rows(path, text) if is_csv else _json_rows(path, text), path)
     if fmt is None:
         fmt = FORMATS["rlcd"] if is_csv else detect_format(rows[0][1], where=rows[0][0])
-    return [fmt.read_row(row, where) for where, row in rows]
+    return [fmt.read_row(row, where) for where, row in rows], fmt
 
 
 def _check_pair(pair, where: str) -> None:

@@ -73,9 +73,7 @@ def rewards_of(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch
                estimator: str, kl_as: str, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """`(rewards, non_score_reward, kl)`, each (B, T): the score on each response's last token,
     with -β·KL per token when `kl_as="penalty"` (none with "loss"); `kl` is the estimate of
-    `estimator`, zero outside `mask`."""
-    if kl_as == "penalty" and estimator == "k1" and mask is None:  # the original's, unchanged
-        return ppo.kl_penalty_rewards(logprobs, ref_logprobs, scores, kl_coef=kl_coef)
+    `estimator`, zero outside `mask` (k1 without a mask: the original's rewards, exactly)."""
     return ppo.kl_penalty_rewards(logprobs, ref_logprobs, scores, kl_coef=kl_coef if kl_as == "penalty" else 0.0,
                                   estimator=estimator, mask=mask)
 

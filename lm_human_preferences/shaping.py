@@ -33,8 +33,9 @@ In a composition (`compose(..., stats=RunningStats())`, which `parse_shaping` us
 of them appears) one `RunningStats` is updated with the scores the composition receives, before
 any function applies, and every such function reads it (the paper's code scales and penalizes
 with the statistics of the raw reward-model scores); alone, each keeps and updates its own. The
-statistics are each process's own (of its rows of the batch), as in the paper's code, and they
-are state: `state_dict()` / `load_state_dict()` save and restore them. With
+statistics are those of the whole batch, every rank's rows (all-reduced; the paper's code keeps
+each process's own), so every rank holds the same state, which `state_dict()` /
+`load_state_dict()` save and restore. With
 `length_only=N` (`--len_only=N` in the paper's code) the reward is 1 − |L/N − 1|.
 
 `omit_long_indices` is the paper's "omit long" intervention, which replaces samples rather than
@@ -44,9 +45,12 @@ terminated one of the batch, drawn at random (see its docstring for the two vari
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+
+from lm_human_preferences import distributed
 
 Shaping = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,9 +103,15 @@ class RunningStats:
         self.window, self.means, self.stds = window, [], []
 
     def update(self, scores: torch.Tensor) -> None:
+        """Add the batch of every rank's `scores` (sums all-reduced, so every rank keeps the same state)."""
         values = scores.detach().double()
-        self.means = (self.means + [values.mean().item()])[-self.window:]
-        self.stds = (self.stds + [values.std().item() if values.numel() > 1 else 0.0])[-self.window:]
+        total, squares, n = distributed.all_reduce_sum(torch.stack([
+            values.sum(), values.square().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                              device=values.device)])).tolist()
+        mean = total / n
+        self.means = (self.means + [mean])[-self.window:]
+        self.stds = (self.stds + [math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0]
+                     )[-self.window:]
 
     @property
     def mean(self) -> float:
@@ -168,8 +178,10 @@ class Composition:
     """The shapings applied left to right: compose(f, g)(s, n) = g(f(s, n), n). A stateful
     shaping (e.g. running statistics) has `state_dict()` / `load_state_dict(state)`; the
     composition's state is theirs by position, and train_policy keeps it in its checkpoints.
-    With `stats`, that `RunningStats` is first updated with the scores the composition receives
-    (its state is kept under "stats")."""
+    A shaping sees this rank's scores; a checkpoint holds rank 0's state, which every rank
+    resumes from, so a state should be the same on every rank (statistics all-reduced). With
+    `stats`, that `RunningStats` is first updated with the scores the composition receives (its
+    state is kept under "stats")."""
 
     def __init__(self, *fns: Shaping, stats: RunningStats | None = None):
         self.fns, self.stats = fns, stats

@@ -4,8 +4,11 @@
 
 1. read and validate the label file (before anything is written);
 2. normalize before: raw rewards of samples from the FIXED initial policy -> gain, bias;
-3. one epoch over the first `labels.num_train` labels, in a permutation shared by all ranks,
-   lr annealed linearly to 0, TF-style Adam, gradient accumulation in micro-batches;
+3. `epochs` (default one, the original's) over the first `labels.num_train` labels, each in a
+   permutation shared by all ranks, lr annealed linearly to 0 over all of them, TF-style Adam,
+   gradient accumulation in micro-batches; held-out evaluations every `eval_interval` steps and
+   at each epoch's end (`select_best` keeps the model of the best one, `reward_tracking`);
+   `labels.log_pair_scores` writes each pair's rewards at each visit;
 4. held-out loss/accuracy on the labels after `num_train`;
 5. normalize after (target mean 0, std 1), save `model.safetensors` + `config.json`.
 """
@@ -13,77 +16,21 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from lm_human_preferences import distributed, label_types, labels, lm_tasks, pair_labels, templates
-from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
+from lm_human_preferences import distributed, label_types, labels, lm_tasks, pair_labels, reward_tracking
+from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, normalization_constants
+from lm_human_preferences.reward_hparams import RewardTrainingHParams, TrainRewardHParams
 from lm_human_preferences.runtime import Run, RunHParams
 from lm_human_preferences.trainer import accumulate_and_step, run_training
-
-
-MAX_RESPONSES = 1024  # responses a label compares (the paper's: 4); more is no labeling task
-
-
-@dataclass
-class LabelHParams(HParams):
-    type: str = "best_of_4"  # best_of_N (N >= 2), scalar_rating, scalar_compare, preference or soft_preference
-    num_train: int = 4992  # labels trained on (one epoch); the rest of the file is held out
-    source: str = ""  # a label or preference-pair file (path or URL); empty: the original's file for the task
-    template: str = "plain"  # how a pair file's prompt and response become query and response text (templates.py)
-
-    def _validate(self):
-        try:
-            label_type = label_types.get_label_type(self.type)
-        except ValueError as e:
-            raise HParamsError(str(e), key="type") from None
-        if label_type.num_responses > MAX_RESPONSES:
-            raise HParamsError(f"at most {MAX_RESPONSES} responses per label", key="type")
-        check_count(self, "num_train")
-        if self.template not in templates.TEMPLATES:
-            raise HParamsError(f"unknown template {self.template!r}; expected one of {', '.join(templates.TEMPLATES)}",
-                               key="template")
-
-
-@dataclass
-class RewardTrainingHParams(HParams):
-    """How a reward model is trained; also the `rewards.train_new_model` section of train_policy."""
-
-    labels: LabelHParams = field(default_factory=LabelHParams)  # the label file and how much of it trains
-    batch_size: int = 32  # labels per step, across all ranks
-    micro_batch_size: Optional[int] = None  # per rank; gradient accumulation when smaller
-    lr: float = 5e-5  # Adam learning rate, annealed linearly to 0
-    rollout_batch_size: int = 512  # queries sampled per normalization batch, across ranks
-    normalize_samples: int = 256  # samples used to estimate reward mean and std (0: off)
-    normalize_before: bool = True  # normalize the initial policy's rewards before training (to the label type's mean, std)
-    normalize_after: bool = True  # normalize them again after training (to mean 0, std 1)
-    eval_batch_size: int = 64  # held-out labels per evaluation batch
-
-    def _validate(self):
-        for key in ("batch_size", "rollout_batch_size", "eval_batch_size"):
-            check_count(self, key)
-        if self.micro_batch_size is not None:  # None: no gradient accumulation
-            check_count(self, "micro_batch_size")
-        check_count(self, "normalize_samples", at_least=0)  # 0: no normalization
-        check_number(self, "lr", above=0)
-        if self.labels.num_train % self.batch_size:
-            raise HParamsError(f"labels.num_train={self.labels.num_train} is not a multiple of "
-                               f"batch_size={self.batch_size}", key="batch_size")
-
-
-@dataclass
-class TrainRewardHParams(RewardTrainingHParams):
-    run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
 
 
 def check_memory(hp: TrainRewardHParams, model: lm_tasks.PretrainedModel, run: Run) -> None:
@@ -105,14 +52,19 @@ def check_memory(hp: TrainRewardHParams, model: lm_tasks.PretrainedModel, run: R
          "ones)")])
 
 
+def label_path(hp: RewardTrainingHParams, *, data_dir: str) -> Path:
+    """The label file `labels.source` names (downloaded once, cached)."""
+    if not hp.labels.source:
+        raise HParamsError("no label file; pass --labels.source=PATH_OR_URL", key="labels.source")
+    return labels.resolve_label_source(hp.labels.source, cache_dir=Path(data_dir) / "labels")
+
+
 def load_label_rows(hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, *, encoding,
                     data_dir: str) -> tuple[label_types.LabelType, list[dict]]:
     """Resolve, download (once, cached) and validate the label file; a preference-pair file is
     rendered with `labels.template` and tokenized (`pair_labels`)."""
     label_type = label_types.get_label_type(hp.labels.type)
-    if not hp.labels.source:
-        raise HParamsError("no label file; pass --labels.source=PATH_OR_URL", key="labels.source")
-    path = labels.resolve_label_source(hp.labels.source, cache_dir=Path(data_dir) / "labels")
+    path = label_path(hp, data_dir=data_dir)
     rows = pair_labels.read_label_rows(path, label_type=label_type, template=hp.labels.template,
                                        query_length=task.query_length, response_length=task.response_length,
                                        encoding=encoding)
@@ -125,7 +77,8 @@ class RewardTrainer:
     """Trains `reward_model` on label rows; `policy` is the fixed initial policy for normalization."""
 
     def __init__(self, *, run: Run, hp: RewardTrainingHParams, task: lm_tasks.TaskHParams, encoding,
-                 reward_model: RewardModel, policy: Policy, label_type, rows: list[dict]):
+                 reward_model: RewardModel, policy: Policy, label_type, rows: list[dict],
+                 uids: list[str] | None = None):
         self.run, self.hp, self.task, self.encoding = run, hp, task, encoding
         self.reward_model = run.place(reward_model)
         self.policy = run.place(policy).eval().requires_grad_(False)
@@ -146,6 +99,9 @@ class RewardTrainer:
                                               rank=run.rank, world_size=run.world_size, seed=run.hp.seed)
         self.step = 0
         self.normalized_before = False
+        self.uids = uids  # each label row's name in pair_scores.jsonl (labels.log_pair_scores)
+        self.best = reward_tracking.BestModel() if hp.select_best else None
+        self.visits: list | None = None  # the rewards of this step's pairs, with labels.log_pair_scores
 
     # ---- normalization ------------------------------------------------------------------
     @torch.no_grad()
@@ -189,11 +145,15 @@ class RewardTrainer:
     def train_step(self, indices: torch.Tensor, lr: float) -> dict[str, float] | None:
         """One optimizer step on this rank's `indices`, in micro-batches; None if it was skipped
         (a non-finite loss or gradient with `run.skip_nonfinite`). The loss and its backward pass
-        run under autocast."""
+        run under autocast. A list in `self.visits` gets the pairs' rewards (`reward_tracking.recording`)."""
+        visits = self.visits
         def loss_of(m: int) -> dict[str, torch.Tensor]:
             idx = indices[m * self.micro:(m + 1) * self.micro]
             batch = {k: v[idx] for k, v in self.train_labels.items()}
-            return self.label_type.loss(self.reward_fn(self.ddp_model), batch)
+            reward_fn = self.reward_fn(self.ddp_model)
+            if visits is not None:
+                reward_fn = reward_tracking.recording(reward_fn, visits)
+            return self.label_type.loss(reward_fn, batch)
 
         return accumulate_and_step(self.run, model=self.ddp_model, optimizer=self.optimizer, lr=lr,
                                    n_micro=len(indices) // self.micro, loss_of=loss_of, step=self.step + 1,
@@ -234,13 +194,17 @@ class RewardTrainer:
         save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta())
 
     def saved(self, final: dict[str, float]) -> str:
-        return (f"reward model saved to {self.run.save_dir} "
-                + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("eval/")))
+        best = f" (the best held-out accuracy: step {final['best/step']})" if "best/step" in final else ""
+        return (f"reward model saved to {self.run.save_dir}{best} "
+                + " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith(("eval/", "best/eval/"))))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "normalized_before": self.normalized_before,
-                "model": self.reward_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "queries": self.queries.state_dict(), "skipped_batches": self.run.skipped_batches}
+        state = {"step": self.step, "normalized_before": self.normalized_before,
+                 "model": self.reward_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "queries": self.queries.state_dict(), "skipped_batches": self.run.skipped_batches}
+        if self.best is not None:
+            state["best"] = self.best.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -249,40 +213,78 @@ class RewardTrainer:
         self.reward_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.queries.load_state_dict(state["queries"])
+        if self.best is not None:
+            self.best.load_state_dict(state["best"])
 
     def train(self, logger) -> dict[str, float]:
-        hp, run = self.hp, self.run
-        n_steps = hp.labels.num_train // hp.batch_size
+        hp = self.hp
+        n_steps = hp.labels.num_train // hp.batch_size * hp.epochs
         target_mean, target_std = self.label_type.target_stats(self.train_labels)
         if hp.normalize_before and hp.normalize_samples and not self.normalized_before:
             norm = self.normalize(target_mean=target_mean, target_std=target_std, step_seed=0)
             logger.log(0, {f"normalize/before/{k}": v for k, v in norm.items()})
             self.normalized_before = True
-        perm = torch.randperm(hp.labels.num_train, generator=run.generator("shuffle", shared=True))
-        with progress(total=n_steps, desc="train_reward", enabled=run.is_main, unit="step") as bar:
-            bar.update(self.step)
-            last: dict[str, float] = {}
-            while self.step < n_steps:
-                start = self.step * hp.batch_size
-                ours = perm[start:start + hp.batch_size][run.rank::run.world_size]
-                lr = hp.lr * (1 - start / hp.labels.num_train)
-                stats = distributed.all_reduce_stats(self.train_step(ours, lr) or {}, device=run.device)
-                stats["lr"] = lr
-                self.step += 1
-                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
-                bar.update(1)
-                skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
-                if self.step % run.hp.log_interval == 0 and self.step < n_steps:  # the last step: below
-                    logger.log(self.step, {**{f"train/{k}": v for k, v in stats.items()}, **skipped})
-                run.step_boundary(self.step, n_steps, self.state_dict)
-                last = {**{f"train/{k}": v for k, v in stats.items()}, **skipped}
+        pair_log = (reward_tracking.PairScoreLog(self.run.save_dir / reward_tracking.PAIR_SCORES_FILE, uids=self.uids,
+                                                 resume_step=self.step, enabled=self.run.is_main)
+                    if hp.labels.log_pair_scores else None)
+        try:
+            last = self.train_steps(logger, n_steps, pair_log)
+        finally:
+            if pair_log is not None:
+                pair_log.close()
         final = dict(last)  # the last step's statistics, with the evaluation: one row
-        final.update(self.evaluate())
+        final.update(self.evaluate_and_offer(n_steps))
+        if self.best is not None:  # the saved model is the best evaluation's
+            if self.best.step != n_steps:
+                self.best.restore(self.reward_model)
+            final.update(self.best.summary())
         if hp.normalize_after and hp.normalize_samples:
             norm = self.normalize(target_mean=0.0, target_std=1.0, step_seed=1)
             final.update({f"normalize/after/{k}": v for k, v in norm.items()})
         logger.log(n_steps, final)
         return final
+
+    def train_steps(self, logger, n_steps: int, pair_log) -> dict[str, float]:
+        """The steps left of `n_steps` (epoch after epoch, each in its own permutation), with the
+        evaluations due before the last; the last step's statistics."""
+        hp, run = self.hp, self.run
+        per_epoch = hp.labels.num_train // hp.batch_size
+        perm, perm_epoch = None, None
+        with progress(total=n_steps, desc="train_reward", enabled=run.is_main, unit="step") as bar:
+            bar.update(self.step)
+            last: dict[str, float] = {}
+            while self.step < n_steps:
+                epoch, start = self.step // per_epoch, self.step % per_epoch * hp.batch_size
+                if epoch != perm_epoch:  # epoch 0's is the original's one permutation
+                    perm = torch.randperm(hp.labels.num_train, generator=run.generator("shuffle", epoch, shared=True))
+                    perm_epoch = epoch
+                ours = perm[start:start + hp.batch_size][run.rank::run.world_size]
+                lr = hp.lr * (1 - self.step * hp.batch_size / (hp.labels.num_train * hp.epochs))
+                self.visits = [] if pair_log is not None else None
+                stats = distributed.all_reduce_stats(self.train_step(ours, lr) or {}, device=run.device)
+                stats["lr"] = lr
+                self.step += 1
+                if pair_log is not None:
+                    pair_log.write(epoch=epoch, step=self.step, indices=ours, rewards=torch.cat(self.visits))
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k != "lr"}, refresh=False)
+                bar.update(1)
+                skipped = {"run/skipped_batches": run.skipped_batches} if run.hp.skip_nonfinite else {}
+                last = {**{f"train/{k}": v for k, v in stats.items()}, **skipped}
+                if self.step < n_steps:  # the last step: logged by `train`, with the final evaluation
+                    row = dict(last) if self.step % run.hp.log_interval == 0 else {}
+                    if self.step % per_epoch == 0 or (hp.eval_interval and self.step % hp.eval_interval == 0):
+                        row.update(self.evaluate_and_offer(self.step))
+                    if row:
+                        logger.log(self.step, row)
+                run.step_boundary(self.step, n_steps, self.state_dict)
+        return last
+
+    def evaluate_and_offer(self, step: int) -> dict[str, float]:
+        """`evaluate`, the result offered to the best-model selection (`select_best`)."""
+        stats = self.evaluate()
+        if self.best is not None:
+            self.best.offer(step, stats, self.reward_model)
+        return stats
 
 
 def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> RewardModel:
@@ -303,9 +305,15 @@ def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
     lm_tasks.check_task_fits(hp.task, initial)
     check_memory(hp, initial, run)
     label_type, rows = load_label_rows(hp, hp.task, encoding=initial.encoding, data_dir=hp.run.data_dir)
+    if hp.select_best and (len(rows) == hp.labels.num_train or isinstance(label_type, label_types.ScalarRating)):
+        raise HParamsError("selects the model by held-out accuracy: needs labels after labels.num_train="
+                           f"{hp.labels.num_train} (the file has {len(rows)}) and a label type with an accuracy "
+                           f"(not scalar_rating)", key="select_best")
+    uids = (pair_labels.row_uids(label_path(hp, data_dir=hp.run.data_dir), len(rows))
+            if hp.labels.log_pair_scores else None)
     return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding,
                          reward_model=build_reward_model(initial, seed=hp.run.seed), policy=Policy(initial.gpt),
-                         label_type=label_type, rows=rows)
+                         label_type=label_type, rows=rows, uids=uids)
 
 
 def train(hp: TrainRewardHParams, *, exp_name: str) -> Path:

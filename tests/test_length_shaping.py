@@ -103,3 +103,12 @@ def test_omit_long_indices_both_variants():
         assert [t.tolist() for t in omit_long_indices(none, variant=variant)] == [[0, 1, 2], [0, 1, 2]]
     with pytest.raises(ValueError, match="released' or 'corrected"):
         omit_long_indices(terminated, variant="paper")
+
+
+def test_running_stats_are_those_of_every_rank(monkeypatch):
+    from lm_human_preferences import distributed
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t * 2)  # two ranks with the same scores
+    stats = RunningStats()
+    stats.update(torch.tensor([1.0, 2.0, 3.0]))  # 6 scores: mean 2, sample variance (28 - 6 * 4) / 5
+    assert stats.mean == 2.0 and stats.std == pytest.approx(math.sqrt(0.8))

@@ -115,3 +115,13 @@ def test_a_pair_file_error_is_a_preference_file_error(tmp_path):
     with pytest.raises(PreferenceFileError, match=r"bad\.csv: row 1 \(line 2\), field 'preference'"):
         pair_labels.read_label_rows(path, label_type=get_label_type("preference"), template="plain",
                                     query_length=LQ, response_length=LR, encoding=get_encoding("gpt2"))
+
+
+@pytest.mark.parametrize("format, own", [("stack", "stack"), ("pairs", "plain"), ("rlcd", "dialogue")])
+def test_the_auto_template_is_the_formats_own(tmp_path, format, own):
+    path = tmp_path / ("pairs.csv" if format == "rlcd" else "pairs.jsonl")
+    write_pairs(path, make_pairs(4, soft=format == "rlcd"), format=format)
+    read = [pair_labels.read_label_rows(path, label_type=get_label_type("preference"), template=template,
+                                        query_length=LQ, response_length=LR, encoding=get_encoding("gpt2"))
+            for template in ("auto", own, "tulu")]
+    assert read[0] == read[1] != read[2]

@@ -9,6 +9,7 @@ import functools
 import pytest
 import tiny
 import torch
+# files: the module's tiny models and corpus (a fixture of test_train_policy's)
 from test_train_policy import Crash, files, hparams, metrics, record_updates, token_score  # noqa: F401
 
 from lm_human_preferences import lm_tasks, ppo, rollouts, shaping, train_policy
@@ -192,6 +193,24 @@ def test_stop_text_rollout_masks_kl_and_places_the_score(files, tmp_path, update
     torch.testing.assert_close(rewards[rows, last], -0.2 * kl[rows, last] + data["scores"])
     assert stats["objective/kl"] == pytest.approx(float(kl.sum(1).mean()), rel=1e-6)
     assert stats["objective/response_length"] == pytest.approx(float(mask.sum(1).float().mean()))
+
+
+def test_stop_at_eos_in_a_run(files, tmp_path, monkeypatch, updates):
+    eot = tiny.small_encoding().eot_token
+    respond = Policy.respond
+
+    def eot_in_even_rows(self, *args, **kwargs):
+        out = respond(self, *args, **kwargs).clone()
+        out[::2, 2] = eot
+        return out
+
+    monkeypatch.setattr(Policy, "respond", eot_in_even_rows)
+    hp = hparams(files, tmp_path / "run", {"task.stop_at_eos": True, "ppo.total_episodes": 8})
+    train_policy.train(hp, exp_name="eos", score_fn=token_score)
+    data = updates[0]["data"]
+    first = [row.index(eot) + 1 if eot in row else len(row) for row in data["responses"].tolist()]
+    assert data["mask"].sum(1).tolist() == first and all(n <= 3 for n in first[::2])
+    assert not data["rewards"][~data["mask"]].any()
 
 
 def test_kl_as_a_loss_term(files, tmp_path, updates):
