@@ -8,7 +8,13 @@
     python launch.py train_policy <task> <experiment> --rewards.trained_model=DIR [--key=value ...]
     python launch.py generate <task> <experiment> --prompts=FILE [--model=DIR --num_samples=N --top_p=P ...]
     python launch.py evaluate <task> <experiment> --outputs=FILE [--reward_model=DIR] [--judge=NAME --baseline=FILE]
+    python launch.py compare <task> <experiment> --outputs=NAME=FILE,NAME=FILE [--references=FILE --split=SPEC]
+    python launch.py train_pmorl <task> <experiment> --pmorl.reward_models=OPTION=DIR,... [--key=value ...]
+    python launch.py merge <task> <experiment> --models=DIR,DIR[,...] [--weights=W,W,...] [--adapters=product]
     python launch.py sample --model DIR --prompt TEXT [--prompt TEXT ...] --length N
+    python launch.py simulate_pairs <task> <experiment> --prompts=FILE [--method=rlcd|rlaif|rlcd_rescore ...]
+    python launch.py consolidate_pairs --method M --out FILE.csv DIR [DIR ...]  # simulated records -> RLCD CSV
+    python launch.py dialogue_prompts --split S --num N --out FILE.jsonl   # the offline dialogue task's prompts
     python launch.py prep_pairs OUT --pairs=FILE [--balance_len] [--rand_ratio=R] [--keep_uids=FILE]
     python launch.py cartography PAIR_SCORES OUT_DIR [--max_confidence=X]
     python launch.py length_report OUT_DIR --before=SCORES --after=NAME=SCORES [...]
@@ -51,6 +57,10 @@ TRAINERS = {
     "train_policy": ("lm_human_preferences.train_policy", "TrainPolicyHParams"),
     "generate": ("lm_human_preferences.generate", "GenerateHParams"),
     "evaluate": ("lm_human_preferences.evaluate", "EvaluateHParams"),
+    "compare": ("lm_human_preferences.compare", "CompareHParams"),
+    "train_pmorl": ("lm_human_preferences.personalization", "TrainPMORLHParams"),
+    "merge": ("lm_human_preferences.soups", "MergeHParams"),
+    "simulate_pairs": ("lm_human_preferences.simulate_pairs", "SimulatePairsHParams"),
 }
 
 
@@ -60,7 +70,7 @@ def stage_presets(subcommand: str, task: str) -> dict:
 
     if task not in params.TASKS:
         raise HParamsError(f"unknown task {task!r}; expected one of {sorted(params.TASKS)}")
-    preset = {} if subcommand == "train_sft" else {f"task.{k}": v for k, v in params.TASKS[task].items()}
+    preset = {} if subcommand in ("train_sft", "merge") else {f"task.{k}": v for k, v in params.TASKS[task].items()}
     return {**preset, **params.EXPERIMENTS.get(subcommand, {}).get(task, {})}
 
 
@@ -137,6 +147,54 @@ def cmd_sample(argv: list[str]) -> None:
         print(json.dumps(row) if ns.json else text.replace("\n", "\\n"), flush=True)
 
 
+def cmd_consolidate_pairs(argv: list[str]) -> None:
+    from lm_human_preferences import judges, rlcd
+    from lm_human_preferences.hparams import HParamsError
+    from lm_human_preferences.preferences import write_pairs
+
+    p = argparse.ArgumentParser(prog="launch.py consolidate_pairs",
+                                description="Merge the simulated records of simulate_pairs runs (their simulated/ "
+                                            "directories) into one RLCD CSV, and for rlcd the context distillation "
+                                            "data.")
+    p.add_argument("dirs", nargs="+", help="directories of <index>.json records")
+    p.add_argument("--method", required=True, choices=rlcd.METHODS)
+    p.add_argument("--out", required=True, help="the CSV to write")
+    p.add_argument("--distillation", default="", help="also write prompt/response .jsonl SFT data (rlcd only)")
+    p.add_argument("--seed", type=int, default=0, help="the order of rlcd pairs' outputs")
+    p.add_argument("--judge", default="", help="also print how often this judge (judges.py) agrees with the labels")
+    ns = p.parse_args(argv)
+    try:  # a bad name fails before anything is written
+        judge = judges.get_judge(ns.judge, seed=ns.seed) if ns.judge else None
+    except ValueError as e:
+        raise HParamsError(str(e), key="judge") from None
+    records = rlcd.read_records(*ns.dirs, method=ns.method)
+    pairs = rlcd.consolidate(records, method=ns.method, seed=ns.seed)
+    write_pairs(ns.out, pairs, format="rlcd")
+    if ns.distillation:
+        rlcd.write_jsonl(ns.distillation, rlcd.distillation_rows(records))
+    print(f"wrote {len(pairs)} pairs ({len(records) - len(pairs)} failed indices left out) to {ns.out}")
+    if judge is not None and pairs:
+        agree = judges.agreement(judge, pairs)
+        print(f"agreement with judge {ns.judge}: {agree.rate:.3f} [{agree.low:.3f}, {agree.high:.3f}] over "
+              f"{agree.n} pairs ({agree.ties} ties, counted half)")
+
+
+def cmd_dialogue_prompts(argv: list[str]) -> None:
+    from lm_human_preferences.language.dialogues import SPLITS, dialogue_prompts
+    from lm_human_preferences.rlcd import write_jsonl
+
+    p = argparse.ArgumentParser(prog="launch.py dialogue_prompts",
+                                description="Write prompts of the offline dialogue task (dialogue prefixes ending "
+                                            "in Assistant:) as {\"prompt\": ...} lines.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args(argv)
+    write_jsonl(ns.out, [{"prompt": text} for text in dialogue_prompts(ns.num, seed=ns.seed, split=ns.split)])
+    print(f"wrote {ns.num} prompts to {ns.out}")
+
+
 def cmd_module(module: str, function: str):
     """A subcommand whose argument parser lives in `lm_human_preferences.<module>`."""
     return lambda argv: getattr(importlib.import_module(f"lm_human_preferences.{module}"), function)(argv)
@@ -146,6 +204,8 @@ COMMANDS = {
     "pipeline": cmd_pipeline,
     **{name: (lambda argv, name=name: cmd_train(name, argv)) for name in TRAINERS},
     "sample": cmd_sample,
+    "consolidate_pairs": cmd_consolidate_pairs,
+    "dialogue_prompts": cmd_dialogue_prompts,
     "prep_pairs": cmd_module("prep_pairs", "cmd_prep_pairs"),
     "cartography": cmd_module("prep_pairs", "cmd_cartography"),
     "length_report": cmd_module("length_report", "cmd_length_report"),

@@ -58,6 +58,25 @@ OFFLINE_TASK = {
     "policy.initial_model": "saved_models/offline-gpt",
 }
 
+# Personalized Soups offline (docs/personalized_soups.md): queries carry preference sentences,
+# written by `python datasets/personal.py queries`; each stage names its own query file.
+OFFLINE_PERSONAL_TASK = {**OFFLINE_TASK, "query_length": 24, "start_text": None,
+                         "query_dataset": "datasets/personal/pmorl.jsonl"}
+# The offline dialogue task (RLCD, docs/rlcd.md): Human/Assistant prompts of the generated
+# dialogue corpus; a reply ends at the newline before the next "Human:" turn, and a reply that
+# does not end within response_length gets the penalty (the paper's non-termination penalty).
+OFFLINE_DIALOGUE_TASK = {
+    "query_length": 64,
+    "query_dataset": "offline_dialogue_prompts",
+    "response_length": 24,
+    "start_text": None,
+    "end_text": None,
+    "truncate_token": 7,  # "\n" in the vocabulary train_sft builds from the dialogue corpus (a test checks it)
+    "truncate_after": 1,
+    "policy.temperature": 0.7,
+    "policy.initial_model": "saved_models/offline-dialogue-gpt",
+}
+
 # Length bias (docs/length_bias.md): queries end at a sentence's end and a response is the next
 # sentence, cut after its "." (token 1 of the offline model's vocabulary), so responses vary in
 # length; one without "." within 24 tokens gets the penalty.
@@ -70,6 +89,8 @@ TASKS = {
     "tldr": TLDR_TASK,
     "offline_sentiment": OFFLINE_TASK,
     "offline_descriptiveness": OFFLINE_TASK,
+    "offline_personal": OFFLINE_PERSONAL_TASK,
+    "offline_dialogue": OFFLINE_DIALOGUE_TASK,
     "offline_length": OFFLINE_LENGTH_TASK,
 }
 
@@ -103,6 +124,13 @@ TRAIN_REWARD = {
     "tldr": {**_SUMMARIZE_REWARD, "labels.source": LABELS_URL + "tldr/online_45k.json"},
     "offline_sentiment": _OFFLINE_REWARD,
     "offline_descriptiveness": _OFFLINE_REWARD,
+    # one reward model per preference, on labels of queries without preferences
+    "offline_personal": {**_OFFLINE_REWARD, "labels.num_train": 1792,
+                         "task.query_dataset": "datasets/personal/plain.jsonl"},
+    # Simulated pairs (simulate_pairs' pairs.csv) with soft labels where the CSV has win2_prob.
+    "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 768,
+                         "batch_size": 32, "lr": 5e-4, "rollout_batch_size": 128, "normalize_samples": 256,
+                         "run.seed": 1},
     # preference pairs a judge labeled (prep_pairs --from_outputs); --labels.source names them
     "offline_length": {**_OFFLINE_REWARD, "labels.type": "preference", "labels.num_train": 1152},
 }
@@ -143,8 +171,18 @@ TRAIN_POLICY = {
     "tldr": {**_SUMMARIZE_POLICY, "rewards.kl_coef": 0.03},
     "offline_sentiment": _OFFLINE_POLICY,
     "offline_descriptiveness": _OFFLINE_POLICY,
+    "offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096},
+    # AlpacaFarm's options as the paper used them: the KL estimate clamped at zero, responses
+    # ending at the next Human turn (with the task's penalty when a reply does not end); the
+    # rewards are whitened without a shift (the original's ppo.whiten_rewards already is).
+    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512, "rewards.adaptive_kl": "off",
+                         "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
+                         "task.stop_text": "\n\nHuman:"},
     "offline_length": _OFFLINE_POLICY,
 }
+# P-MORL and the P-Soups policies (one preference each): LoRA, as in the paper
+TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "ppo.lr": 2e-3, "lora": "on",
+                                    "lora.rank": 4, "lora.alpha": 16.0}}
 
 _OFFLINE_SFT = {
     "data": "offline_corpus",
@@ -160,12 +198,26 @@ _OFFLINE_SFT = {
     "run.seed": 1,
 }
 
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT,
+             # the multitask SFT baseline (docs/personalized_soups.md)
+             "offline_personal": {"data": "datasets/personal/multitask_sft.jsonl",
+                                  "initial_model": "saved_models/offline-gpt", "seq_length": 40, "batch_size": 32, "steps": 100, "lr": 3e-4, "warmup_steps": 10,
+                                  "eval_interval": 50, "run.seed": 1},
+             # the dialogue base model: longer rows (a labeling document is up to ~150 tokens)
+             "offline_dialogue": {**_OFFLINE_SFT, "data": "offline_dialogue", "model.n_ctx": 160,
+                                  "seq_length": 160, "model.n_embd": 96, "steps": 500}}
+
+SIMULATE_PAIRS = {"offline_dialogue": {"affixes": "offline_dialogue", "length": 24, "batch_size": 128,
+                                       "run.seed": 1}}
 TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT, "offline_length": _OFFLINE_SFT}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
     "offline_descriptiveness": {"labeler": "descriptiveness", "num_labels": 8192, "batch_size": 256, "run.seed": 1},
+    "offline_personal": {"labeler": "friendly", "num_labels": 2048, "batch_size": 256, "run.seed": 1,
+                         "task.query_dataset": "datasets/personal/plain.jsonl"},
 }
 
 EXPERIMENTS = {"train_sft": TRAIN_SFT, "collect_labels": COLLECT_LABELS, "train_reward": TRAIN_REWARD,
-               "train_policy": TRAIN_POLICY}
+               "train_policy": TRAIN_POLICY, "train_pmorl": TRAIN_PMORL,
+               "simulate_pairs": SIMULATE_PAIRS}

@@ -32,7 +32,7 @@ LABELS = "labels.json"  # the output, in the run directory
 class CollectLabelsHParams(HParams):
     run: RunHParams = field(default_factory=RunHParams)  # how it runs: device, precision, seed, outputs, checkpoints
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # queries, responses, initial policy
-    labeler: str = "sentiment"  # sentiment, descriptiveness or MODULE:FUNCTION (labelers.get_labeler)
+    labeler: str = "sentiment"  # sentiment, descriptiveness, a preference (e.g. friendly) or MODULE:FUNCTION
     num_labels: int = 1280  # labels to collect, one per query
     num_responses: int = 4  # best_of_<n>
     batch_size: int = 64  # queries per sampling batch

@@ -17,6 +17,12 @@ An output file holds one JSON object a line with string `"prompt"` and `"respons
   (`judges.bootstrap_interval` of each prompt's mean): a prompt's samples are resampled together,
   as they are not independent. With one sample per prompt it is `judges.win_rate_files`'s.
 
+- Best-of-N from a pool (`best_of=N`, `best_of_n.simulate`): for each prompt, `best_of_repeats`
+  times, draw N of its scored rows without replacement and keep the highest-scored, into
+  `<save_dir>/best_of.jsonl` (output rows with `score`, `best_of` and `candidate`; their mean
+  score is `eval/best_of_score_mean`). The scores are the reward model's, or without one the
+  `score` field of the output file's rows (e.g. the scores.jsonl of an earlier evaluate).
+
 Writes `<save_dir>/scores.jsonl`, one row per output row (`prompt`, `response`, `sample`, and
 `score` and/or `judge`: "win", "tie" or "loss" against the baseline), one row (step 0) of
 metrics.jsonl (`eval/score_mean`, `eval/score_std`, `eval/penalized`, `eval/win_rate`,
@@ -26,13 +32,14 @@ metrics.jsonl (`eval/score_mean`, `eval/score_std`, `eval/penalized`, `eval/win_
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lm_human_preferences import judges, lm_tasks, scoring
+from lm_human_preferences import best_of_n, judges, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
 from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
@@ -42,6 +49,7 @@ from lm_human_preferences.runtime import Run, RunHParams
 from lm_human_preferences.trainer import run_training
 
 SCORES_FILE = "scores.jsonl"
+BEST_OF_FILE = "best_of.jsonl"
 OUTCOME = {judges.A: "win", judges.TIE: "tie", judges.B: "loss"}  # of the outputs against the baseline
 
 
@@ -51,11 +59,13 @@ class EvaluateHParams(HParams):
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)  # the responses' truncation, penalty
     outputs: str = ""  # the output file to score: JSON lines with "prompt" and "response" (generate's)
     reward_model: str = ""  # a reward model directory (train_reward's) to score every row with (empty: none)
-    judge: str = ""  # sentiment, length_biased, length_neutral or MODULE:FUNCTION, against baseline (empty: none)
+    judge: str = ""  # a judges.JUDGES name (e.g. sentiment, harmless, preferences, friendly) or MODULE:FUNCTION (empty: none)
     baseline: str = ""  # the output file the judge compares with: the same prompts in the same order
     batch_size: int = 64  # rows the reward model scores at once
     num_resamples: int = 1000  # bootstrap resamples of the win rate's interval
     confidence: float = 0.95  # the win rate interval's confidence level
+    best_of: int = 0  # simulate best-of-N from each prompt's pool of scored rows into best_of.jsonl (0: off)
+    best_of_repeats: int = 1  # best-of-N draws (N of the pool, without replacement) per prompt
 
     def _validate(self):
         for key, what in (("outputs", "file"), ("baseline", "file"), ("reward_model", "directory")):
@@ -68,9 +78,9 @@ class EvaluateHParams(HParams):
         if bool(self.judge) != bool(self.baseline):
             raise HParamsError("a judge compares the outputs with a baseline output file; pass both --judge=NAME "
                                "and --baseline=FILE", key="judge" if self.baseline else "baseline")
-        if not self.reward_model and not self.judge:
+        if not self.reward_model and not self.judge and not self.best_of:
             raise HParamsError("nothing to evaluate with; pass --reward_model=DIR, or --judge=NAME with "
-                               "--baseline=FILE, or both", key="reward_model")
+                               "--baseline=FILE, or --best_of=N on a scored file", key="reward_model")
         if self.judge:
             try:
                 judges.get_judge(self.judge)
@@ -78,8 +88,9 @@ class EvaluateHParams(HParams):
                 raise
             except ValueError as e:
                 raise HParamsError(str(e), key="judge") from None
-        for key in ("batch_size", "num_resamples"):
+        for key in ("batch_size", "num_resamples", "best_of_repeats"):
             check_count(self, key)
+        check_count(self, "best_of", at_least=0)
         if not 0 < self.confidence < 1:
             raise HParamsError(f"must be a number between 0 and 1, both excluded (got {self.confidence})",
                                key="confidence")
@@ -182,6 +193,9 @@ def summary(hp: EvaluateHParams, stats: dict) -> str:
                      f"[{stats['eval/win_rate_low']:.3f}, {stats['eval/win_rate_high']:.3f}] "
                      f"({hp.confidence:.0%} interval over {stats['eval/prompts']} prompts; {stats['eval/wins']} wins, "
                      f"{stats['eval/ties']} ties, {stats['eval/losses']} losses) against {hp.baseline}")
+    if "eval/best_of_score_mean" in stats:
+        parts.append(f"best-of-{hp.best_of} score {stats['eval/best_of_score_mean']:.3f} ({hp.best_of_repeats} draws "
+                     f"a prompt: {BEST_OF_FILE})")
     return f"{hp.outputs}, {stats['eval/rows']} rows: " + "; ".join(parts)
 
 
@@ -207,6 +221,13 @@ def evaluate(hp: EvaluateHParams, *, run: Run, rows: list[dict], baseline: list[
     return stats, out
 
 
+def simulate_best_of(hp: EvaluateHParams, scored: list[dict]) -> tuple[dict, list[dict]]:
+    """best_of.jsonl's rows (`best_of_n.simulate`, seeded with `run.seed`) and their mean score
+    (`build_evaluator` checked that every pool holds at least `best_of` rows)."""
+    kept = best_of_n.simulate(scored, n=hp.best_of, repeats=hp.best_of_repeats, seed=hp.run.seed)
+    return {"eval/best_of_score_mean": sum(r["score"] for r in kept) / len(kept)}, kept
+
+
 class Evaluator:
     """`evaluate` as a trainer of `trainer.run_training`: no steps to checkpoint, no model to save."""
 
@@ -217,17 +238,23 @@ class Evaluator:
         self.run, self.hp, self.rows, self.baseline = run, hp, rows, baseline
         self.scorer, self.encoded = scorer, encoded
         self.scored: list[dict] = []
+        self.best_of: list[dict] = []
 
     def train(self, logger) -> dict[str, float]:
         if not self.run.is_main:
             return {}
         stats, self.scored = evaluate(self.hp, run=self.run, rows=self.rows, baseline=self.baseline,
                                       scorer=self.scorer, encoded=self.encoded)
+        if self.hp.best_of:
+            best, self.best_of = simulate_best_of(self.hp, self.scored)
+            stats.update(best)
         logger.log(0, stats)
         return stats
 
     def save(self, save_dir: Path) -> None:
         atomic_write_bytes(save_dir / SCORES_FILE, "".join(json.dumps(r) + "\n" for r in self.scored).encode())
+        if self.hp.best_of:
+            atomic_write_bytes(save_dir / BEST_OF_FILE, "".join(json.dumps(r) + "\n" for r in self.best_of).encode())
 
     def saved(self, final: dict[str, float]) -> str:
         return summary(self.hp, final) if self.run.is_main else ""  # printed on rank 0 only
@@ -235,10 +262,20 @@ class Evaluator:
 
 def build_evaluator(hp: EvaluateHParams, run: Run) -> Evaluator:
     """Read and check the output files, load the reward model and encode the rows for it; the evaluator."""
-    rows = judges.read_output_rows(hp.outputs)
+    if hp.best_of and not hp.reward_model:  # the pool's scores come with it
+        rows = [{"prompt": r["prompt"], "response": r["response"], "sample": r.get("sample"), "score": r["score"]}
+                for r in best_of_n.read_scored_rows(hp.outputs)]
+    else:
+        rows = judges.read_output_rows(hp.outputs)
     baseline = judges.read_output_rows(hp.baseline) if hp.baseline else None
     if baseline is not None:
         check_same_prompts(rows, baseline, hp)
+    if hp.best_of:
+        pools = collections.Counter(row["prompt"] for row in rows)
+        small = next((p for p, k in pools.items() if k < hp.best_of), None)
+        if small is not None:
+            raise HParamsError(f"{hp.outputs}: prompt {small!r:.60} has {pools[small]} responses; best-of-{hp.best_of} "
+                               f"draws {hp.best_of} of a prompt's responses without replacement", key="best_of")
     scorer = load_scorer(hp.reward_model) if hp.reward_model else None
     encoded = encode_rows(rows, hp, encoding=scorer[1], n_ctx=scorer[0].gpt.config.n_ctx) if scorer else []
     return Evaluator(run=run, hp=hp, rows=rows, baseline=baseline, scorer=scorer, encoded=encoded)
@@ -248,4 +285,4 @@ def train(hp: EvaluateHParams, *, exp_name: str) -> Path:
     """`launch.py evaluate`: write `<save_dir>/scores.jsonl` and metrics.jsonl, print a summary
     line; returns the path of scores.jsonl. Rerunning a finished command does nothing."""
     return run_training(hp, exp_name=exp_name, build=lambda run: build_evaluator(hp, run),
-                        outputs=(SCORES_FILE,)) / SCORES_FILE
+                        outputs=(SCORES_FILE, BEST_OF_FILE) if hp.best_of else (SCORES_FILE,)) / SCORES_FILE

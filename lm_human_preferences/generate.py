@@ -22,6 +22,12 @@ suffix), `response_tokens` the response's (cut, no padding), `seed` the run's se
 Rows are sampled `batch_size` at a time, each batch from its own generator (seed, batch): the
 same command gives the same file (on CPU, under the same number of threads; see the README's
 Determinism). The sampling runs on rank 0; other ranks wait.
+
+Best-of-N (`best_of=N` with `reward_model=DIR`): each row is the best of N responses sampled for
+it (`best_of_n.keep_best`; the prompt's sample s is the best of its candidates s·N .. s·N + N − 1,
+sampled as rows of `num_samples · N` samples a prompt would be). `reward_model` scores every
+candidate as `evaluate` does (its encoding; the truncation penalty applies), and each row gets
+`score`, `best_of` and `candidate` fields. The paper samples the candidates at temperature 1.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences import lm_tasks, scoring
+from lm_human_preferences import best_of_n, evaluate, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
@@ -58,6 +64,8 @@ class GenerateHParams(HParams):
     top_p: float = 1.0  # sample from the most probable tokens that make up this much probability (1: all)
     length: int = 0  # tokens sampled per response (0: task.response_length)
     batch_size: int = 64  # (prompt, sample) rows sampled at once
+    best_of: int = 1  # best-of-N: keep the best of this many responses per row by reward_model's score (1: off)
+    reward_model: str = ""  # the reward model (train_reward's) that picks the best of best_of responses
 
     def _validate(self):
         if not self.model and not self.task.policy.initial_model:
@@ -70,8 +78,14 @@ class GenerateHParams(HParams):
                                f"...}} a line)", key="prompts")
         if not path.is_file():
             raise HParamsError(f"{path}: no such file", key="prompts")
-        for key in ("num_samples", "batch_size"):
+        for key in ("num_samples", "batch_size", "best_of"):
             check_count(self, key)
+        if (self.best_of > 1) != bool(self.reward_model):
+            raise HParamsError("best-of-N keeps the best of --best_of=N responses by a reward model's score; pass both "
+                               "--best_of=N (N > 1) and --reward_model=DIR", key="reward_model" if self.best_of > 1
+                               else "best_of")
+        if self.reward_model and not Path(self.reward_model).is_dir():
+            raise HParamsError(f"{self.reward_model}: no such directory", key="reward_model")
         check_count(self, "length", at_least=0)
         if self.temperature is not None:
             check_number(self, "temperature", at_least=0)
@@ -157,7 +171,7 @@ def encode_prompts(hp: GenerateHParams, prompts: list[tuple[str, str]], model: l
 def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, prompts: list[str],
              prompt_tokens: list[list[int]]) -> list[dict]:
     """The rows of outputs.jsonl (see the module docstring)."""
-    enc, task, n = model.encoding, hp.task, hp.num_samples
+    enc, task, n = model.encoding, hp.task, hp.num_samples * hp.best_of
     prefix, suffix = enc.encode(task.query_prefix), enc.encode(task.query_suffix)
     order = [(i, s) for i in range(len(prompts)) for s in range(n)]
     gpt = model.gpt.to(run.device).eval()
@@ -184,14 +198,27 @@ def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, 
     return rows
 
 
+def keep_best_rows(hp: GenerateHParams, run: Run, candidates: list[dict], scorer) -> list[dict]:
+    """The best of each `best_of` consecutive candidates by the reward model's score, scored as
+    `evaluate` scores an output file."""
+    reward_model, encoding = scorer
+    as_eval = evaluate.EvaluateHParams(task=hp.task, outputs="the best-of-N candidates", reward_model=hp.reward_model,
+                                       batch_size=hp.batch_size)
+    encoded = evaluate.encode_rows(candidates, as_eval, encoding=encoding, n_ctx=reward_model.gpt.config.n_ctx)
+    scores, _ = evaluate.reward_scores(as_eval, run=run, reward_model=run.place(reward_model).eval(),
+                                       encoding=encoding, encoded=encoded)
+    return best_of_n.keep_best(candidates, scores, n=hp.best_of)
+
+
 class Generator:
     """`generate` as a trainer of `trainer.run_training`: no steps to checkpoint, no model to save."""
 
     checkpoints, steps_done, model = False, 0, None
 
     def __init__(self, *, run: Run, hp: GenerateHParams, model: lm_tasks.PretrainedModel,
-                 prompts: list[tuple[str, str]], prompt_tokens: list[list[int]]):
+                 prompts: list[tuple[str, str]], prompt_tokens: list[list[int]], scorer=None):
         self.run, self.hp, self.pretrained, self.prompts, self.prompt_tokens = run, hp, model, prompts, prompt_tokens
+        self.scorer = scorer  # (reward model, its encoding) for best-of-N, or None
         self.rows: list[dict] = []
 
     def train(self, logger) -> dict[str, float]:
@@ -200,7 +227,11 @@ class Generator:
         started = time.perf_counter()
         self.rows = generate(self.hp, run=self.run, model=self.pretrained, prompts=[p for _, p in self.prompts],
                              prompt_tokens=self.prompt_tokens)
-        stats = {"generate/rows": len(self.rows), "generate/prompts": len(self.prompts),
+        stats = {}
+        if self.scorer is not None:
+            self.rows = keep_best_rows(self.hp, self.run, self.rows, self.scorer)
+            stats["generate/best_of_score"] = sum(r["score"] for r in self.rows) / len(self.rows)
+        stats |= {"generate/rows": len(self.rows), "generate/prompts": len(self.prompts),
                  "generate/response_tokens": sum(len(r["response_tokens"]) for r in self.rows) / len(self.rows),
                  "elapsed/s": time.perf_counter() - started}
         logger.log(0, stats)
@@ -210,7 +241,8 @@ class Generator:
         atomic_write_bytes(save_dir / OUTPUTS_FILE, "".join(json.dumps(row) + "\n" for row in self.rows).encode())
 
     def saved(self, final: dict[str, float]) -> str:
-        return (f"wrote {len(self.rows)} outputs ({len(self.prompts)} prompts x {self.hp.num_samples}) to "
+        best = f", each the best of {self.hp.best_of}" if self.hp.best_of > 1 else ""
+        return (f"wrote {len(self.rows)} outputs ({len(self.prompts)} prompts x {self.hp.num_samples}{best}) to "
                 f"{self.run.save_dir / OUTPUTS_FILE}")
 
 
@@ -220,11 +252,12 @@ def build_generator(hp: GenerateHParams, run: Run) -> Generator:
     model = lm_tasks.load_pretrained(hp.model or hp.task.policy.initial_model)
     prompt_tokens = encode_prompts(hp, prompts, model)
     width = affix_length(hp.task, model.encoding) + max(map(len, prompt_tokens)) + hp.response_length()
-    rows = min(hp.batch_size, len(prompts) * hp.num_samples)
+    rows = min(hp.batch_size, len(prompts) * hp.num_samples * hp.best_of)
     lm_tasks.check_memory(run.device, [("batch_size", memory.kv_cache_bytes(
         model.gpt.config, rows=rows, tokens=width, value_bytes=2 if run.bf16 else 4),
         f"sampling {rows} responses at once")])
-    return Generator(run=run, hp=hp, model=model, prompts=prompts, prompt_tokens=prompt_tokens)
+    scorer = evaluate.load_scorer(hp.reward_model) if hp.reward_model else None
+    return Generator(run=run, hp=hp, model=model, prompts=prompts, prompt_tokens=prompt_tokens, scorer=scorer)
 
 
 def train(hp: GenerateHParams, *, exp_name: str) -> Path:

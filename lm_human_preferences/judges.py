@@ -25,6 +25,12 @@ Judges (`get_judge`), scoring the response only:
   the longer of two responses of equal sentiment, as LLM judges are known to;
 - "length_neutral": the mean VADER compound score of the response's sentences (split after
   . ! ?), so repeating a response, or adding sentences of the same sentiment, does not change it;
+- a personal preference's option ("simple", "expert", "concise", "verbose", "friendly",
+  "unfriendly"): its `labelers.PreferenceLabeler` score;
+- "preferences" (reads the prompt): the mean score of the options whose sentences the prompt
+  carries (`active_preferences`), so one judge rates every combination of preferences;
+- "harmless": the offline dialogue task's oracle (`labelers.HarmlessnessLabeler`): harmless
+  marker words minus harmful ones;
 - "MODULE:FUNCTION": a labeler function of yours, `fn(texts) -> scores` (see `labelers.py`).
 
 `win_rate` counts A's wins over the compared prompts, ties as half, with a percentile bootstrap
@@ -149,7 +155,25 @@ def length_neutral_scores(labeler: labelers.Labeler) -> ScoreFn:
     return score
 
 
-JUDGES = ("sentiment", "length_biased", "length_neutral")
+def active_preferences(prompt: str) -> list[str]:
+    """The personal preferences (`labelers.PREFERENCES`) whose sentence the prompt carries, in table order."""
+    return [name for name, (_, sentence, _) in labelers.PREFERENCES.items() if sentence in prompt]
+
+
+def preference_scores() -> ScoreFn:
+    """The mean of the scores of the preferences each prompt carries (`active_preferences`; 0
+    for a prompt that carries none), each by its `labelers.PreferenceLabeler`."""
+    options = {name: labelers.PreferenceLabeler(name) for name in labelers.PREFERENCES}
+
+    def score(prompts, responses):
+        active = [active_preferences(p) for p in prompts]
+        used = {n for a in active for n in a}
+        by_option = {name: option.score(list(responses)) for name, option in options.items() if name in used}
+        return [sum(by_option[n][i] for n in a) / len(a) if a else 0.0 for i, a in enumerate(active)]
+    return score
+
+
+JUDGES = ("sentiment", "length_biased", "length_neutral", "harmless", "preferences", *labelers.PREFERENCES)
 
 
 def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
@@ -162,6 +186,12 @@ def get_judge(name: str, *, length_weight: float = 0.05, **options) -> Judge:
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; expected one of {', '.join(JUDGES)}, or a labeler function "
                          f"of your own as MODULE:FUNCTION")
+    if name == "preferences":
+        return Judge(preference_scores(), name=name, **options)
+    if name in labelers.PREFERENCES:
+        return Judge(labeler_scores(labelers.PreferenceLabeler(name)), name=name, **options)
+    if name == "harmless":
+        return Judge(labeler_scores(labelers.HarmlessnessLabeler()), name=name, **options)
     labeler = labelers.SentimentLabeler()
     score_fn = {"sentiment": lambda: labeler_scores(labeler),
                 "length_biased": lambda: length_biased_scores(labeler, length_weight=length_weight),

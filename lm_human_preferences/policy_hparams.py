@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from lm_human_preferences import lm_tasks, plugins, shaping
+from lm_human_preferences.adapters import LoRAHParams
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.runtime import RunHParams
 from lm_human_preferences.reward_hparams import RewardTrainingHParams
@@ -97,6 +98,7 @@ class TrainPolicyHParams(HParams):
     rewards: RewardsHParams = field(default_factory=RewardsHParams)  # the reward: reward model and KL penalty
     ppo: PPOHParams = field(default_factory=PPOHParams)  # PPO optimisation
     num_logged_samples: int = 4  # samples.jsonl rows per logged update
+    lora: Optional[LoRAHParams] = None  # train low-rank adapters and the value head only (adapters.py)
 
     def _validate(self):
         check_count(self, "num_logged_samples", at_least=0)

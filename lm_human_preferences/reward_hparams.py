@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lm_human_preferences import label_types, lm_tasks, pair_labels, templates
+from lm_human_preferences.adapters import LoRAHParams
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.runtime import RunHParams
 
@@ -60,6 +61,7 @@ class RewardTrainingHParams(HParams):
     eval_interval: int = 0  # steps between held-out evaluations (besides each epoch's end); 0: epoch ends only
     # Save the model of the evaluation with the best held-out accuracy (off: the final model)
     select_best: bool = False
+    lora: Optional[LoRAHParams] = None  # train low-rank adapters and the head only (adapters.py)
 
     def _validate(self):
         for key in ("batch_size", "rollout_batch_size", "eval_batch_size", "epochs"):

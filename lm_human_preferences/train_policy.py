@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from lm_human_preferences import distributed, lm_tasks, plugins, ppo, rollouts, scoring, shaping, train_reward
+from lm_human_preferences.adapters import attach, save_model
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress, summary_line
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Analysis, Policy
@@ -257,8 +257,8 @@ class PPOTrainer:
         return self.policy
 
     def save(self, save_dir: Path) -> None:
-        save_model(save_dir, gpt=self.policy.gpt, heads=self.policy.head_state(),
-                   meta={"kind": "policy", "encoding": self.encoding.to_meta()})
+        save_model(save_dir, gpt=self.policy.gpt, heads=self.policy.head_state(), lora_hp=self.hp.lora,
+                   meta={"kind": "policy", "encoding": self.encoding.to_meta()}, base=self.hp.task.policy.initial_model)
 
     def saved(self, final: dict[str, float]) -> str:
         return f"policy saved to {self.run.save_dir}"
@@ -330,8 +330,8 @@ def build_trainer(hp: TrainPolicyHParams, run: Run, *, exp_name: str, score_fn: 
     queries = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
                                      batch_size=run.per_rank(hp.ppo.batch_size, "ppo.batch_size"),
                                      rank=run.rank, world_size=run.world_size, seed=hp.run.seed)
-    return PPOTrainer(run=run, hp=hp, policy=Policy(copy.deepcopy(initial.gpt)), ref_policy=Policy(initial.gpt),
-                      encoding=encoding, queries=queries,
+    return PPOTrainer(run=run, hp=hp, policy=Policy(attach(copy.deepcopy(initial.gpt), hp.lora, seed=hp.run.seed)),
+                      ref_policy=Policy(initial.gpt), encoding=encoding, queries=queries,
                       score_fn=scoring.make_score_fn(task=hp.task, pad_token=encoding.padding_token, scorer=score_fn,
                                                      stats_fn=extra_stats))
 

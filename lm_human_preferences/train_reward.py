@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from lm_human_preferences import distributed, label_types, labels, lm_tasks, pair_labels, reward_tracking
+from lm_human_preferences.adapters import attach, save_model
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.logs import print0, progress
 from lm_human_preferences.optim import TFAdam
 from lm_human_preferences.policy import Policy
@@ -191,7 +191,8 @@ class RewardTrainer:
         return self.reward_model
 
     def save(self, save_dir: Path) -> None:
-        save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta())
+        save_reward_model(save_dir, self.reward_model, encoding=self.encoding.to_meta(), lora_hp=self.hp.lora,
+                          base=self.task.policy.initial_model)
 
     def saved(self, final: dict[str, float]) -> str:
         best = f" (the best held-out accuracy: step {final['best/step']})" if "best/step" in final else ""
@@ -287,16 +288,17 @@ class RewardTrainer:
         return stats
 
 
-def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int) -> RewardModel:
-    """A reward model whose trunk starts from the initial policy's weights; seeded head."""
+def build_reward_model(initial: lm_tasks.PretrainedModel, *, seed: int, lora_hp=None) -> RewardModel:
+    """A reward model whose trunk starts from the initial policy's weights; seeded head (and
+    adapters with `lora_hp`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return RewardModel(copy.deepcopy(initial.gpt))
+        return RewardModel(attach(copy.deepcopy(initial.gpt), lora_hp, seed=seed))
 
 
-def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dict):
+def save_reward_model(out_dir, reward_model: RewardModel, *, encoding: str | dict, lora_hp=None, base: str = ""):
     return save_model(out_dir, gpt=reward_model.gpt, heads=reward_model.head_state(),
-                      meta={"kind": "reward", "encoding": encoding})
+                      meta={"kind": "reward", "encoding": encoding}, lora_hp=lora_hp, base=base)
 
 
 def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
@@ -311,8 +313,8 @@ def build_trainer(hp: TrainRewardHParams, run: Run) -> RewardTrainer:
                            f"(not scalar_rating)", key="select_best")
     uids = (pair_labels.row_uids(label_path(hp, data_dir=hp.run.data_dir), len(rows))
             if hp.labels.log_pair_scores else None)
-    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding,
-                         reward_model=build_reward_model(initial, seed=hp.run.seed), policy=Policy(initial.gpt),
+    return RewardTrainer(run=run, hp=hp, task=hp.task, encoding=initial.encoding, policy=Policy(initial.gpt),
+                         reward_model=build_reward_model(initial, seed=hp.run.seed, lora_hp=hp.lora),
                          label_type=label_type, rows=rows, uids=uids)
 
 

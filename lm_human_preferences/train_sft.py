@@ -9,7 +9,9 @@ packed into rows of `seq_length + 1` tokens separated by end-of-text, and every 
 trained on. A `.jsonl` whose rows have `prompt` and `response` is prompt/response data: one
 row per example, the loss only on response tokens (and the end-of-text after them).
 From scratch, `encoding=gpt2-subset` restricts GPT-2 BPE to the tokens the corpus uses
-(see `SubsetEncoding`), which makes tiny models on CPU practical.
+(see `SubsetEncoding`), which makes tiny models on CPU practical. `freeze_layers=0.8` trains
+only the top 20% of the blocks (`freezing.py`; Kirk et al. 2023 fine-tune so); the result is a
+language model like any other, the initial model of reward model training or PPO.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from lm_human_preferences import distributed, lm_tasks
+from lm_human_preferences.freezing import freeze_layers, trainable
+from lm_human_preferences.adapters import LoRAHParams, attach, save_model
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
-from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.datasets import get_passages
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
@@ -69,6 +72,9 @@ class TrainSFTHParams(HParams):
     warmup_steps: int = 50  # steps of linear learning-rate warmup
     eval_interval: int = 100  # steps between held-out evaluations
     eval_batches: int = 4  # held-out batches per evaluation
+    freeze_layers: float = 0.0  # fraction of the blocks, from the input, that do not train (with wpe); see freezing.py
+    freeze_embeddings: bool = False  # also freeze the token embeddings, which are the tied LM head
+    lora: Optional[LoRAHParams] = None  # train low-rank adapters only (adapters.py); off: every weight
 
     def _validate(self):
         for key in ("seq_length", "batch_size", "steps", "eval_interval", "eval_batches", "vocab_passages"):
@@ -77,6 +83,7 @@ class TrainSFTHParams(HParams):
         if self.micro_batch_size is not None:  # None: no gradient accumulation
             check_count(self, "micro_batch_size")
         check_number(self, "lr", above=0)
+        check_number(self, "freeze_layers", at_least=0, at_most=1)
 
 
 class PackedText:
@@ -235,10 +242,11 @@ class SFTTrainer:
 
     def __init__(self, *, run: Run, hp: TrainSFTHParams, gpt: GPT, encoding: Encoding, per_rank: int, micro: int):
         self.run, self.hp, self.encoding, self.per_rank, self.micro = run, hp, encoding, per_rank, micro
+        freeze_layers(gpt, hp.freeze_layers, embeddings=hp.freeze_embeddings)
         self.model = run.place(gpt)
         self.ddp_model = run.ddp(self.model)
         self.train_data = make_batches(hp, encoding=encoding, run=run, split="train", per_rank=per_rank)
-        self.optimizer = TFAdam(self.model.parameters(), lr=hp.lr)
+        self.optimizer = TFAdam(trainable(self.model), lr=hp.lr)
         self.step = 0
 
     @property
@@ -292,7 +300,8 @@ class SFTTrainer:
         self.step = state["step"]
 
     def save(self, save_dir: Path) -> None:
-        save_model(save_dir, gpt=self.model, meta={"kind": "gpt", "encoding": self.encoding.to_meta()})
+        save_model(save_dir, gpt=self.model, meta={"kind": "gpt", "encoding": self.encoding.to_meta()},
+                   lora_hp=self.hp.lora, base=self.hp.initial_model)
 
     def saved(self, final: dict[str, float]) -> str:
         return f"language model saved to {self.run.save_dir}"
@@ -301,6 +310,7 @@ class SFTTrainer:
 def build_trainer(hp: TrainSFTHParams, run: Run) -> SFTTrainer:
     """The model to train (see `initial_model`) and the batch layout, checked; the trainer."""
     gpt, encoding = initial_model(hp, run)
+    attach(gpt, hp.lora, seed=hp.run.seed)
     if hp.seq_length > gpt.config.n_ctx:
         raise HParamsError(f"longer than the model's context ({gpt.config.n_ctx})", key="seq_length")
     per_rank = run.per_rank(hp.batch_size, "batch_size")

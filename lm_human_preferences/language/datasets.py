@@ -119,10 +119,23 @@ def _offline_corpus(*, data_dir: str | os.PathLike, split: str, seed: int) -> It
     return iter_passages(seed=seed, split=split)
 
 
+def _offline_dialogue(*, data_dir: str | os.PathLike, split: str, seed: int) -> Iterator[str]:
+    """The offline dialogue task's corpus (`dialogues.iter_dialogues`): generated, deterministic."""
+    from lm_human_preferences.language.dialogues import iter_dialogues
+    return iter_dialogues(seed=seed, split=split)
+
+
+def _offline_dialogue_prompts(*, data_dir: str | os.PathLike, split: str, seed: int) -> Iterator[str]:
+    """The offline dialogue task's prompts (`dialogues.iter_prompts`), the PPO queries."""
+    from lm_human_preferences.language.dialogues import iter_prompts
+    return iter_prompts(seed=seed, split=split)
+
+
 # name -> fn(*, data_dir, split, seed) -> Iterator[str]
 _REGISTRY: dict[str, Callable[..., Iterator[str]]] = {
     **{name: functools.partial(_prepared_passages, name) for name in BUILTIN_DATASETS},
-    "offline_corpus": _offline_corpus}
+    "offline_corpus": _offline_corpus, "offline_dialogue": _offline_dialogue,
+    "offline_dialogue_prompts": _offline_dialogue_prompts}
 
 
 def register_dataset(name: str, fn: Callable[..., Iterator[str]]) -> None:

@@ -76,7 +76,16 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
     """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
     see `pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
-    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN."""
+    oneDNN (`_OneDNNLinear`); bf16 autocast already runs on oneDNN. A layer with a low-rank
+    adapter (a submodule `lora`, see `lora.py`) adds the adapter's output before the GELU."""
+    adapter = layer._modules.get("lora")
+    if adapter is not None:
+        out = _base_linear(layer, x, packed, then_gelu=False) + adapter(x)
+        return gelu(out) if then_gelu else out
+    return _base_linear(layer, x, packed, then_gelu=then_gelu)
+
+
+def _base_linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None, *, then_gelu: bool) -> torch.Tensor:
     if packed is not None and x.numel():  # only ever on CPU
         weight, bias = packed[layer]  # in the dtype autocast would have used
         x2 = x.reshape(-1, x.shape[-1]).to(bias.dtype)
