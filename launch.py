@@ -15,6 +15,9 @@
     python launch.py simulate_pairs <task> <experiment> --prompts=FILE [--method=rlcd|rlaif|rlcd_rescore ...]
     python launch.py consolidate_pairs --method M --out FILE.csv DIR [DIR ...]  # simulated records -> RLCD CSV
     python launch.py dialogue_prompts --split S --num N --out FILE.jsonl   # the offline dialogue task's prompts
+    python launch.py prep_pairs OUT --pairs=FILE [--balance_len] [--rand_ratio=R] [--keep_uids=FILE]
+    python launch.py cartography PAIR_SCORES OUT_DIR [--max_confidence=X]
+    python launch.py length_report OUT_DIR --before=SCORES --after=NAME=SCORES [...]
 
 <task> names a preset in params.py (sentiment, descriptiveness, cnndm, tldr, offline_sentiment,
 offline_descriptiveness); <experiment> names the run (output in runs/<experiment> unless
@@ -192,12 +195,20 @@ def cmd_dialogue_prompts(argv: list[str]) -> None:
     print(f"wrote {ns.num} prompts to {ns.out}")
 
 
+def cmd_module(module: str, function: str):
+    """A subcommand whose argument parser lives in `lm_human_preferences.<module>`."""
+    return lambda argv: getattr(importlib.import_module(f"lm_human_preferences.{module}"), function)(argv)
+
+
 COMMANDS = {
     "pipeline": cmd_pipeline,
     **{name: (lambda argv, name=name: cmd_train(name, argv)) for name in TRAINERS},
     "sample": cmd_sample,
     "consolidate_pairs": cmd_consolidate_pairs,
     "dialogue_prompts": cmd_dialogue_prompts,
+    "prep_pairs": cmd_module("prep_pairs", "cmd_prep_pairs"),
+    "cartography": cmd_module("prep_pairs", "cmd_cartography"),
+    "length_report": cmd_module("length_report", "cmd_length_report"),
 }
 
 

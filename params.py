@@ -77,6 +77,11 @@ OFFLINE_DIALOGUE_TASK = {
     "policy.initial_model": "saved_models/offline-dialogue-gpt",
 }
 
+# Length bias (docs/length_bias.md): queries end at a sentence's end and a response is the next
+# sentence, cut after its "." (token 1 of the offline model's vocabulary), so responses vary in
+# length; one without "." within 24 tokens gets the penalty.
+OFFLINE_LENGTH_TASK = {**OFFLINE_TASK, "end_text": ".", "response_length": 24, "truncate_token": 1}
+
 TASKS = {
     "sentiment": BOOKS_TASK,
     "descriptiveness": BOOKS_TASK,
@@ -86,6 +91,7 @@ TASKS = {
     "offline_descriptiveness": OFFLINE_TASK,
     "offline_personal": OFFLINE_PERSONAL_TASK,
     "offline_dialogue": OFFLINE_DIALOGUE_TASK,
+    "offline_length": OFFLINE_LENGTH_TASK,
 }
 
 _BOOKS_REWARD = {
@@ -125,6 +131,8 @@ TRAIN_REWARD = {
     "offline_dialogue": {"labels.type": "soft_preference", "labels.template": "dialogue", "labels.num_train": 768,
                          "batch_size": 32, "lr": 5e-4, "rollout_batch_size": 128, "normalize_samples": 256,
                          "run.seed": 1},
+    # preference pairs a judge labeled (prep_pairs --from_outputs); --labels.source names them
+    "offline_length": {**_OFFLINE_REWARD, "labels.type": "preference", "labels.num_train": 1152},
 }
 
 _BOOKS_POLICY = {
@@ -170,6 +178,7 @@ TRAIN_POLICY = {
     "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512, "rewards.adaptive_kl": "off",
                          "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
                          "task.stop_text": "\n\nHuman:"},
+    "offline_length": _OFFLINE_POLICY,
 }
 # P-MORL and the P-Soups policies (one preference each): LoRA, as in the paper
 TRAIN_PMORL = {"offline_personal": {**_OFFLINE_POLICY, "ppo.total_episodes": 4096, "ppo.lr": 2e-3, "lora": "on",
@@ -200,6 +209,7 @@ TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFL
 
 SIMULATE_PAIRS = {"offline_dialogue": {"affixes": "offline_dialogue", "length": 24, "batch_size": 128,
                                        "run.seed": 1}}
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT, "offline_length": _OFFLINE_SFT}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},

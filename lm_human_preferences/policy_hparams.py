@@ -34,9 +34,14 @@ class RewardsHParams(HParams):
     # Shaping of the scores after the truncation penalty, before the KL penalty (shaping.parse_shaping syntax,
     # e.g. "length_penalty=0.01,clip=-3:3"; empty: none)
     shaping: str = ""
+    # off, released or corrected: replace each response without the truncation token by a terminated one of the
+    # batch, with its own score (corrected) or the long one's (released, the length-bias paper's code)
+    omit_long: str = "off"
 
     def _validate(self):
         check_number(self, "kl_coef", at_least=0)
+        if self.omit_long not in ("off", "released", "corrected"):
+            raise HParamsError(f"expected off, released or corrected, got {self.omit_long!r}", key="omit_long")
         if self.function is not None:
             plugins.load_function(self.function, key="function")
         try:
@@ -97,3 +102,6 @@ class TrainPolicyHParams(HParams):
 
     def _validate(self):
         check_count(self, "num_logged_samples", at_least=0)
+        if self.rewards.omit_long != "off" and self.task.truncate_token is None:
+            raise HParamsError("omit_long replaces the responses without the truncation token; set "
+                               "--task.truncate_token", key="rewards.omit_long")

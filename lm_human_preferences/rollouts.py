@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lm_human_preferences import distributed, ppo
-from lm_human_preferences.shaping import Shaping
+from lm_human_preferences.shaping import Shaping, omit_long_indices
 
 
 def whiten_across_ranks(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
@@ -52,6 +52,21 @@ def shape_scores(scores: torch.Tensor, postprocessed_responses: torch.Tensor, *,
     if whiten != "off":
         scores = whiten_across_ranks(scores, shift_mean=whiten == "shift")
     return scores
+
+
+def omit_long(data: dict, terminated: torch.Tensor, *, variant: str,
+              generator: torch.Generator | None) -> dict:
+    """The rollout `data` with each row that did not terminate ((B,) `terminated` False) replaced
+    by a terminated row drawn at random, every (B, ...) tensor gathered alike; the scores move
+    with the sample ("corrected") or stay the long row's ("released"; `shaping.omit_long_indices`).
+    `objective/omitted` (in score_stats) is the fraction replaced."""
+    sample_index, score_index = omit_long_indices(terminated, generator=generator, variant=variant)
+    batch = terminated.numel()
+    out = {k: v[sample_index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+           for k, v in data.items()}
+    out["scores"] = data["scores"][score_index]
+    out["score_stats"] = {**data["score_stats"], "objective/omitted": float((~terminated).float().mean())}
+    return out
 
 
 def rewards_of(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, *, kl_coef: float,

@@ -42,7 +42,7 @@ from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0
 from lm_human_preferences.rundir import RunDir
 
-PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5}
+PURPOSES = {"queries": 1, "sample": 2, "shuffle": 3, "init": 4, "labels": 5, "omit_long": 6}
 SAMPLING_PURPOSES = ("sample", "labels")  # generators that `language.sample` draws from
 M = TypeVar("M", bound=torch.nn.Module)
 

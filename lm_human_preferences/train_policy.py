@@ -176,6 +176,17 @@ class PPOTrainer:
                 n_mb += 1
         return {k: v / n_mb for k, v in train_stats.items()}
 
+    def omit_long(self, data: dict, stopped: torch.Tensor) -> dict:
+        """With --rewards.omit_long, the rollout with the responses that lack the truncation token
+        replaced by terminated ones (`rollouts.omit_long`, the length-bias paper's "omit long")."""
+        if self.hp.rewards.omit_long == "off":
+            return data
+        task = self.hp.task
+        terminated = lm_tasks.response_has_truncation(stopped, truncate_token=task.truncate_token,
+                                                      truncate_after=task.truncate_after)  # (B,)
+        return rollouts.omit_long(data, terminated, variant=self.hp.rewards.omit_long,
+                                  generator=self.run.generator("omit_long", self.update))
+
     def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """One PPO update (the original's `PPOTrainer.step`); returns the all-reduced stats and the rollout."""
         t0 = time.time()
@@ -200,15 +211,17 @@ class PPOTrainer:
                     ref_logprobs=ref.logprobs, scores=scores, score_stats=score_stats)
         if mask is not None:
             data["mask"] = mask
+        data = self.omit_long(data, stopped)
         # 4. rewards (`compute_rewards`): the score (shaped, whitened: `rollouts.shape_scores`) on the last
         #    token, and -kl_coef * (logprobs - ref_logprobs) per token (the KL estimate chosen; none as a loss).
         if self.shaping is not None or p.whiten_scores != "off":
-            data["shaped_scores"] = rollouts.shape_scores(scores, postprocessed_responses, shaping=self.shaping,
-                                                          whiten=p.whiten_scores, pad_token=self.pad)
+            shaped = rollouts.shape_scores(data["scores"], data["postprocessed_responses"], shaping=self.shaping,
+                                           whiten=p.whiten_scores, pad_token=self.pad)
+            data["shaped_scores"] = shaped
         kl_coef = self.kl_ctl.value
         data["rewards"], non_score_reward, kl = rollouts.rewards_of(
-            data["logprobs"], data["ref_logprobs"], data.get("shaped_scores", scores), kl_coef=kl_coef,
-            estimator=p.kl_estimator, kl_as=p.kl_as, mask=mask)
+            data["logprobs"], data["ref_logprobs"], data.get("shaped_scores", data["scores"]), kl_coef=kl_coef,
+            estimator=p.kl_estimator, kl_as=p.kl_as, mask=data.get("mask"))
         t_rollout = time.time() - t0
         # 5. train: `noptepochs` epochs of minibatches at the linearly annealed learning rate.
         lr = ppo.linear_lr(p.lr, step=self.update, total_steps=self.n_updates)
