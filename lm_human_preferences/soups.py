@@ -32,6 +32,7 @@ heads are then the base model's (a policy's value head is not in its adapter).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class MergeHParams(HParams):
             raise HParamsError(f"expected comma-separated numbers, got {self.weights!r}", key="weights") from None
         if len(weights) != n:
             raise HParamsError(f"{len(weights)} weights for {n} models", key="weights")
-        bad = next((w for w in weights if not w >= 0 or w == float("inf")), None)
+        bad = next((w for w in weights if not (math.isfinite(w) and w >= 0)), None)
         if bad is not None:
             raise HParamsError(f"{bad:g} is not a weight: expected finite numbers >= 0 (a soup weighs its models, "
                                f"got {self.weights!r})", key="weights")
