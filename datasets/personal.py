@@ -2,6 +2,7 @@
 
     python datasets/personal.py queries                  # datasets/personal/*.jsonl
     python datasets/personal.py sft runs/ps_gen_mt/outputs.jsonl datasets/personal/multitask_sft.jsonl
+    python datasets/personal.py scores friendly runs/ps_gen_base_friendly/outputs.jsonl ...
 
 `queries` writes, from the offline corpus (a passage's first sentence, at most `--words` words,
 then the preference sentences), for the dimensions `--dimensions` (default expertise,tone):
@@ -15,6 +16,9 @@ and a prompt file for generate.
 `sft` writes the multitask SFT baseline's data: for each prompt of an output file (`generate`
 with several samples per preference prompt), the sample the `preferences` judge rates highest,
 as {"prompt", "response"} lines for train_sft.
+
+`scores` prints, for each output file, the mean score of one option's scripted labeler
+(`labelers.PreferenceLabeler`) over its responses, one line a file: `OPTION MEAN FILE`.
 """
 
 import argparse
@@ -24,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_human_preferences import judges, personalization  # noqa: E402
+from lm_human_preferences import judges, labelers, personalization  # noqa: E402
 from lm_human_preferences.language.checkpoints import atomic_writer  # noqa: E402
 from lm_human_preferences.language.offline_corpus import iter_passages  # noqa: E402
 
@@ -52,6 +56,13 @@ def write_sft(outputs: Path, out: Path) -> None:
     print(f"wrote {len(rows)} prompt/response pairs to {out}")
 
 
+def mean_score(option: str, outputs: Path) -> float:
+    """The mean `PreferenceLabeler(option)` score of an output file's responses."""
+    rows = judges.read_output_rows(outputs)
+    scores = labelers.PreferenceLabeler(option).score([r["response"] for r in rows])
+    return sum(scores) / len(scores)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,9 +76,15 @@ def main(argv=None) -> int:
     s = sub.add_parser("sft", help="multitask SFT data from an output file")
     s.add_argument("outputs", type=Path)
     s.add_argument("out", type=Path)
+    m = sub.add_parser("scores", help="mean scripted score of one option over output files")
+    m.add_argument("option", choices=list(labelers.PREFERENCES))
+    m.add_argument("outputs", type=Path, nargs="+")
     ns = p.parse_args(argv)
     try:
-        if ns.command == "queries":
+        if ns.command == "scores":
+            for path in ns.outputs:
+                print(f"{ns.option} {mean_score(ns.option, path):+.3f} {path}")
+        elif ns.command == "queries":
             write_queries(ns.out, dimensions=ns.dimensions.split(","), n=ns.n, n_test=ns.n_test, words=ns.words,
                           seed=ns.seed)
         else:

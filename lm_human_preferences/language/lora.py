@@ -123,9 +123,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(out_dir: str | os.PathLike, model: nn.Module, *, meta: dict | None = None) -> Path:
     """Write `adapter.safetensors` then `adapter_config.json` into `out_dir`, each atomically."""
+    return write_adapter(out_dir, adapter_config(model, meta), adapter_state_dict(model))
+
+
+def write_adapter(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """`save_adapter` of an adapter already taken apart (`adapter_config`, `adapter_state_dict`)."""
     out_dir = Path(out_dir)
-    config = adapter_config(model, meta)
-    atomic_write_bytes(out_dir / ADAPTER_FILE, save_safetensors(adapter_state_dict(model)))
+    atomic_write_bytes(out_dir / ADAPTER_FILE, save_safetensors(tensors))
     atomic_write_bytes(out_dir / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return out_dir
 
