@@ -198,18 +198,17 @@ _OFFLINE_SFT = {
     "run.seed": 1,
 }
 
-TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT,
+TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT, "offline_length": _OFFLINE_SFT,
              # the multitask SFT baseline (docs/personalized_soups.md)
              "offline_personal": {"data": "datasets/personal/multitask_sft.jsonl",
-                                  "initial_model": "saved_models/offline-gpt", "seq_length": 40, "batch_size": 32, "steps": 100, "lr": 3e-4, "warmup_steps": 10,
-                                  "eval_interval": 50, "run.seed": 1},
+                                  "initial_model": "saved_models/offline-gpt", "seq_length": 40, "batch_size": 32,
+                                  "steps": 100, "lr": 3e-4, "warmup_steps": 10, "eval_interval": 50, "run.seed": 1},
              # the dialogue base model: longer rows (a labeling document is up to ~150 tokens)
              "offline_dialogue": {**_OFFLINE_SFT, "data": "offline_dialogue", "model.n_ctx": 160,
                                   "seq_length": 160, "model.n_embd": 96, "steps": 500}}
 
 SIMULATE_PAIRS = {"offline_dialogue": {"affixes": "offline_dialogue", "length": 24, "batch_size": 128,
                                        "run.seed": 1}}
-TRAIN_SFT = {"offline_sentiment": _OFFLINE_SFT, "offline_descriptiveness": _OFFLINE_SFT, "offline_length": _OFFLINE_SFT}
 
 COLLECT_LABELS = {
     "offline_sentiment": {"labeler": "sentiment", "num_labels": 8192, "batch_size": 256, "run.seed": 1},

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm_human_preferences.language.checkpoints import atomic_write_bytes, atomic_writer
+from lm_human_preferences.figures import save_figure
+from lm_human_preferences.language.checkpoints import atomic_write_bytes
 
 DIVERSITY_COLUMNS = ("ead", "distinct", "ngram_cosine", "embedding", "nli")
 PANELS = (("judge_score", "judge score"), ("win_rate", "win rate vs reference"),
@@ -95,8 +96,4 @@ def plot_comparison(path: Path, results: dict) -> None:
         ax.set_title(title, fontsize=10)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_writer(path) as f:
-            fig.savefig(f, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from lm_human_preferences import judges, length_analysis, length_data, preferences
+from lm_human_preferences.figures import save_figure
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
 from lm_human_preferences.preferences import PreferenceFileError, read_json_rows
@@ -110,8 +111,7 @@ def plot(out_dir: Path, runs: dict[str, list[dict]], length, width: float) -> No
     left.legend()
     right.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "lengths.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "lengths.png")
 
 
 def cmd_length_report(argv: list[str]) -> None:

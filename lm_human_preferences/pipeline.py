@@ -31,7 +31,8 @@ import torch
 from lm_human_preferences import (collect_labels, distributed, labelers, lm_tasks, rewards, scoring, train_policy,
                                   train_reward, train_sft)
 from lm_human_preferences.hparams import MAX_COUNT, HParamsError
-from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes, atomic_writer
+from lm_human_preferences.figures import save_figure
+from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
 from lm_human_preferences.logs import print0
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.run_status import changed_settings, list_changes, run_finished
@@ -100,11 +101,7 @@ def plot_curves(policy_metrics: Path, reward_metrics: Path, out: Path) -> None:
         inset.set_title("reward model loss", fontsize=7)
         inset.tick_params(labelsize=6)
     fig.tight_layout()
-    try:
-        with atomic_writer(out) as f:
-            fig.savefig(f, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, out)
 
 
 def _held_out_accuracy(reward_eval: dict) -> str:

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 from lm_human_preferences import judges, length_data, preferences
+from lm_human_preferences.figures import save_figure
 from lm_human_preferences.hparams import HParamsError
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
 
@@ -128,8 +129,7 @@ def write_cartography(out_dir: Path, stats: dict[str, length_data.CartographySta
     ax.set_ylabel("confidence (mean reward margin)")
     ax.set_title("data map")
     fig.tight_layout()
-    fig.savefig(out_dir / "cartography.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cartography.png")
 
 
 def cmd_cartography(argv: list[str]) -> None:
