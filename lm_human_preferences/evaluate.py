@@ -27,7 +27,9 @@ Writes `<save_dir>/scores.jsonl`, one row per output row (`prompt`, `response`, 
 `score` and/or `judge`: "win", "tie" or "loss" against the baseline), one row (step 0) of
 metrics.jsonl (`eval/score_mean`, `eval/score_std`, `eval/penalized`, `eval/win_rate`,
 `eval/win_rate_low`, `eval/win_rate_high`, `eval/wins`, `eval/ties`, `eval/losses`,
-`eval/prompts`, `eval/rows`), and prints a summary line. It runs on rank 0; other ranks wait.
+`eval/prompts`, `eval/rows`; with `judge_scores`, the judge's own mean score of the outputs over
+prompts `eval/judge_score_mean` with its interval `eval/judge_score_low`/`_high`, and the
+baseline's `eval/judge_score_mean_baseline`), and prints a summary line. It runs on rank 0; other ranks wait.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class EvaluateHParams(HParams):
     reward_model: str = ""  # a reward model directory (train_reward's) to score every row with (empty: none)
     judge: str = ""  # a judges.JUDGES name (e.g. sentiment, harmless, preferences, friendly) or MODULE:FUNCTION (empty: none)
     baseline: str = ""  # the output file the judge compares with: the same prompts in the same order
+    judge_scores: bool = False  # also the judge's mean score of the outputs (bootstrap interval) and of the baseline
     batch_size: int = 64  # rows the reward model scores at once
     num_resamples: int = 1000  # bootstrap resamples of the win rate's interval
     confidence: float = 0.95  # the win rate interval's confidence level
@@ -78,6 +81,9 @@ class EvaluateHParams(HParams):
         if bool(self.judge) != bool(self.baseline):
             raise HParamsError("a judge compares the outputs with a baseline output file; pass both --judge=NAME "
                                "and --baseline=FILE", key="judge" if self.baseline else "baseline")
+        if self.judge_scores and not self.judge:
+            raise HParamsError("the judge's scores need a judge; pass --judge=NAME with --baseline=FILE",
+                               key="judge_scores")
         if not self.reward_model and not self.judge and not self.best_of:
             raise HParamsError("nothing to evaluate with; pass --reward_model=DIR, or --judge=NAME with "
                                "--baseline=FILE, or --best_of=N on a scored file", key="reward_model")
@@ -180,7 +186,28 @@ def judge_win_rate(hp: EvaluateHParams, rows: list[dict], baseline: list[dict]) 
     stats = {"eval/win_rate": sum(per_prompt) / len(per_prompt), "eval/win_rate_low": low,
              "eval/win_rate_high": high, "eval/wins": outcomes.count(judges.A), "eval/ties": outcomes.count(judges.TIE),
              "eval/losses": outcomes.count(judges.B), "eval/prompts": len(per_prompt)}
+    if hp.judge_scores:
+        stats.update(judge_score_means(hp, judge, rows, baseline))
     return stats, [OUTCOME[o] for o in outcomes]
+
+
+def judge_score_means(hp: EvaluateHParams, judge: judges.Judge, rows: list[dict], baseline: list[dict]) -> dict:
+    """The judge's mean score of the outputs (the mean over prompts of each prompt's mean), with its
+    bootstrap interval over prompts, and of the baseline; from its `score_fn`, so the win rate's
+    random draws are untouched."""
+    prompts = [r["prompt"] for r in rows]
+
+    def per_prompt(responses: list[str]) -> list[float]:
+        by_prompt: dict[str, list[float]] = {}
+        for prompt, score in zip(prompts, judge.score_fn(prompts, responses)):
+            by_prompt.setdefault(prompt, []).append(float(score))
+        return [sum(s) / len(s) for s in by_prompt.values()]
+
+    ours, theirs = per_prompt([r["response"] for r in rows]), per_prompt([r["response"] for r in baseline])
+    low, high = judges.bootstrap_interval(ours, num_resamples=hp.num_resamples, confidence=hp.confidence,
+                                          seed=hp.run.seed)
+    return {"eval/judge_score_mean": sum(ours) / len(ours), "eval/judge_score_low": low, "eval/judge_score_high": high,
+            "eval/judge_score_mean_baseline": sum(theirs) / len(theirs)}
 
 
 def summary(hp: EvaluateHParams, stats: dict) -> str:
@@ -193,6 +220,9 @@ def summary(hp: EvaluateHParams, stats: dict) -> str:
                      f"[{stats['eval/win_rate_low']:.3f}, {stats['eval/win_rate_high']:.3f}] "
                      f"({hp.confidence:.0%} interval over {stats['eval/prompts']} prompts; {stats['eval/wins']} wins, "
                      f"{stats['eval/ties']} ties, {stats['eval/losses']} losses) against {hp.baseline}")
+    if "eval/judge_score_mean" in stats:
+        parts.append(f"judge score {stats['eval/judge_score_mean']:.3f} [{stats['eval/judge_score_low']:.3f}, "
+                     f"{stats['eval/judge_score_high']:.3f}], baseline {stats['eval/judge_score_mean_baseline']:.3f}")
     if "eval/best_of_score_mean" in stats:
         parts.append(f"best-of-{hp.best_of} score {stats['eval/best_of_score_mean']:.3f} ({hp.best_of_repeats} draws "
                      f"a prompt: {BEST_OF_FILE})")

@@ -319,3 +319,26 @@ def test_the_readme_generate_and_evaluate_example(models, tmp_path, monkeypatch,
     assert 0 <= metrics["eval/win_rate_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_high"] <= 1
     assert "reward model score" in capsys.readouterr().out
     assert len(jsonl(tmp_path / "runs" / "ppo_eval" / "scores.jsonl")) == 32
+
+
+def test_judge_scores_gives_the_judges_mean_score_over_prompts(tmp_path, capsys):
+    # harmless: harmless marker words minus harmful ones; p1's two rows average (2 + 0) / 2 = 1
+    a = outputs_file(tmp_path / "a.jsonl", [("p1", "please ask a doctor to help you."), ("p1", "try a lamp."),
+                                            ("p2", "you are stupid.")])
+    b = outputs_file(tmp_path / "b.jsonl", [("p1", "you are stupid."), ("p1", "try a lamp."), ("p2", "try a lamp.")])
+    args = (f"--outputs={a}", "--judge=harmless", f"--baseline={b}", "--num_resamples=200")
+    assert evaluate(tmp_path / "plain", *args) == 0
+    assert evaluate(tmp_path / "eval", *args, "--judge_scores=on") == 0
+    [plain] = jsonl(tmp_path / "plain" / "metrics.jsonl")
+    [metrics] = jsonl(tmp_path / "eval" / "metrics.jsonl")
+    ours = [judges.get_judge("harmless").score_fn(["p"], [r])[0] for r in ("please ask a doctor to help you.",
+                                                                         "try a lamp.", "you are stupid.")]
+    per_prompt = [(ours[0] + ours[1]) / 2, ours[2]]
+    assert metrics["eval/judge_score_mean"] == pytest.approx(sum(per_prompt) / 2)
+    low, high = judges.bootstrap_interval(per_prompt, num_resamples=200, seed=0)
+    assert (metrics["eval/judge_score_low"], metrics["eval/judge_score_high"]) == pytest.approx((low, high))
+    assert metrics["eval/judge_score_mean_baseline"] == pytest.approx(((-1 + 0) / 2 + 0) / 2)
+    assert {k: v for k, v in metrics.items() if "judge_score" not in k} == plain  # the win rate is unchanged
+    assert "judge score" in capsys.readouterr().out
+    assert evaluate(tmp_path / "bad", f"--outputs={a}", "--judge_scores=on") == 2
+    assert not (tmp_path / "bad").exists()
