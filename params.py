@@ -175,7 +175,8 @@ TRAIN_POLICY = {
     # AlpacaFarm's options as the paper used them: the KL estimate clamped at zero, responses
     # ending at the next Human turn (with the task's penalty when a reply does not end); the
     # rewards are whitened without a shift (the original's ppo.whiten_rewards already is).
-    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512, "rewards.adaptive_kl": "off",
+    # β starts at 0.05 and adapts toward the offline preset's KL target of 4.
+    "offline_dialogue": {**_OFFLINE_POLICY, "ppo.total_episodes": 512,
                          "rewards.kl_coef": 0.05, "ppo.kl_estimator": "k1_clamped",
                          "task.stop_text": "\n\nHuman:"},
     "offline_length": _OFFLINE_POLICY,
