@@ -86,6 +86,7 @@ def bench_memory(sz: dict, dev: torch.device) -> dict:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--who", who, "--step", "lm", "--precision", prec,
                    "--model", spec, "--batch", str(sz["train_batch"]), "--query", str(sz["query"]),
                    "--response", str(sz["response"]), "--device", str(dev), "--threads", str(torch.get_num_threads())]
+            cmd += ["--fp32-products", sz.get("fp32_products", "onednn")]
             proc = subprocess.run(cmd + (["--glibc-malloc"] if sz.get("glibc_malloc") else []), capture_output=True,
                                   text=True, cwd=ROOT)
             if proc.returncode:
@@ -121,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--glibc-malloc", action="store_true")
+    ap.add_argument("--fp32-products", choices=("onednn", "vendor"), default="onednn")
     args = ap.parse_args(argv)
+    from lm_human_preferences.language import kernels
+
+    kernels.set_fp32_products(args.fp32_products)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.glibc_malloc:

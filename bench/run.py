@@ -355,6 +355,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave glibc's malloc as it is; by default the benchmark keeps freed memory in the heap, "
                          "as launch.py does (lm_human_preferences.runtime.keep_freed_memory)")
+    ap.add_argument("--fp32-products", choices=("onednn", "vendor"), default="onednn",
+                    help="CPU fp32 training products: oneDNN (launch.py's default) or MKL on Intel CPUs (vendor, "
+                         "--run.fp32_products=vendor)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our full passes (run.compile) and the peer's training model; meant for GPUs "
                          "(compiling takes minutes on a CPU); results go to bench/results-<device>-compile.json")
@@ -384,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     args, dev, only, default_json = parse_args(argv)
     sz = sizes(args.quick, dev)
     sz["compile"], sz["glibc_malloc"] = args.compile, args.glibc_malloc
+    from lm_human_preferences.language import kernels
+
+    sz["fp32_products"] = args.fp32_products
+    kernels.set_fp32_products(args.fp32_products)
     if args.quick:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and it keeps a smoke run immune to a busy machine
     if args.repeats is not None:
@@ -393,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = False if args.glibc_malloc else keep_freed_memory()
     info = machine_info(dev)
     info["malloc"] = "heap-keeping, as launch.py" if kept else f"glibc (GLIBC_TUNABLES={info.get('glibc_tunables')})"
+    info["fp32_products"] = args.fp32_products
     gpu = f"; {info['gpu']} (CUDA {info['cuda']})" if dev.type == "cuda" else ""
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads, "
           f"{info['cpu_capability']}){gpu}, transformers {info['transformers']}, malloc {info['malloc']}; "

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lm_human_preferences import distributed
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language.checkpoints import atomic_write_bytes  # noqa: F401 (the run files' writer)
+from lm_human_preferences.language import kernels
 from lm_human_preferences.language.devices import parse_device
 from lm_human_preferences.language.gpt import GPT
 from lm_human_preferences.logs import print0
@@ -67,6 +68,8 @@ class RunHParams(HParams):
     max_skipped_in_a_row: int = 16  # skip_nonfinite: stop (status 3) when more batches in a row are skipped
     timeout_s: float = 600.0  # how long any wait for the other ranks (joining, collectives) may last
     threads: int = 0  # torch's CPU threads (0: its default); hparams.json records the number used
+    # CPU fp32 training products: onednn (the same numbers on every x86 CPU) or vendor (MKL on Intel CPUs: faster there)
+    fp32_products: str = "onednn"
 
     def _validate(self):
         check_count(self, "seed", at_least=0, at_most=2**32 - 1)
@@ -74,6 +77,8 @@ class RunHParams(HParams):
             check_count(self, key)
         check_count(self, "save_interval", at_least=0)
         check_count(self, "threads", at_least=0, at_most=1024)
+        if self.fp32_products not in kernels.FP32_PRODUCTS:
+            raise HParamsError(f"expected one of {', '.join(kernels.FP32_PRODUCTS)}", key="fp32_products")
         check_number(self, "save_every_s", at_least=0)
         check_number(self, "timeout_s", above=0, at_most=7 * 24 * 3600)
         try:
@@ -177,11 +182,13 @@ class Run(RunDir):
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
         self._threads_before = use_threads(hp)
+        self._fp32_products_before = kernels.set_fp32_products(hp.fp32_products)
         self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
         self.skipped_in_a_row = 0
 
     def close(self):
         torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
+        kernels.set_fp32_products(self._fp32_products_before)
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
         super().close()

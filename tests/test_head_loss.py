@@ -135,8 +135,8 @@ def test_train_sft_loss_and_gradients_equal_the_logits_path(bf16, monkeypatch):
 def test_fp32_either_product_kernel(vendor, monkeypatch):
     """The same comparison with the fp32 products on MKL and on oneDNN (`kernels.fp32_onednn`)."""
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
-    kernels.fp32_onednn.cache_clear()
+    before = kernels.set_fp32_products("vendor")  # MKL on Intel CPUs
     try:
         test_fp32_loss_and_gradients_equal_the_plain_path(rows=5)
     finally:
-        kernels.fp32_onednn.cache_clear()
+        kernels.set_fp32_products(before)

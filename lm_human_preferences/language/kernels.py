@@ -8,8 +8,9 @@
 and `pack_for_decoding` / `fingerprint` for the weights decoding reads.
 
 CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rather than torch's
-MKL path on CPUs not made by Intel, where MKL reached under half of oneDNN's speed (on Intel's,
-MKL was the faster: `fp32_onednn`); sampling decodes from
+MKL path, which on an AMD CPU reached under half of oneDNN's speed; the same kernels on every
+x86 CPU give the same numbers. On Intel CPUs MKL was the faster, at other rounding: opt in with
+`set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see `fp32_onednn`); sampling decodes from
 oneDNN-packed weights; one-query and bf16 attention is computed directly. Measurements and the
 reasons are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
 """
@@ -40,13 +41,30 @@ def cpu_vendor() -> str:
         return ""
 
 
+FP32_PRODUCTS = ("onednn", "vendor")  # the choices of `set_fp32_products`
+_fp32_products = "onednn"
+
+
+def set_fp32_products(choice: str) -> str:
+    """Choose the kernel of CPU fp32 training products; returns the choice before. "onednn" (the
+    default): oneDNN wherever this torch has it, so every x86 CPU gives the same numbers.
+    "vendor": torch's MKL path on Intel CPUs, where it was the faster (BENCHMARKS.md, finding 10),
+    at different rounding; oneDNN elsewhere."""
+    global _fp32_products
+    if choice not in FP32_PRODUCTS:
+        raise ValueError(f"unknown fp32 products {choice!r}; expected one of {', '.join(FP32_PRODUCTS)}")
+    before, _fp32_products = _fp32_products, choice
+    fp32_onednn.cache_clear()
+    return before
+
+
 @functools.cache
 def fp32_onednn() -> bool:
     """Whether fp32 training products on CPU go through oneDNN rather than torch's MKL path. MKL
     runs its AVX-512 kernels on Intel CPUs only: on an AMD Zen 5 it reached under half of oneDNN's
     fp32 speed, while on an Intel Xeon (AVX-512, AMX) MKL was the faster of the two (BENCHMARKS.md,
-    finding 0). So oneDNN everywhere but on Intel CPUs."""
-    return onednn_available() and cpu_vendor() != "GenuineIntel"
+    findings 0 and 10). So oneDNN, or under `set_fp32_products("vendor")` oneDNN but on Intel CPUs."""
+    return onednn_available() and (_fp32_products == "onednn" or cpu_vendor() != "GenuineIntel")
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
