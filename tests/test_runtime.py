@@ -156,3 +156,24 @@ def test_hparams_json_records_the_thread_count_and_a_resume_under_another_warns(
     assert resume(0) == (f"warning: {checkpoint} was written with 2 CPU threads, this process has 1: the run goes "
                          "on, but not bitwise as one uninterrupted run (rerun with --run.threads=2 for that)\n")
     assert resume(2) == ""
+
+
+def test_a_run_applies_its_fp32_products_and_restores_the_default(tmp_path):
+    """oneDNN is the default everywhere (the same numbers on every x86 CPU); `vendor` holds for
+    the run only, and hparams.json records it."""
+    from lm_human_preferences.language import kernels
+    from lm_human_preferences.train_sft import TrainSFTHParams
+
+    assert RunHParams().fp32_products == "onednn" and kernels._fp32_products == "onednn"
+    config = TrainSFTHParams()
+    config.run.override_from_dict({"device": "cpu", "wandb": "off", "save_dir": str(tmp_path),
+                                   "fp32_products": "vendor"})
+    config.validate()
+    run = Run(config.run, exp_name="products", config=config)
+    try:
+        assert kernels._fp32_products == "vendor"
+        run.start()
+    finally:
+        run.close()
+    assert kernels._fp32_products == "onednn"
+    assert json.loads((tmp_path / "hparams.json").read_text())["run"]["fp32_products"] == "vendor"
