@@ -183,8 +183,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     directly for one query per row (a decoding step), where the flash kernel costs ~0.6 ms a
     call for microseconds of arithmetic, and in bf16, where its backward took twice as long as
     this (BENCHMARKS.md). As in the fused kernels, scores and softmax are fp32; with several
-    queries the probabilities then meet the values in the values' dtype, with one query in fp32
-    (converting the values was the faster of the two there)."""
+    queries the probabilities then meet the values in the values' dtype (`_BF16Attention`, which
+    keeps only q, k, v and the mask for its backward), with one query in fp32 (converting the
+    values was the faster of the two there)."""
     T = q.shape[-2]
     if q.device.type != "cpu" or (T > 1 and q.dtype != torch.bfloat16) or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -193,11 +194,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     elif mask is None:
         mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
     with torch.autocast("cpu", enabled=False):
-        scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -math.inf)
-        p = torch.softmax(scores, -1)
-        return (p @ v.float()).to(q.dtype) if T == 1 else p.to(v.dtype) @ v
+        if T > 1:
+            return _BF16Attention.apply(q, k, v, mask)
+        p = _probabilities(q.float(), k.float(), mask)
+        return (p @ v.float()).to(q.dtype)
+
+
+def _probabilities(qf: torch.Tensor, kf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(qf @ kf^T / sqrt(hs)) over the keys `mask` lets through: (B, nh, T, S) fp32."""
+    scores = qf @ kf.transpose(-2, -1) * qf.shape[-1] ** -0.5  # (B, nh, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return torch.softmax(scores, -1)
+
+
+class _BF16Attention(torch.autograd.Function):
+    """bf16 attention on CPU with fp32 scores and softmax: `softmax(q k^T / sqrt(hs)) @ v`, the
+    probabilities rounded to bf16 for the product with `v`. Autograd would keep fp32 copies of q
+    and k, the fp32 probabilities and their bf16 copy (six times q's bytes at 88 tokens); this
+    keeps q, k, v and the mask, and recomputes the probabilities in the backward with the same
+    ops. The backward's products are autograd's own (`bmm`'s derivatives on the operands, and in
+    the layouts, that `torch.matmul` gives `bmm`), so outputs and gradients are bit for bit those
+    of the plain expression (tests/test_attention.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # q (B, nh, T, hs), k and v (B, nh, S, hs) bf16; mask (.., T, S) bool
+        ctx.save_for_backward(q, k, v, mask)
+        return _probabilities(q.float(), k.float(), mask).to(v.dtype) @ v
+
+    @staticmethod
+    def backward(ctx, grad):  # (B, nh, T, hs)
+        q, k, v, mask = ctx.saved_tensors
+        (B, nh, T, hs), S = q.shape, k.shape[-2]
+        qf, kf = q.float(), k.float()
+        with torch.autocast("cpu", enabled=False):
+            p = _probabilities(qf, kf, mask)  # as the forward computed them
+        # autograd's backward of the forward's ops, under the caller's autocast state as theirs would be
+        g3, v3 = grad.reshape(B * nh, T, hs), v.reshape(B * nh, S, hs)
+        grad_v = p.to(v.dtype).reshape(B * nh, T, S).transpose(1, 2).bmm(g3).view(B, nh, S, hs)
+        grad_p = g3.bmm(v3.transpose(1, 2)).view(B, nh, T, S).float()
+        grad_s = torch._softmax_backward_data(grad_p, p, -1, torch.float32)
+        grad_s = grad_s.masked_fill(~mask, 0) * hs ** -0.5
+        s3, k3t = grad_s.reshape(B * nh, T, S), kf.transpose(-2, -1).reshape(B * nh, hs, S)
+        grad_q = s3.bmm(k3t.transpose(1, 2)).view(B, nh, T, hs).to(q.dtype)
+        grad_k = qf.reshape(B * nh, T, hs).transpose(1, 2).bmm(s3).view(B, nh, hs, S).transpose(-2, -1).to(k.dtype)
+        return grad_q, grad_k, grad_v, None
 
 
 def fingerprint(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple:
