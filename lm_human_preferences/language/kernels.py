@@ -140,9 +140,50 @@ def _base_linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None, *, then
     if (x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         out = fp32_linear(x, layer.weight, layer.bias)
+    elif _bf16_training(layer, x):
+        out = _BF16Linear.apply(x, layer.weight, layer.bias)
     else:
         out = layer(x)
     return gelu(out) if then_gelu else out
+
+
+def _bf16_training(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether `layer(x)` is a CPU bf16 autocast product with gradients that `_BF16Linear` makes:
+    fp32 weight and bias, and an fp32 or bf16 input that `F.linear` takes to one `addmm`."""
+    w, b = layer.weight, layer.bias
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and b is not None and w.dtype == b.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() in (2, 3) and x.is_contiguous() and x.numel() > 0
+            and (x.requires_grad or w.requires_grad or b.requires_grad))
+
+
+class _BF16Linear(torch.autograd.Function):
+    """`layer(x)` under CPU bf16 autocast, with the bf16 weight copy made in the forward and made
+    again in the backward instead of kept: autocast keeps its copies (half the weights' bytes)
+    from the first product to the end of the backward pass. The forward is autocast's own
+    (`F.linear` on bf16 operands: one `addmm`); the backward is `addmm`'s derivatives on the
+    operands and layouts it gets, so results and gradients are bit for bit autocast's. (A layer
+    called twice in one autocast region shares autocast's one copy, whose gradient is summed
+    in bf16 before it is made fp32; here each call's is made fp32 first, then summed.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (N, in) or (B, T, in), contiguous
+        with torch.autocast("cpu", enabled=False):
+            x16 = x.to(torch.bfloat16)
+            ctx.save_for_backward(x16, weight)
+            ctx.x_dtype = x.dtype
+            return F.linear(x16, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x16, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
+        x2 = x16.view(-1, x16.shape[-1])
+        grad_x = g.mm(weight.to(torch.bfloat16)).view(x16.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = g.t().mm(x2).float() if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).float() if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 class _HeadBF16Backward(torch.autograd.Function):
