@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from live_bytes import LiveBytes
 
 from lm_human_preferences import train_sft
-from lm_human_preferences.language import kernels
+from lm_human_preferences.language import head_loss, kernels
 from lm_human_preferences.language.gpt import GPT, GPTConfig
 from lm_human_preferences.language.head_loss import chunk_rows, head_cross_entropy
 
@@ -140,3 +141,49 @@ def test_fp32_either_product_kernel(vendor, monkeypatch):
         test_fp32_loss_and_gradients_equal_the_plain_path(rows=5)
     finally:
         kernels.set_fp32_products(before)
+
+
+def _old_times_weight(g, w_g):
+    """`head_loss._times_weight` as it was, on a bf16 copy of the weight made once per call."""
+    return (g @ w_g).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w_g.t(), None)
+
+
+def _old_add_outer(acc, g, h):
+    """`head_loss._add_outer` as it was: each bf16 product made fp32, then added."""
+    if g.dtype == torch.bfloat16:
+        p = (g.t() @ h.bfloat16()).float()
+        return p if acc is None else acc.add_(p)
+    return kernels.fp32_linear(g.t(), h.t(), None) if acc is None else kernels.fp32_linear_add(g.t(), h.t(), acc)
+
+
+def _bf16_head(hidden, weight, targets, rows):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return loss_and_grads(lambda h, w, t: head_cross_entropy(h, w, t, rows=rows), hidden, weight, targets,
+                              bf16=True)
+
+
+def test_bf16_groups_bit_for_bit_as_before_with_less_memory(monkeypatch):
+    """Under bf16 autocast the weight is rounded for each group's product and each group's bf16
+    weight-gradient product is added to the fp32 sum as it is: the same numbers as rounding the
+    weight once and adding fp32 copies of the products, with at most 7 bytes a weight element
+    alive at once (the fp32 sum, one bf16 product or weight copy, and change) instead of 12."""
+
+    monkeypatch.setattr(head_loss, "BF16_GROUP_ELEMENTS", 8 * V)  # several groups of 8 rows
+    hidden, weight, targets = inputs(4)
+    got = _bf16_head(hidden, weight, targets, rows=4)
+    w_g = weight.bfloat16()
+    monkeypatch.setattr(head_loss, "_times_weight", lambda g, w: _old_times_weight(g, w_g))
+    monkeypatch.setattr(head_loss, "_add_outer", _old_add_outer)
+    want = _bf16_head(hidden, weight, targets, rows=4)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    monkeypatch.undo()
+
+    monkeypatch.setattr(head_loss, "BF16_GROUP_ELEMENTS", 8 * 1000)
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(40, 256, generator=g).requires_grad_(), torch.randn(1000, 256, generator=g).requires_grad_()
+    t = torch.randint(0, 1000, (40,), generator=g)
+    live = LiveBytes()
+    with live, torch.autocast("cpu", dtype=torch.bfloat16):
+        head_cross_entropy(h, w, t, rows=8)
+    assert live.peak < 7 * w.numel()

@@ -58,9 +58,10 @@ def _logit_grads(logp: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Ten
 
 
 def _times_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g (c, V) @ w (V, D) as fp32: bf16 operands (bf16 `g` and `w`), or fp32 ones through
+    """g (c, V) @ w (V, D) as fp32: bf16 operands for a bf16 `g` (`w` rounded to bf16 for this
+    product only: no (V, D) copy stays alive beside the weight gradient's), or fp32 ones through
     `kernels.fp32_linear` (oneDNN or MKL on CPU, see `kernels.fp32_onednn`)."""
-    return (g @ w).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
+    return (g @ w.bfloat16()).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
 
 
 def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -68,8 +69,8 @@ def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> to
     bf16 `g`, else fp32 through `kernels.fp32_linear` / `kernels.fp32_linear_add` (the sum fused
     into the product or made in place)."""
     if g.dtype == torch.bfloat16:
-        p = (g.t() @ h.bfloat16()).float()
-        return p if acc is None else acc.add_(p)
+        p = g.t() @ h.bfloat16()  # (V, D) bf16, added in fp32 without an fp32 copy of it
+        return p.float() if acc is None else acc.add_(p)
     return kernels.fp32_linear(g.t(), h.t(), None) if acc is None else kernels.fp32_linear_add(g.t(), h.t(), acc)
 
 
@@ -83,7 +84,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = None
-        w_g = (w.bfloat16() if bf16_backward else w) if want_h else None
         total = h.new_zeros(())
         # bf16: the logits' gradients of a group of chunks (BF16_GROUP_ELEMENTS) meet the weights in
         # one product each, fewer passes over the (V, D) weight gradient; fp32: a group is a chunk.
@@ -101,7 +101,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 else:
                     grads = g
             if want_h:
-                grad_h[g_start:g_end] = _times_weight(grads, w_g)
+                grad_h[g_start:g_end] = _times_weight(grads, w)
             if want_w:
                 grad_w = _add_outer(grad_w, grads, h[g_start:g_end])
         ctx.save_for_backward(grad_h, grad_w)
