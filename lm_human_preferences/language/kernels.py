@@ -11,8 +11,11 @@ CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rath
 MKL path, which on an AMD CPU reached under half of oneDNN's speed; the same kernels on every
 x86 CPU give the same numbers. On Intel CPUs MKL was the faster, at other rounding: opt in with
 `set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see `fp32_onednn`); sampling decodes from
-oneDNN-packed weights; one-query and bf16 attention is computed directly. Measurements and the
-reasons are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
+oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
+autocast keeps less for the backward, bit for bit the same numbers: the products cast their
+weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), and
+attention recomputes its probabilities there (`_BF16Attention`). Measurements and the reasons
+are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 def linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None = None, *, then_gelu: bool = False) -> torch.Tensor:
     """`layer(x)`, or `gelu(layer(x))` with `then_gelu`. On CPU: with `packed` weights (decoding,
     see `pack_for_decoding`) from those, the GELU fused into the product; in fp32 through
-    `fp32_linear` (oneDNN, see `fp32_onednn`); bf16 autocast already runs on oneDNN. A layer with a low-rank
+    `fp32_linear` (oneDNN, see `fp32_onednn`); bf16 autocast already runs on oneDNN, with
+    gradients through `_BF16Linear` (no bf16 weight copies kept). A layer with a low-rank
     adapter (a submodule `lora`, see `lora.py`) adds the adapter's output before the GELU."""
     adapter = layer._modules.get("lora")
     if adapter is not None:
