@@ -172,8 +172,8 @@ def test_bf16_groups_bit_for_bit_as_before_with_less_memory(monkeypatch):
     hidden, weight, targets = inputs(4)
     got = _bf16_head(hidden, weight, targets, rows=4)
     w_g = weight.bfloat16()
-    monkeypatch.setattr(head_loss, "_times_weight", lambda g, w: _old_times_weight(g, w_g))
-    monkeypatch.setattr(head_loss, "_add_outer", _old_add_outer)
+    monkeypatch.setattr(head_loss, "_times_weight", lambda g, w, scratch: _old_times_weight(g, w_g))
+    monkeypatch.setattr(head_loss, "_add_outer", lambda acc, g, h, scratch, first: _old_add_outer(None if first else acc, g, h))
     want = _bf16_head(hidden, weight, targets, rows=4)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)

@@ -57,21 +57,23 @@ def _logit_grads(logp: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Ten
     return g.mul_(1.0 / n)
 
 
-def _times_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g (c, V) @ w (V, D) as fp32: bf16 operands for a bf16 `g` (`w` rounded to bf16 for this
-    product only: no (V, D) copy stays alive beside the weight gradient's), or fp32 ones through
-    `kernels.fp32_linear` (oneDNN or MKL on CPU, see `kernels.fp32_onednn`)."""
-    return (g @ w.bfloat16()).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
+def _times_weight(g: torch.Tensor, w: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """g (c, V) @ w (V, D) as fp32: bf16 operands for a bf16 `g` (`w` rounded to bf16 into
+    `scratch`, a (V, D) bf16 buffer), or fp32 ones through `kernels.fp32_linear` (oneDNN or MKL on
+    CPU, see `kernels.fp32_onednn`)."""
+    return (g @ scratch.copy_(w)).float() if g.dtype == torch.bfloat16 else kernels.fp32_linear(g, w.t(), None)
 
 
-def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """acc + g^T (V, c) @ h (c, D) as fp32 (`acc` None: zero; else overwritten): bf16 operands for a
-    bf16 `g`, else fp32 through `kernels.fp32_linear` / `kernels.fp32_linear_add` (the sum fused
-    into the product or made in place)."""
+def _add_outer(acc: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor, scratch: torch.Tensor | None, *,
+               first: bool) -> torch.Tensor:
+    """acc + g^T (V, c) @ h (c, D) as fp32 (`first`: zero + ...; `acc` is overwritten). For a bf16
+    `g`: bf16 operands, the product into `scratch` (V, D) bf16, then into `acc` (an fp32 buffer)
+    without an fp32 copy of it; else fp32 through `kernels.fp32_linear` / `kernels.fp32_linear_add`
+    (`acc` None when `first`; the sum fused into the product or made in place)."""
     if g.dtype == torch.bfloat16:
-        p = g.t() @ h.bfloat16()  # (V, D) bf16, added in fp32 without an fp32 copy of it
-        return p.float() if acc is None else acc.add_(p)
-    return kernels.fp32_linear(g.t(), h.t(), None) if acc is None else kernels.fp32_linear_add(g.t(), h.t(), acc)
+        p = torch.mm(g.t(), h.bfloat16(), out=scratch)
+        return acc.copy_(p) if first else acc.add_(p)
+    return kernels.fp32_linear(g.t(), h.t(), None) if first else kernels.fp32_linear_add(g.t(), h.t(), acc)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -80,17 +82,20 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, targets, bf16_backward: bool, rows: int):
-        n = h.shape[0]
+        n, V = h.shape[0], w.shape[0]
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = None
         total = h.new_zeros(())
         # bf16: the logits' gradients of a group of chunks (BF16_GROUP_ELEMENTS) meet the weights in
         # one product each, fewer passes over the (V, D) weight gradient; fp32: a group is a chunk.
-        group = max(rows, BF16_GROUP_ELEMENTS // w.shape[0]) if bf16_backward else rows
-        for g_start, g_end in _chunks(n, group):
-            grads = (torch.empty(g_end - g_start, w.shape[0], dtype=torch.bfloat16, device=h.device)
-                     if bf16_backward else None)
+        group = max(rows, BF16_GROUP_ELEMENTS // V) if bf16_backward else rows
+        grad_w, scratch, group_grads = None, None, None
+        if bf16_backward:  # every large buffer made once, first: reused, not stacked above freed ones
+            grad_w = torch.empty_like(w) if want_w else None
+            scratch = torch.empty_like(w, dtype=torch.bfloat16)  # the bf16 weight, then each product
+            group_grads = torch.empty(min(group, n), V, dtype=torch.bfloat16, device=h.device)
+        for i, (g_start, g_end) in enumerate(_chunks(n, group)):
+            grads = None if group_grads is None else group_grads[:g_end - g_start]
             for start, end in _chunks(g_end - g_start, rows):
                 hc, tc = h[g_start + start:g_start + end], targets[g_start + start:g_start + end]
                 logp, losses = _chunk_losses(hc, w, tc)
@@ -100,10 +105,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grads[start:end] = g
                 else:
                     grads = g
+                del logp, g  # this chunk's (c, V) buffer is free before the next one's are made
             if want_h:
-                grad_h[g_start:g_end] = _times_weight(grads, w)
+                grad_h[g_start:g_end] = _times_weight(grads, w, scratch)
             if want_w:
-                grad_w = _add_outer(grad_w, grads, h[g_start:g_end])
+                grad_w = _add_outer(grad_w, grads, h[g_start:g_end], scratch, first=not i)
         ctx.save_for_backward(grad_h, grad_w)
         return total / n
 
