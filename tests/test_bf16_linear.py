@@ -92,3 +92,38 @@ def test_gpt_bf16_loss_and_gradients_unchanged(backward_in_autocast, monkeypatch
     want = step()
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def mlp_forward_backward(fn, fc, proj, x, *, backward_in_autocast=False):
+    fc.zero_grad(set_to_none=True)
+    proj.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(fc, proj, x)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        if backward_in_autocast:
+            y.backward(dy)
+    if not backward_in_autocast:
+        y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for m in (fc, proj) for p in (m.weight, m.bias)]
+
+
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_mlp_equals_autocast_layers_bit_for_bit_keeping_no_gelu_output(backward_in_autocast):
+    """`kernels.mlp`: c_proj(gelu(c_fc(x))) with the GELU inside c_proj's product, as autocast's
+    layers compute it; the backward keeps c_fc's output, not the GELU's as well."""
+    torch.manual_seed(0)
+    fc, proj = torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    want = mlp_forward_backward(lambda f, p, t: p(kernels.gelu(f(t))), fc, proj, x,
+                                backward_in_autocast=backward_in_autocast)
+    got = mlp_forward_backward(kernels.mlp, fc, proj, x, backward_in_autocast=backward_in_autocast)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kernels.mlp(fc, proj, x.requires_grad_())
+    hidden = [t for t in saved if t.shape == (2, 5, 48)]
+    assert len({t.untyped_storage().data_ptr() for t in hidden}) == 1  # c_fc's output, kept once

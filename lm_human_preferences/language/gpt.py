@@ -158,7 +158,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, packed: dict | None = None):
-        return linear(self.c_proj, linear(self.c_fc, x, packed, then_gelu=True), packed)
+        return kernels.mlp(self.c_fc, self.c_proj, x, packed)  # c_proj(gelu(c_fc(x)))
 
 
 class Block(nn.Module):

@@ -145,10 +145,23 @@ def _base_linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None, *, then
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         out = fp32_linear(x, layer.weight, layer.bias)
     elif _bf16_training(layer, x):
-        out = _BF16Linear.apply(x, layer.weight, layer.bias)
+        out = _BF16Linear.apply(x, layer.weight, layer.bias, False)
     else:
         out = layer(x)
     return gelu(out) if then_gelu else out
+
+
+def mlp(fc: nn.Linear, proj: nn.Linear, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
+    """`linear(proj, linear(fc, x, packed, then_gelu=True), packed)`. Under CPU bf16 autocast with
+    gradients (layers without adapters), the GELU runs inside `proj`'s product (`_BF16Linear`),
+    which keeps only the GELU's input for the backward (kept for the GELU's backward anyway),
+    not its output as well."""
+    if packed is not None or "lora" in fc._modules or "lora" in proj._modules:
+        return linear(proj, linear(fc, x, packed, then_gelu=True), packed)
+    pre = linear(fc, x)
+    if pre.dtype == torch.bfloat16 and _bf16_training(proj, pre):
+        return _BF16Linear.apply(pre, proj.weight, proj.bias, True)
+    return linear(proj, gelu(pre))
 
 
 def _bf16_training(layer: nn.Linear, x: torch.Tensor) -> bool:
@@ -169,25 +182,31 @@ class _BF16Linear(torch.autograd.Function):
     (`F.linear` on bf16 operands: one `addmm`); the backward is `addmm`'s derivatives on the
     operands and layouts it gets, so results and gradients are bit for bit autocast's. (A layer
     called twice in one autocast region shares autocast's one copy, whose gradient is summed
-    in bf16 before it is made fp32; here each call's is made fp32 first, then summed.)"""
+    in bf16 before it is made fp32; here each call's is made fp32 first, then summed.) With
+    `gelu_first`, `layer(gelu(x))` for a bf16 `x`, the GELU's output made again in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):  # x (N, in) or (B, T, in), contiguous
+    def forward(ctx, x, weight, bias, gelu_first: bool):  # x (N, in) or (B, T, in), contiguous
         with torch.autocast("cpu", enabled=False):
             x16 = x.to(torch.bfloat16)
             ctx.save_for_backward(x16, weight)
-            ctx.x_dtype = x.dtype
-            return F.linear(x16, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+            ctx.x_dtype, ctx.gelu_first = x.dtype, gelu_first
+            return F.linear(gelu(x16) if gelu_first else x16, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
 
     @staticmethod
     def backward(ctx, grad):
         x16, weight = ctx.saved_tensors
+        a = gelu(x16) if ctx.gelu_first else x16  # the product's input
         g = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
-        x2 = x16.view(-1, x16.shape[-1])
-        grad_x = g.mm(weight.to(torch.bfloat16)).view(x16.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = g.t().mm(x2).float() if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.mm(weight.to(torch.bfloat16)).view(x16.shape)
+            if ctx.gelu_first:
+                grad_x = torch.ops.aten.gelu_backward(grad_x, x16, approximate="tanh")
+            grad_x = grad_x.to(ctx.x_dtype)
+        grad_w = g.t().mm(a.view(-1, a.shape[-1])).float() if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0).float() if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 class _HeadBF16Backward(torch.autograd.Function):
