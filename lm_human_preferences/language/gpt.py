@@ -21,8 +21,9 @@ Precision: under autocast the blocks run in bf16 with an fp32 residual stream; t
 runs in fp32 (bf16 logits are quantised to ~0.25 near magnitude 50, which would make logprob
 ratios noisy), so `logits` are always fp32. Only the head's backward runs in bf16, like the
 blocks' (it decides nothing about the ratios; in fp32 it was 11% of a CPU training step).
-Training under bf16 autocast on CPU keeps neither autocast's bf16 weight copies nor attention's
-fp32 scores for the backward: they are made again there, with the same numbers (kernels.py).
+Training under bf16 autocast on CPU keeps neither autocast's bf16 weight copies, nor attention's
+fp32 scores, nor the MLP's GELU output for the backward: they are made again there, with the
+same numbers (kernels.py).
 
 Products, attention and the LM head go through `kernels.py` (the CPU speed work: oneDNN products,
 packed weights for decoding, direct attention; torch.compile); each equals the plain torch

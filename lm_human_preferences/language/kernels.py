@@ -1,7 +1,8 @@
 """Speed work behind the model's products: nothing model-shaped lives here.
 
-`language/gpt.py` calls four entries, each equal to a plain torch expression up to rounding:
+`language/gpt.py` calls five entries, each equal to a plain torch expression up to rounding:
     linear(layer, x, packed, then_gelu=...)   layer(x), or gelu(layer(x))
+    mlp(fc, proj, x, packed)                  proj(gelu(fc(x)))
     lm_head(hidden, weight, packed_head)      hidden @ weight.T in fp32
     attention(q, k, v, mask)                  scaled_dot_product_attention
     compiled(fn)                              torch.compile(fn), with the settings it needs
@@ -13,8 +14,9 @@ x86 CPU give the same numbers. On Intel CPUs MKL was the faster, at other roundi
 `set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see `fp32_onednn`); sampling decodes from
 oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
 autocast keeps less for the backward, bit for bit the same numbers: the products cast their
-weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), and
-attention recomputes its probabilities there (`_BF16Attention`). Measurements and the reasons
+weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), the
+MLP's GELU output is made again there (`mlp`), and attention recomputes its probabilities there
+(`_BF16Attention`). Measurements and the reasons
 are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
 """
 
