@@ -16,8 +16,8 @@ oneDNN-packed weights; one-query and bf16 attention is computed directly. Traini
 autocast keeps less for the backward, bit for bit the same numbers: the products cast their
 weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), the
 MLP's GELU output is made again there (`mlp`), and attention recomputes its probabilities there
-(`_BF16Attention`). Measurements and the reasons
-are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
+(`_BF16Attention`). Measurements and the reasons are in BENCHMARKS.md. Elsewhere (GPU, under
+`torch.compile`) the plain torch ops run.
 """
 
 from __future__ import annotations
@@ -277,8 +277,8 @@ def _probabilities(qf: torch.Tensor, kf: torch.Tensor, mask: torch.Tensor | None
 class _BF16Attention(torch.autograd.Function):
     """bf16 attention on CPU with fp32 scores and softmax: `softmax(q k^T / sqrt(hs)) @ v`, the
     probabilities rounded to bf16 for the product with `v`. Autograd would keep fp32 copies of q
-    and k, the fp32 probabilities and their bf16 copy (six times q's bytes at 88 tokens); this
-    keeps q, k, v and the mask, and recomputes the probabilities in the backward with the same
+    and k, the fp32 probabilities, their bf16 copy and a copy of v (for GPT-2's 64 dimensions a
+    head at 88 tokens, three times what q, k and v take); this keeps q, k, v and the mask, and recomputes the probabilities in the backward with the same
     ops. The backward's products are autograd's own (`bmm`'s derivatives on the operands, and in
     the layouts, that `torch.matmul` gives `bmm`), so outputs and gradients are bit for bit those
     of the plain expression (tests/test_attention.py)."""
