@@ -278,8 +278,8 @@ class _BF16Attention(torch.autograd.Function):
     """bf16 attention on CPU with fp32 scores and softmax: `softmax(q k^T / sqrt(hs)) @ v`, the
     probabilities rounded to bf16 for the product with `v`. Autograd would keep fp32 copies of q
     and k, the fp32 probabilities, their bf16 copy and a copy of v (for GPT-2's 64 dimensions a
-    head at 88 tokens, three times what q, k and v take); this keeps q, k, v and the mask, and recomputes the probabilities in the backward with the same
-    ops. The backward's products are autograd's own (`bmm`'s derivatives on the operands, and in
+    head at 88 tokens, three times what q, k and v take); this keeps q, k, v and the mask, and
+    recomputes the probabilities in the backward with the same ops. The backward's products are autograd's own (`bmm`'s derivatives on the operands, and in
     the layouts, that `torch.matmul` gives `bmm`), so outputs and gradients are bit for bit those
     of the plain expression (tests/test_attention.py)."""
 
