@@ -9,7 +9,7 @@ import torch
 
 from lm_human_preferences.language import kernels
 from lm_human_preferences.language.gpt import GPT, GPTConfig
-from lm_human_preferences.train_sft import lm_loss
+from tiny import bf16_lm_step
 
 PAD = 53  # outside the tiny vocabulary
 kernels_attention = kernels.attention  # before any test replaces it
@@ -107,14 +107,7 @@ def test_gpt_bf16_loss_and_gradients_unchanged(pads, backward_in_autocast, monke
     batch = {"tokens": tokens, "mask": tokens[:, 1:] != PAD}
 
     def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = lm_loss(model, batch, pad_token=PAD)
-            if backward_in_autocast:
-                loss.backward()
-        if not backward_in_autocast:
-            loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        return bf16_lm_step(model, batch, pad_token=PAD, backward_in_autocast=backward_in_autocast)
 
     got = step()
     monkeypatch.setattr(kernels, "attention", plain_attention)

@@ -17,6 +17,7 @@ from lm_human_preferences.label_types import get_label_type
 from lm_human_preferences.language.checkpoints import save_model
 from lm_human_preferences.language.encodings import Encoding, SubsetEncoding, get_encoding
 from lm_human_preferences.language.gpt import GPT, GPTConfig
+from lm_human_preferences.train_sft import lm_loss
 
 WORDS = ("the cat dog sat ran on a mat far away happy sad good bad big small red blue house tree "
          "walked jumped slept ate quickly slowly and then").split()
@@ -79,3 +80,17 @@ def task_overrides(model: Path, corpus: Path, *, query_length: int = 8, response
             "task.query_dataset": str(corpus), "task.start_text": ".", "task.end_text": None,
             "task.truncate_token": None, "task.policy.temperature": 0.7,
             "task.policy.initial_model": str(model)}
+
+
+def bf16_lm_step(model: GPT, batch: dict, *, pad_token: int, backward_in_autocast: bool) -> list[torch.Tensor]:
+    """One bf16-autocast next-token loss step of `model` on `batch`, the backward pass inside
+    autocast (as reward training runs it) or after it (train_sft, PPO): the loss and every
+    parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(model, batch, pad_token=pad_token)
+        if backward_in_autocast:
+            loss.backward()
+    if not backward_in_autocast:
+        loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
