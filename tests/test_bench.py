@@ -130,6 +130,27 @@ def test_ppo_scale_target_is_judged_on_a_gpu_at_full_size(bench, device, quick, 
     assert ("n/a" in bench.report({"targets": [row]})) == (met is None)
 
 
+def test_step_targets_show_the_bound_at_the_matmul_peak(bench):
+    """A training-step target carries the best ratio within reach on this machine: transformers'
+    time over the time of the step's model FLOPs at the measured peak, i.e. 1 / transformers' MFU.
+    Sampling's is transformers' time over our prefill's."""
+    step = dict(ratio=0.9, ours_flops_per_s=150e9, peer_flops_per_s=300e9)
+    results = {"peak": dict(fp32_flops_per_s=400e9, bf16_flops_per_s=3000e9),
+               "train": {"steps": {"lm": {"fp32": step, "bf16": dict(step, peer_flops_per_s=600e9)}}}}
+    results["mfu"] = bench.mfu_table(results)
+    results["sampling"] = {"precisions": {"fp32": dict(ratio=1.6, ratio_bound=4.2)}}
+    rows = {t["target"]: t for t in bench.targets(results)}
+    assert rows["lm training step fp32 >= 1.5x transformers (same work)"]["bound"] == pytest.approx(400 / 300)
+    assert rows["lm training step bf16 >= 1.5x transformers (same work)"]["bound"] == pytest.approx(3000 / 600)
+    assert rows["sampling fp32 >= 3x transformers.generate"]["bound"] == 4.2
+    assert "bound" not in rows["lm training step fp32 >= 50% of matmul peak"]
+    lines = bench.report({"targets": list(rows.values())}).splitlines()
+    (line,) = [x for x in lines if x.startswith("| lm training step fp32 >= 1.5x")]
+    assert [c.strip() for c in line.strip(" |").split("|")][-2:] == ["NO", "1.33x"], line
+    del results["peak"], results["mfu"]  # no peak measured: no bound
+    assert all("bound" not in t for t in bench.targets(results) if t["target"].startswith("lm"))
+
+
 def test_bench_rejects_unknown_section():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--only", "nonsense"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
