@@ -13,6 +13,12 @@ fp32 and under bf16 autocast. Every ratio compares the same work:
   reward  the reward model's score at the last token (`RewardModel.forward`, summed);
           transformers: its `GPT2Model` trunk and a linear head at the last position.
 
+The same rounds also time a square matmul (`round_peak_size`) at the step's precision (torch.mm and,
+on CPU, a oneDNN-packed product), the matmul peak under the same conditions as the steps: a
+step's `bound` is transformers' time over the time of the step's model FLOPs at that rate, the
+best ratio any implementation of the same work reaches on this machine (the host's speed drifts
+too much between sections for the `peak` section's number to serve).
+
 The step functions are shared with `bench/peak_memory.py`, which measures the peak memory of
 one step of a single model in a fresh process.
 """
@@ -91,6 +97,22 @@ def peer_step(kind: str, hf, x: dict, autocast, dev: torch.device):
     return run
 
 
+def peak_products(prec: str, dev: torch.device, n: int) -> dict:
+    """Square (n, n) products at `prec`, one function per kernel: torch.mm and, on CPU, oneDNN
+    with a packed weight (the faster of the two depends on the CPU; see `bench/limits.py`)."""
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    c = torch.empty(n, n, dtype=dtype, device=dev)
+    fns = {"matmul torch.mm": lambda: torch.mm(a, b, out=c)}
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available():
+        from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
+
+        packed = onednn_pack(b, n)
+        fns["matmul oneDNN packed"] = lambda: onednn_linear(a, packed, None)
+    return fns
+
+
 def step_flops(cfg, kind: str, *, batch: int, query: int, response: int) -> float:
     """Model FLOPs of a step (see `common.forward_flops`): LM-head products at the response
     positions (ppo), at every position (lm), at none (reward)."""
@@ -106,32 +128,38 @@ def bench_train(sz: dict, dev: torch.device) -> dict:
         hf = torch.compile(hf)
     B, Tc, L = sz["train_batch"], sz["query"], sz["response"]
     x = step_inputs(cfg, batch=B, query=Tc, response=L, dev=dev)
+    n = sz["round_peak_size"]
     steps: dict = {kind: {} for kind in STEPS}
     for prec, autocast in precisions(dev).items():
+        products = peak_products(prec, dev, n)
         for kind in STEPS:
             watch = OthersCpu()
             times = interleaved({"ours": ours_step(kind, ours, x, autocast, dev),
-                                 "transformers": peer_step(kind, hf, x, autocast, dev)}, dev=dev, repeats=sz["repeats"])
+                                 "transformers": peer_step(kind, hf, x, autocast, dev), **products},
+                                dev=dev, repeats=sz["repeats"])
             others = watch.cores()
             t_ours, t_peer = median(times["ours"]), median(times["transformers"])
             flops = step_flops(cfg, kind, batch=B, query=Tc, response=L)
+            peak = max(2 * n ** 3 / median(times[k]) for k in products)
             steps[kind][prec] = dict(ours_s=t_ours, peer_s=t_peer, ratio=t_peer / t_ours,
                                      ours_tokens_per_s=B * (Tc + L) / t_ours, peer_tokens_per_s=B * (Tc + L) / t_peer,
-                                     ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer, times=times,
+                                     ours_flops_per_s=flops / t_ours, peer_flops_per_s=flops / t_peer,
+                                     round_peak_flops_per_s=peak, bound=t_peer * peak / flops, times=times,
                                      load=load_average(), others_cores=others)
             print(f"  train {kind} {prec}: ours {B * (Tc + L) / t_ours:8.1f} tok/s  transformers "
-                  f"{B * (Tc + L) / t_peer:8.1f} tok/s (ratio {t_peer / t_ours:.2f}x; other processes "
-                  f"{fmt_cores(others)})", flush=True)
+                  f"{B * (Tc + L) / t_peer:8.1f} tok/s (ratio {t_peer / t_ours:.2f}x; bound {t_peer * peak / flops:.2f}x "
+                  f"at {peak / 1e9:.0f} GFLOP/s; other processes {fmt_cores(others)})", flush=True)
     return dict(config=cfg.to_dict(), batch=B, query=Tc, response=L, peer_work=PEER_WHAT,
                 model_flops={k: step_flops(cfg, k, batch=B, query=Tc, response=L) for k in STEPS}, steps=steps)
 
 
 def train_table(s: dict) -> str:
     rows = [[kind, p, f"{r['ours_tokens_per_s']:.1f}", f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x",
-             f"{r['ours_s']:.3f}", f"{r['peer_s']:.3f}", fmt_others(r)]
+             f"{r['bound']:.2f}x" if "bound" in r else "", f"{r['ours_s']:.3f}", f"{r['peer_s']:.3f}", fmt_others(r)]
             for kind, by_prec in s["steps"].items() for p, r in by_prec.items()]
     return table(f"training step (fwd+bwd): batch {s['batch']} x {s['query'] + s['response']} tokens (tokens/s; "
                  f"ratio = ours / transformers doing the same work: "
-                 + "; ".join(f"{k}: {v}" for k, v in s["peer_work"].items()) + ")",
-                 ["step", "precision", "ours tok/s", "transformers tok/s", "ratio", "ours s", "transformers s",
+                 + "; ".join(f"{k}: {v}" for k, v in s["peer_work"].items()) + "; bound = the best ratio here: "
+                 "transformers s over the step's model FLOPs at the matmul rate of the same rounds)",
+                 ["step", "precision", "ours tok/s", "transformers tok/s", "ratio", "bound", "ours s", "transformers s",
                   "others' CPU"], rows)
