@@ -9,8 +9,9 @@
 and `pack_for_decoding` / `fingerprint` for the weights decoding reads.
 
 CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rather than torch's
-MKL path, which on an AMD CPU reached under half of oneDNN's speed; the same kernels on every
-x86 CPU give the same numbers. On Intel CPUs MKL was the faster, at other rounding: opt in with
+MKL path, which on an AMD CPU reached under half of oneDNN's speed; the same kernels give the
+same numbers on x86 CPUs with the same vector units (AVX-512 Intel and AMD CPUs alike; oneDNN's
+AVX2 code rounds differently). On Intel CPUs MKL was the faster, at other rounding: opt in with
 `set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see `fp32_onednn`); sampling decodes from
 oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
 autocast keeps less for the backward, bit for bit the same numbers: the products cast their
@@ -52,7 +53,8 @@ _fp32_products = "onednn"
 
 def set_fp32_products(choice: str) -> str:
     """Choose the kernel of CPU fp32 training products; returns the choice before. "onednn" (the
-    default): oneDNN wherever this torch has it, so every x86 CPU gives the same numbers.
+    default): oneDNN wherever this torch has it, the same numbers on Intel and AMD CPUs with the
+    same vector units (AVX-512 ones alike; AVX2-only CPUs round differently).
     "vendor": torch's MKL path on Intel CPUs, where it was the faster (BENCHMARKS.md, finding 10),
     at different rounding; oneDNN elsewhere."""
     global _fp32_products
