@@ -187,3 +187,20 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 def fmt_others(r: dict) -> str:
     c = r.get("others_cores")
     return "n/a" if c is None else f"{c:.2f}"
+
+
+def peak_products(prec: str, dev: torch.device, n: int) -> dict:
+    """Square (n, n) products at `prec`, one function per kernel: torch.mm and, on CPU, oneDNN
+    with a packed weight (torch.mm's fp32 is MKL, which may not use the widest vector units of
+    every CPU: the faster of the two is the machine's rate)."""
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    c = torch.empty(n, n, dtype=dtype, device=dev)
+    fns = {"matmul torch.mm": lambda: torch.mm(a, b, out=c)}
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available():
+        from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
+
+        packed = onednn_pack(b, n)
+        fns["matmul oneDNN packed"] = lambda: onednn_linear(a, packed, None)
+    return fns

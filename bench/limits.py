@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import TEMPERATURE, OthersCpu, describe, fmt_cores, interleaved, median, model_config, now
+from bench.common import (TEMPERATURE, OthersCpu, describe, fmt_cores, interleaved, median, model_config, now,
+                          peak_products)
 
 
 # ---- hot spots: micro-benchmarks of the operations the profiles point at ---------------------------
@@ -113,21 +114,12 @@ def bench_peak(sz: dict, dev: torch.device) -> dict:
     # On a GPU one kernel is short against a synchronize: time several back to back.
     calls = 10 if dev.type == "cuda" else 1
     watch = OthersCpu()
-    # On CPU torch.mm goes to MKL for fp32 (oneDNN for bf16), and MKL may not use the widest
-    # vector units of every CPU, so the peak is the best of torch.mm and a oneDNN-packed product.
-    onednn = dev.type == "cpu" and torch.backends.mkldnn.is_available()
-    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # The peak is the best of torch.mm and, on CPU, a oneDNN-packed product (`peak_products`).
+    for prec in ("fp32", "bf16"):
         per_kernel: dict[str, dict[int, float]] = {}
         for n in sz["peak_sizes"]:
-            a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
-            c = torch.empty(n, n, dtype=dtype, device=dev)
-            kernels = {"torch.mm": lambda: torch.mm(a, b, out=c)}
-            if onednn:
-                from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
-
-                packed = onednn_pack(b, n)
-                kernels["oneDNN packed"] = lambda: onednn_linear(a, packed, None)
-            for kernel, fn in kernels.items():
+            for name, fn in peak_products(prec, dev, n).items():
+                kernel = name.removeprefix("matmul ")
                 for _ in range(2):
                     fn()
                 best = float("inf")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import (TEMPERATURE, OthersCpu, build_pair, fmt_cores, fmt_others, interleaved, load_average,
-                          median, model_config, precisions, table, train_flops)
+                          median, model_config, peak_products, precisions, table, train_flops)
 
 STEPS = ("ppo", "lm", "reward")
 PEER_WHAT = {"ppo": "logits_to_keep + log-softmax + gather", "lm": "GPT2LMHeadModel(labels=...)",
@@ -95,22 +95,6 @@ def peer_step(kind: str, hf, x: dict, autocast, dev: torch.device):
         if head is not None:
             head.zero_grad(set_to_none=True)
     return run
-
-
-def peak_products(prec: str, dev: torch.device, n: int) -> dict:
-    """Square (n, n) products at `prec`, one function per kernel: torch.mm and, on CPU, oneDNN
-    with a packed weight (the faster of the two depends on the CPU; see `bench/limits.py`)."""
-    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-    g = torch.Generator().manual_seed(5)
-    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
-    c = torch.empty(n, n, dtype=dtype, device=dev)
-    fns = {"matmul torch.mm": lambda: torch.mm(a, b, out=c)}
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available():
-        from lm_human_preferences.language.kernels import onednn_linear, onednn_pack
-
-        packed = onednn_pack(b, n)
-        fns["matmul oneDNN packed"] = lambda: onednn_linear(a, packed, None)
-    return fns
 
 
 def step_flops(cfg, kind: str, *, batch: int, query: int, response: int) -> float:
