@@ -13,7 +13,8 @@ RNG states.
 Before each optimizer step trainers ask `Run.finite_or_skip` whether the loss and the gradient
 norm are finite on every rank; if not, every rank stops with a FloatingPointError naming the
 step and the statistic, or with `run.skip_nonfinite` skips that batch and counts it (and stops
-after more than `run.max_skipped_in_a_row` in a row). After each step they call
+after more than `run.max_skipped_in_a_row` in a row; both counts go into their checkpoints
+through `Run.guard_state`). After each step they call
 `Run.step_boundary`, which checkpoints when due and stops the run after SIGINT or SIGTERM.
 """
 
@@ -184,7 +185,7 @@ class Run(RunDir):
         torch.manual_seed(distributed.seed_for_rank(hp.seed, self.rank))
         self._threads_before = use_threads(hp)
         self._fp32_products_before = kernels.set_fp32_products(hp.fp32_products)
-        self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint it
+        self.skipped_batches = 0  # batches skipped by `finite_or_skip`; trainers checkpoint both (`guard_state`)
         self.skipped_in_a_row = 0
 
     def close(self):
@@ -240,6 +241,16 @@ class Run(RunDir):
         return global_size // self.world_size
 
     # ---- numerical guard ----------------------------------------------------------------
+    def guard_state(self) -> dict:
+        """`finite_or_skip`'s counts, for a trainer's checkpoint: a resumed run stops after as many
+        skipped batches in a row as one that was never interrupted."""
+        return {"skipped_batches": self.skipped_batches, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_guard_state(self, state: dict) -> None:
+        """The counts of `guard_state` from a checkpoint's state (0 where it has none)."""
+        self.skipped_batches = state.get("skipped_batches", 0)
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+
     def finite_or_skip(self, step: int, *, losses: dict[str, float],
                        parameters: Iterable[torch.nn.Parameter]) -> bool:
         """Call between backward and the optimizer step: True when `losses` and the gradient norm

@@ -265,15 +265,14 @@ class PPOTrainer:
 
     def state_dict(self) -> dict:
         state = {"update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict(),
-                 "skipped_batches": self.run.skipped_batches}
+                 "kl_ctl": self.kl_ctl.state_dict(), "queries": self.queries.state_dict(), **self.run.guard_state()}
         if self.shaping is not None:  # a stateful shaping (running statistics) resumes where it was
             state["shaping"] = self.shaping.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.update = state["update"]
-        self.run.skipped_batches = state.get("skipped_batches", 0)
+        self.run.load_guard_state(state)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])

@@ -202,14 +202,14 @@ class RewardTrainer:
     def state_dict(self) -> dict:
         state = {"step": self.step, "normalized_before": self.normalized_before,
                  "model": self.reward_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "queries": self.queries.state_dict(), "skipped_batches": self.run.skipped_batches}
+                 "queries": self.queries.state_dict(), **self.run.guard_state()}
         if self.best is not None:
             state["best"] = self.best.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.run.skipped_batches = state.get("skipped_batches", 0)
+        self.run.load_guard_state(state)
         self.normalized_before = state["normalized_before"]
         self.reward_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -291,13 +291,13 @@ class SFTTrainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "data": self.train_data.state_dict(), "skipped_batches": self.run.skipped_batches}
+                "data": self.train_data.state_dict(), **self.run.guard_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_data.load_state_dict(state["data"])
-        self.run.skipped_batches = state.get("skipped_batches", 0)
+        self.run.load_guard_state(state)
         self.step = state["step"]
 
     def save(self, save_dir: Path) -> None:

@@ -161,6 +161,28 @@ def test_more_skipped_batches_in_a_row_than_allowed_stop_the_run(files, tmp_path
     assert not (tmp_path / "rm" / "model.safetensors").exists()
 
 
+def test_skipped_batches_in_a_row_count_across_a_resume(files, tmp_path, monkeypatch):
+    """The bound on skipped batches in a row holds for a run that crashed and resumed in the middle
+    of such a streak: the checkpoint carries the count (an uninterrupted run stops at step 5)."""
+    nan_reward_from(monkeypatch, 3)
+    train_step, crashing = train_reward.RewardTrainer.train_step, [True]
+
+    def crash_at_step_5(self, indices, lr):
+        if self.step == 4 and crashing[0]:
+            raise Crash
+        return train_step(self, indices, lr)
+
+    monkeypatch.setattr(train_reward.RewardTrainer, "train_step", crash_at_step_5)
+    settings = {"run.skip_nonfinite": True, "run.max_skipped_in_a_row": 2, "run.save_every_s": 1e-9}
+    with pytest.raises(Crash):
+        train_rm(files, tmp_path / "rm", **settings)
+    assert torch.load(tmp_path / "rm" / "checkpoints" / "step_000004.pt", weights_only=True)["skipped_in_a_row"] == 2
+    crashing[0] = False
+    with pytest.raises(FloatingPointError, match=r"^step 5: non-finite train/loss on rank 0; 3 batches in a row "
+                                                 r"skipped, more than --run.max_skipped_in_a_row=2"):
+        train_rm(files, tmp_path / "rm", **settings)
+
+
 def test_a_nonfinite_kl_coefficient_stops_the_run(files, tmp_path, monkeypatch):
     update = ppo.AdaptiveKLController.update
 
