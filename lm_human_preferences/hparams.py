@@ -274,8 +274,10 @@ class HParams:
                 self.override_from_pair(_prefix + k, v)
 
     def override_from_args(self, args: list[str]) -> None:
-        """Apply command-line arguments of the forms ``--a.b=value`` and ``--a.b value``."""
-        i = 0
+        """Apply command-line arguments of the forms ``--a.b=value`` and ``--a.b value``. One
+        command line that turns a section off and also sets a key inside it is refused, whatever
+        the order (applied in turn, the later one would silently win)."""
+        pairs, i = [], 0
         while i < len(args):
             arg = args[i]
             if not arg.startswith("--") or arg in ("--", "--="):
@@ -287,8 +289,21 @@ class HParams:
                 i += 1
             else:
                 raise HParamsError(f"missing value for {arg!r}; use {arg}=VALUE")
-            self.override_from_pair(key, value)
+            pairs.append((key, value))
             i += 1
+        self._refuse_contradictions(pairs)
+        for key, value in pairs:
+            self.override_from_pair(key, value)
+
+    def _refuse_contradictions(self, pairs: list[tuple[str, str]]) -> None:
+        """HParamsError if `pairs` turn a section off and set a key inside it."""
+        for key, value in pairs:
+            if str(value).strip().lower() not in _FALSE or _resolve(type(self), key)[1] is None:
+                continue
+            inside = [k for k, _ in pairs if k.startswith(key + ".")]
+            if inside:
+                raise HParamsError(f"--{key}={value} turns the section off, but --{inside[0]} sets a key inside "
+                                   f"it; pass one or the other")
 
     def validate(self, _prefix: str = "") -> None:
         """Check every field's type, run ``_validate`` (the section's own ranges), check that every

@@ -164,6 +164,22 @@ def test_subkey_on_off_section_turns_it_on():
     assert hp.rewards.adaptive_kl == AdaptiveKLParams(horizon=123)
 
 
+@pytest.mark.parametrize("args", [["--rewards.adaptive_kl=off", "--rewards.adaptive_kl.target=3"],
+                                  ["--rewards.adaptive_kl.target", "3", "--rewards.adaptive_kl", "no"]])
+def test_one_command_line_cannot_turn_a_section_off_and_set_a_key_inside_it(args):
+    """Applied in turn, the later flag would silently win (off, or on again with the key): refused
+    whatever the order, and nothing is applied."""
+    hp = TrainParams()
+    with pytest.raises(HParamsError, match=r"^--rewards\.adaptive_kl=(off|no) turns the section off, but "
+                                           r"--rewards\.adaptive_kl\.target sets a key inside it; pass one or the other$"):
+        hp.override_from_args(["--ppo.lr=0.5", *args])
+    assert hp == TrainParams()
+    hp.override_from_args(["--rewards.adaptive_kl=on", "--rewards.adaptive_kl.target=3"])  # no contradiction
+    assert hp.rewards.adaptive_kl == AdaptiveKLParams(target=3.0)
+    hp.override_from_args(["--rewards.adaptive_kl=off"])  # a later command line may turn it off
+    assert hp.rewards.adaptive_kl is None
+
+
 def test_failed_override_does_not_turn_section_on():
     hp = TrainParams()
     with pytest.raises(HParamsError):
