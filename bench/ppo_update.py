@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import (OthersCpu, describe, fmt_cores, fmt_others, load_average, median, model_config, now,
+from bench.common import (OthersCpu, describe, fmt_cores, fmt_others, load_average, model_config, now,
                           ppo_update_flops, table)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,9 @@ def compiled_graphs() -> int:
 
 
 def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev: torch.device, label: str) -> dict:
-    """Per-phase medians of `updates` PPO updates after one warm-up update, for `train_policy.PPOTrainer`
+    """The phases of the median one of `updates` PPO updates (by total time; the later of the two
+    middle ones for an even count), after one warm-up update: one update's phases, which add up
+    to no more than its total, as per-phase medians need not. For `train_policy.PPOTrainer`
     built as `train_policy.train` builds it: a policy and a frozen reference from `gpt`, a reward
     model on a copy of the same trunk, queries from `make_queries(hp)`. On cuda, also the peak
     memory allocated."""
@@ -120,7 +122,8 @@ def _measure_ppo(hp, *, gpt, encoding, make_queries: Callable, updates: int, dev
             peak_memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         finally:
             run.close()
-    med = {k: median([s.get(k, 0.0) for s in steps]) for k in PPO_PHASES + ["total"]}
+    mid = sorted(steps, key=lambda s: s["total"])[len(steps) // 2]
+    med = {k: mid.get(k, 0.0) for k in PPO_PHASES + ["total"]}
     med["other"] = max(0.0, med["total"] - sum(med[k] for k in PPO_PHASES))
     compiling = sum(s["compiled_graphs"] > 0 for s in steps)
     row = dict(batch_size=hp.ppo.batch_size, nminibatches=hp.ppo.nminibatches, noptepochs=hp.ppo.noptepochs,
