@@ -5,7 +5,8 @@
 For each query the initial policy samples n continuations (as the paper's labelers saw them:
 truncated per the task), the labeler picks the best, and the rows are written as OpenAI's
 JSON label files are (`query`, `sample0..`, `best`) — the files `train_reward` reads.
-The sampling runs on rank 0; other ranks wait.
+Under torchrun the ranks take turns: batch i of queries is sampled and labelled by rank
+i mod world_size, with batch i's own generator, so any number of ranks writes the same labels.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import labelers, lm_tasks, scoring
+from lm_human_preferences import distributed, labelers, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count
 from lm_human_preferences.label_types import BestOfN
 from lm_human_preferences.language import memory
@@ -51,30 +52,44 @@ class CollectLabelsHParams(HParams):
 
 @torch.no_grad()
 def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, labeler) -> list[dict]:
-    n, task = hp.num_responses, hp.task
-    queries_it = lm_tasks.query_dataset(task, encoding=encoding, data_dir=hp.run.data_dir, batch_size=hp.batch_size,
-                                        rank=0, world_size=1, seed=hp.run.seed)
-    rows: list[dict] = []
+    """The label rows, in query order, on rank 0 (every rank calls it; the others get []). Batch i
+    of the query stream is this rank's when i mod world_size is its rank."""
+    queries_it = lm_tasks.query_dataset(hp.task, encoding=encoding, data_dir=hp.run.data_dir,
+                                        batch_size=hp.batch_size, rank=0, world_size=1, seed=hp.run.seed)
+    mine: list[tuple[int, list[dict]]] = []  # (batch index, its rows)
     bar = progress(total=hp.num_labels, desc="collect_labels", unit="label")
-    step = 0
+    done, step = 0, 0
     with policy.gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
-        while len(rows) < hp.num_labels:
-            queries = next(queries_it).to(run.device)  # (B, Lq)
-            with run.autocast():
-                responses = lm_tasks.sample_responses(policy, queries.repeat_interleave(n, 0), task=task,
-                                                      encoding=encoding,
-                                                      generator=run.generator("labels", step))  # (B*n, Lr)
-            step += 1
-            postprocessed_responses = scoring.postprocess(responses, task=task, pad_token=encoding.padding_token)
-            shown = postprocessed_responses.view(queries.shape[0], n, -1).cpu()  # (B, n, Lr)
-            for query, samples in zip(queries.cpu().tolist(), shown):
-                if len(rows) == hp.num_labels:
-                    break
-                texts = [encoding.decode(s.tolist()) for s in samples]
-                rows.append({"query": query, **{f"sample{i}": s.tolist() for i, s in enumerate(samples)},
-                             "best": labeler.best_of(texts)})
-                bar.update(1)
+        while done < hp.num_labels:
+            queries = next(queries_it)  # (B, Lq)
+            want = min(len(queries), hp.num_labels - done)
+            if step % run.world_size == run.rank:
+                mine.append((step, label_batch(queries.to(run.device), hp, run=run, policy=policy, encoding=encoding,
+                                               labeler=labeler, step=step, keep=want)))
+            done, step = done + want, step + 1
+            bar.update(want)  # rank 0 shows every rank's batches as its own go
     bar.close()
+    parts = distributed.gather_objects(mine)
+    batches = sorted((b for part in parts for b in part), key=lambda b: b[0]) if parts is not None else []
+    return [row for _, rows in batches for row in rows]
+
+
+def label_batch(queries: torch.Tensor, hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, labeler,
+                step: int, keep: int) -> list[dict]:
+    """The rows of the first `keep` queries of a batch (B, Lq): `num_responses` samples of each
+    (the whole batch is sampled), truncated as the task shows them, and the labeler's pick. The
+    generator is batch `step`'s, the same on every rank."""
+    n, task = hp.num_responses, hp.task
+    with run.autocast():
+        responses = lm_tasks.sample_responses(policy, queries.repeat_interleave(n, 0), task=task, encoding=encoding,
+                                              generator=run.generator("labels", step, shared=True))  # (B*n, Lr)
+    postprocessed_responses = scoring.postprocess(responses, task=task, pad_token=encoding.padding_token)
+    shown = postprocessed_responses.view(queries.shape[0], n, -1).cpu()  # (B, n, Lr)
+    rows = []
+    for query, samples in zip(queries[:keep].cpu().tolist(), shown):
+        texts = [encoding.decode(s.tolist()) for s in samples]
+        rows.append({"query": query, **{f"sample{i}": s.tolist() for i, s in enumerate(samples)},
+                     "best": labeler.best_of(texts)})
     return rows
 
 
@@ -88,10 +103,8 @@ class LabelCollector:
         self.rows: list[dict] = []
 
     def train(self, logger) -> dict[str, float]:
-        if self.run.is_main:
-            policy = Policy(self.initial.gpt).to(self.run.device).eval()
-            self.rows = collect(self.hp, run=self.run, policy=policy, encoding=self.initial.encoding,
-                                labeler=self.labeler)
+        policy = Policy(self.initial.gpt).to(self.run.device).eval()
+        self.rows = collect(self.hp, run=self.run, policy=policy, encoding=self.initial.encoding, labeler=self.labeler)
         return {}
 
     def save(self, save_dir: Path) -> None:

@@ -297,6 +297,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0).to(t.device)
 
 
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks."""
+    if not _initialized():
+        return [obj]
+    box = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` (any picklable object) on every rank; other ranks' ``obj`` is ignored."""
     if not _initialized():
