@@ -69,8 +69,7 @@ class RunHParams(HParams):
     max_skipped_in_a_row: int = 16  # skip_nonfinite: stop (status 3) when more batches in a row are skipped
     timeout_s: float = 600.0  # how long any wait for the other ranks (joining, collectives) may last
     threads: int = 0  # torch's CPU threads (0: its default); hparams.json records the number used
-    # CPU fp32 training products: onednn (the same numbers on Intel and AMD CPUs of one vector width) or vendor
-    # (MKL on Intel CPUs: faster there)
+    # CPU fp32 training products: onednn (everywhere) or vendor (MKL on Intel CPUs: faster there)
     fp32_products: str = "onednn"
 
     def _validate(self):

@@ -159,7 +159,7 @@ def test_hparams_json_records_the_thread_count_and_a_resume_under_another_warns(
 
 
 def test_a_run_applies_its_fp32_products_and_restores_the_default(tmp_path):
-    """oneDNN is the default everywhere (the same numbers on Intel and AMD CPUs); `vendor` holds for
+    """oneDNN is the default everywhere; `vendor` holds for
     the run only, and hparams.json records it."""
     from lm_human_preferences.language import kernels
     from lm_human_preferences.train_sft import TrainSFTHParams

@@ -9,11 +9,11 @@
 and `pack_for_decoding` / `fingerprint` for the weights decoding reads.
 
 CPU: fp32 products go forward and backward through oneDNN (`_OneDNNLinear`) rather than torch's
-MKL path, which on an AMD CPU reached under half of oneDNN's speed; the same kernels give the
-same numbers on x86 CPUs with the same vector units (AVX-512 Intel and AMD CPUs alike; oneDNN's
-AVX2 code rounds differently). On Intel CPUs MKL was the faster, at other rounding: opt in with
-`set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see `fp32_onednn`); sampling decodes from
-oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
+MKL path, which on an AMD CPU reached under half of oneDNN's speed; oneDNN picks its code by
+the CPU it runs on, so its numbers are the same on one CPU model, and were on an AMD and an
+Intel host, but not on every CPU (BENCHMARKS.md, finding 10). On Intel CPUs MKL was the faster,
+at other rounding: opt in with `set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see
+`fp32_onednn`); sampling decodes from oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
 autocast keeps less for the backward, bit for bit the same numbers: the products cast their
 weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), the
 MLP's GELU output is made again there (`mlp`), and attention recomputes its probabilities there
@@ -53,8 +53,8 @@ _fp32_products = "onednn"
 
 def set_fp32_products(choice: str) -> str:
     """Choose the kernel of CPU fp32 training products; returns the choice before. "onednn" (the
-    default): oneDNN wherever this torch has it, the same numbers on Intel and AMD CPUs with the
-    same vector units (AVX-512 ones alike; AVX2-only CPUs round differently).
+    default): oneDNN wherever this torch has it (the fastest on AMD CPUs; its numbers follow the
+    CPU model, see BENCHMARKS.md, finding 10).
     "vendor": torch's MKL path on Intel CPUs, where it was the faster (BENCHMARKS.md, finding 10),
     at different rounding; oneDNN elsewhere."""
     global _fp32_products
