@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.json or (str(default_json) if full or args.update else None)
     if args.update and path and Path(path).is_file():
         merged = json.loads(Path(path).read_text())
-        merged.setdefault("updates", []).append({k: results[k] for k in ("argv", "load_start", "load_end", "wall_s")})
+        # The file's "machine" is its first full run's; each update says where its sections were measured.
+        merged.setdefault("updates", []).append({**{k: results[k] for k in ("argv", "load_start", "load_end", "wall_s",
+                                                                          "machine")}, "sections": only})
         merged.update({k: results[k] for k in only})
         results = merged
     results["mfu"] = mfu_table(results)

@@ -158,6 +158,18 @@ def test_step_targets_show_the_bound_within_reach(bench):
     assert [c.strip() for c in line.split("|")[1:-1]][-2:] == ["yes", ""], line
 
 
+def test_an_update_records_where_its_sections_were_measured(tmp_path):
+    out_json, env = tmp_path / "results.json", {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    for extra in ([], ["--update"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--only", "peak", "--json",
+                               str(out_json), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    (update,) = results["updates"]
+    assert update["sections"] == ["peak"] and update["machine"]["cores"] == results["machine"]["cores"]
+    assert update["argv"][-1] == "--update"
+
+
 def test_bench_rejects_unknown_section():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--only", "nonsense"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
