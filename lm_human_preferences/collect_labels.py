@@ -69,9 +69,7 @@ def collect(hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, lab
             done, step = done + want, step + 1
             bar.update(want)  # rank 0 shows every rank's batches as its own go
     bar.close()
-    parts = distributed.gather_objects(mine)
-    batches = sorted((b for part in parts for b in part), key=lambda b: b[0]) if parts is not None else []
-    return [row for _, rows in batches for row in rows]
+    return distributed.gather_batches(mine)
 
 
 def label_batch(queries: torch.Tensor, hp: CollectLabelsHParams, *, run: Run, policy: Policy, encoding, labeler,

@@ -21,7 +21,8 @@ and labelers see it (`scoring.postprocess`).
 suffix), `response_tokens` the response's (cut, no padding), `seed` the run's seed (`run.seed`).
 Rows are sampled `batch_size` at a time, each batch from its own generator (seed, batch): the
 same command gives the same file (on CPU, under the same number of threads; see the README's
-Determinism). The sampling runs on rank 0; other ranks wait.
+Determinism). Under torchrun the ranks take turns at the batches (batch b on rank b mod N) and
+rank 0 gathers the rows and writes the file: the same file for any N.
 
 Best-of-N (`best_of=N` with `reward_model=DIR`): each row is the best of N responses sampled for
 it (`best_of_n.keep_best`; the prompt's sample s is the best of its candidates s·N .. s·N + N − 1,
@@ -41,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences import best_of_n, evaluate, lm_tasks, scoring
+from lm_human_preferences import best_of_n, distributed, evaluate, lm_tasks, scoring
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language import memory
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
@@ -170,16 +171,20 @@ def encode_prompts(hp: GenerateHParams, prompts: list[tuple[str, str]], model: l
 @torch.no_grad()
 def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, prompts: list[str],
              prompt_tokens: list[list[int]]) -> list[dict]:
-    """The rows of outputs.jsonl (see the module docstring)."""
+    """The rows of outputs.jsonl (see the module docstring), on rank 0; [] on the other ranks,
+    which sample their turns of the batches (batch b on rank b mod world_size)."""
     enc, task, n = model.encoding, hp.task, hp.num_samples * hp.best_of
     prefix, suffix = enc.encode(task.query_prefix), enc.encode(task.query_suffix)
     order = [(i, s) for i in range(len(prompts)) for s in range(n)]
     gpt = model.gpt.to(run.device).eval()
-    rows = []
+    mine: list[tuple[int, list[dict]]] = []  # (batch, its rows)
     bar = progress(total=len(order), desc="generate", unit="sample")
     with gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
         for batch, start in enumerate(range(0, len(order), hp.batch_size)):
             chunk = order[start:start + hp.batch_size]
+            bar.update(len(chunk))  # rank 0 counts every rank's batches as its own go
+            if batch % run.world_size != run.rank:
+                continue
             contexts = [prefix + prompt_tokens[i] + suffix for i, _ in chunk]
             width = max(map(len, contexts))  # left-padded: the model masks pads, positions start after them
             context = torch.tensor([[enc.padding_token] * (width - len(c)) + c for c in contexts], device=run.device)
@@ -189,13 +194,14 @@ def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, 
                                             pad_token=enc.padding_token,
                                             generator=run.generator("sample", batch, shared=True))  # (B, L)
             shown = scoring.postprocess(responses, task=task, pad_token=enc.padding_token).tolist()
+            rows = []
             for (i, s), tokens in zip(chunk, shown):
                 tokens = [t for t in tokens if t != enc.padding_token]
                 rows.append({"prompt": prompts[i], "response": enc.decode(tokens, skip_special=True), "sample": s,
                              "prompt_tokens": prompt_tokens[i], "response_tokens": tokens, "seed": hp.run.seed})
-            bar.update(len(chunk))
+            mine.append((batch, rows))
     bar.close()
-    return rows
+    return distributed.gather_batches(mine)
 
 
 def keep_best_rows(hp: GenerateHParams, run: Run, candidates: list[dict], scorer) -> list[dict]:
@@ -222,11 +228,11 @@ class Generator:
         self.rows: list[dict] = []
 
     def train(self, logger) -> dict[str, float]:
-        if not self.run.is_main:
-            return {}
         started = time.perf_counter()
         self.rows = generate(self.hp, run=self.run, model=self.pretrained, prompts=[p for _, p in self.prompts],
                              prompt_tokens=self.prompt_tokens)
+        if not self.run.is_main:
+            return {}
         stats = {}
         if self.scorer is not None:
             self.rows = keep_best_rows(self.hp, self.run, self.rows, self.scorer)

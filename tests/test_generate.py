@@ -118,6 +118,38 @@ def test_the_same_command_writes_the_same_file_and_a_rerun_does_nothing(models, 
     assert [r["response_tokens"] for r in other] != responses and {r["seed"] for r in other} == {1}
 
 
+def _generate_on_rank(rank, world_size, config) -> dict:
+    from lm_human_preferences import distributed, generate as generate_module
+
+    sampled = []
+    sample = generate_module.sample_sequence
+
+    def counted(gpt, context, **kwargs):
+        sampled.append(len(context))
+        return sample(gpt, context, **kwargs)
+
+    generate_module.sample_sequence = counted
+    status = launch.main(config["args"])
+    distributed.barrier()  # rank 0 has written the file
+    return {"status": status, "sampled": sampled, "rows": jsonl(config["out"] / "outputs.jsonl")}
+
+
+def test_ranks_take_turns_at_the_batches_and_write_what_one_process_writes(models, prompts, tmp_path):
+    """Under torchrun batch b is sampled on rank b mod N; rank 0 writes every row, in order."""
+    from dist_utils import run_distributed
+
+    def config(out):  # 3 prompts x 3 samples in batches of 4: three batches, the last of one row
+        return {"out": out, "args": ["generate", "offline_sentiment", "x", f"--run.save_dir={out}", *RUN,
+                                     f"--model={models['model']}", f"--prompts={prompts}", "--num_samples=3",
+                                     "--length=5", "--batch_size=4"]}
+
+    rank0, rank1 = run_distributed(_generate_on_rank, 2, config(tmp_path / "two"), timeout=300)
+    (one,) = run_distributed(_generate_on_rank, 1, config(tmp_path / "one"), timeout=300)
+    assert rank0["status"] == rank1["status"] == one["status"] == 0
+    assert (rank0["sampled"], rank1["sampled"], one["sampled"]) == ([4, 1], [4], [4, 4, 1])
+    assert len(one["rows"]) == 9 and rank0["rows"] == rank1["rows"] == one["rows"]
+
+
 def test_temperature_and_top_p_are_honoured(models, prompts, tmp_path):
     def tokens(name, *args):
         assert generate(tmp_path / name, models["model"], prompts, "--num_samples=2", *args) == 0
