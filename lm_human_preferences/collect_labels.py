@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lm_human_preferences import distributed, labelers, lm_tasks, scoring
-from lm_human_preferences.hparams import HParams, HParamsError, check_count
+from lm_human_preferences.hparams import HParams, check_count, loaded
 from lm_human_preferences.label_types import BestOfN
 from lm_human_preferences.language import memory
 from lm_human_preferences.labels import write_labels
@@ -39,12 +39,7 @@ class CollectLabelsHParams(HParams):
     batch_size: int = 64  # queries per sampling batch
 
     def _validate(self):
-        try:
-            labelers.get_labeler(self.labeler)
-        except HParamsError:  # a function of the user's that cannot be loaded: already names the key
-            raise
-        except ValueError as e:
-            raise HParamsError(str(e), key="labeler") from None
+        loaded(lambda: labelers.get_labeler(self.labeler), key="labeler")
         for key in ("num_labels", "batch_size"):
             check_count(self, key)
         check_count(self, "num_responses", at_least=2)

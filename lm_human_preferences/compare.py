@@ -35,7 +35,7 @@ import numpy as np
 
 from lm_human_preferences import diversity, judges, lm_tasks, rouge, splits, text_embeddings
 from lm_human_preferences.compare_report import plot_comparison, write_markdown
-from lm_human_preferences.hparams import HParams, HParamsError, check_count
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, loaded
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
 from lm_human_preferences.runtime import Run, RunHParams
 from lm_human_preferences.trainer import run_training
@@ -77,10 +77,7 @@ class CompareHParams(HParams):
             raise HParamsError("the embedding metric needs an embedding model; pass --embedder=DIR or "
                                "MODULE:FUNCTION", key="embedder")
         splits.parse_split(self.split, fields={} if self.references else None)
-        try:
-            judges.get_judge(self.judge)
-        except ValueError as e:
-            raise HParamsError(str(e), key="judge") from None
+        loaded(lambda: judges.get_judge(self.judge), key="judge")
         for key in ("max_texts", "num_resamples"):
             check_count(self, key)
         if not 0 < self.confidence < 1:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from lm_human_preferences import best_of_n, judges, lm_tasks, scoring
-from lm_human_preferences.hparams import HParams, HParamsError, check_count
+from lm_human_preferences.hparams import HParams, HParamsError, check_count, loaded
 from lm_human_preferences.language.checkpoints import CheckpointError, atomic_write_bytes
 from lm_human_preferences.language.encodings import Encoding, EncodingError, encoding_from_meta
 from lm_human_preferences.logs import progress
@@ -88,12 +88,7 @@ class EvaluateHParams(HParams):
             raise HParamsError("nothing to evaluate with; pass --reward_model=DIR, or --judge=NAME with "
                                "--baseline=FILE, or --best_of=N on a scored file", key="reward_model")
         if self.judge:
-            try:
-                judges.get_judge(self.judge)
-            except HParamsError:  # a function of the user's that cannot be loaded: already names the key
-                raise
-            except ValueError as e:
-                raise HParamsError(str(e), key="judge") from None
+            loaded(lambda: judges.get_judge(self.judge), key="judge")
         for key in ("batch_size", "num_resamples", "best_of_repeats"):
             check_count(self, key)
         check_count(self, "best_of", at_least=0)

@@ -47,11 +47,12 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["HParams", "HParamsError", "MAX_COUNT", "check_count", "check_number"]
+__all__ = ["HParams", "HParamsError", "MAX_COUNT", "check_count", "check_number", "loaded"]
 
+T = TypeVar("T")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _NONE_STRINGS = {"", "none", "None", "null"}
 # The most episodes, steps, labels or rows any count or size option takes: far beyond any run
@@ -78,6 +79,17 @@ def check_count(hp: HParams, key: str, *, at_least: int = 1, at_most: int = MAX_
     if not at_least <= value <= at_most:
         most = "2**40" if at_most == MAX_COUNT else at_most
         raise HParamsError(f"must be an integer >= {at_least} and <= {most} (got {value})", key=key)
+
+
+def loaded(load: Callable[[], T], *, key: str) -> T:
+    """`load()` (a labeler, a judge, ... by name), its ValueError an HParamsError naming `key`; an
+    HParamsError (a user's MODULE:FUNCTION that cannot be loaded) already names its key and passes."""
+    try:
+        return load()
+    except HParamsError:
+        raise
+    except ValueError as e:
+        raise HParamsError(str(e), key=key) from None
 
 
 def _out_of_range(value: Any, tp: Any) -> str | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lm_human_preferences import judges, length_data, preferences
 from lm_human_preferences.figures import save_figure
-from lm_human_preferences.hparams import HParamsError
+from lm_human_preferences.hparams import HParamsError, loaded
 from lm_human_preferences.language.checkpoints import atomic_write_bytes
 
 
@@ -54,12 +54,7 @@ def source_pairs(ns) -> list[preferences.PreferencePair]:
     if not ns.judge:
         raise HParamsError("--from_outputs needs --judge=NAME (length_biased, length_neutral, sentiment or "
                            "MODULE:FUNCTION) to label the pairs", key="judge")
-    try:
-        judge = judges.get_judge(ns.judge, seed=ns.seed, length_weight=ns.length_weight)
-    except HParamsError:
-        raise
-    except ValueError as e:
-        raise HParamsError(str(e), key="judge") from None
+    judge = loaded(lambda: judges.get_judge(ns.judge, seed=ns.seed, length_weight=ns.length_weight), key="judge")
     return length_data.pairs_from_outputs(judges.read_output_rows(ns.from_outputs), judge)
 
 

@@ -99,6 +99,8 @@ def test_compare_embedding_and_nli_metrics_and_one_split(files, tmp_path):
     (["--split=field"], "the 'field' split reads the \"split\" field"),
     (["--split=length:x"], "expected length:N, words:W1|W2|... or field"),
     (["--references=SHORT"], "has no reference for the prompt"),
+    (["--judge=sentimnt"], "invalid hyperparameter 'judge': unknown judge 'sentimnt'"),
+    (["--judge=no_such_module_here:fn"], "error: invalid hyperparameter 'judge': no module named 'no_such_module_here'"),
 ])
 def test_bad_settings_exit_2_without_a_run_directory(files, tmp_path, capsys, args, message):
     short = write_jsonl(tmp_path / "short.jsonl", REFS[:1])
