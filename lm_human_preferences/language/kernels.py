@@ -13,11 +13,11 @@ MKL path, which on an AMD CPU reached under half of oneDNN's speed; oneDNN picks
 the CPU it runs on, so its numbers are the same on one CPU model, and were on an AMD and an
 Intel host, but not on every CPU (BENCHMARKS.md, finding 10). On Intel CPUs MKL was the faster,
 at other rounding: opt in with `set_fp32_products("vendor")` (`--run.fp32_products=vendor`, see
-`fp32_onednn`); sampling decodes from oneDNN-packed weights; one-query and bf16 attention is computed directly. Training under bf16
-autocast keeps less for the backward, bit for bit the same numbers: the products cast their
-weights to bf16 again in the backward rather than keep autocast's copies (`_BF16Linear`), the
-MLP's GELU output is made again there (`mlp`), and attention recomputes its probabilities there
-(`_BF16Attention`). Measurements and the reasons are in BENCHMARKS.md. Elsewhere (GPU, under
+`fp32_onednn`); sampling decodes from oneDNN-packed weights; one-query and bf16 attention is
+computed directly. Training under bf16 autocast keeps less for the backward, bit for bit the
+same numbers: the products cast their weights to bf16 again in the backward rather than keep
+autocast's copies (`_BF16Linear`), the MLP's GELU output is made again there (`mlp`), and
+attention recomputes its probabilities there (`_BF16Attention`). Measurements and the reasons are in BENCHMARKS.md. Elsewhere (GPU, under
 `torch.compile`) the plain torch ops run.
 """
 
