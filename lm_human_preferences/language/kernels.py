@@ -17,8 +17,8 @@ at other rounding: opt in with `set_fp32_products("vendor")` (`--run.fp32_produc
 computed directly. Training under bf16 autocast keeps less for the backward, bit for bit the
 same numbers: the products cast their weights to bf16 again in the backward rather than keep
 autocast's copies (`_BF16Linear`), the MLP's GELU output is made again there (`mlp`), and
-attention recomputes its probabilities there (`_BF16Attention`). Measurements and the reasons are in BENCHMARKS.md. Elsewhere (GPU, under
-`torch.compile`) the plain torch ops run.
+attention recomputes its probabilities there (`_BF16Attention`). Measurements and the reasons
+are in BENCHMARKS.md. Elsewhere (GPU, under `torch.compile`) the plain torch ops run.
 """
 
 from __future__ import annotations
