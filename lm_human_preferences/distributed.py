@@ -297,13 +297,17 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0).to(t.device)
 
 
-def gather_batches(batches: list[tuple[int, list]]) -> list:
-    """On rank 0, the items of every rank's ``(index, items)`` pairs (picklable), in index order;
-    [] on the other ranks. For work handed out in turns: batch i to rank i mod world size."""
+def gather_batches(batches: list[tuple[int, list]], *, everywhere: bool = False) -> list:
+    """On rank 0 (on every rank with `everywhere`), the items of every rank's ``(index, items)``
+    pairs (picklable), in index order; [] on the other ranks. For work handed out in turns:
+    batch i to rank i mod world size."""
     box = [batches]
     if _initialized():
-        box = [None] * get_world_size() if get_rank() == 0 else None
-        dist.gather_object(batches, box, dst=0)
+        box = [None] * get_world_size() if everywhere or get_rank() == 0 else None
+        if everywhere:
+            dist.all_gather_object(box, batches)
+        else:
+            dist.gather_object(batches, box, dst=0)
     return [] if box is None else [x for _, items in sorted((b for part in box for b in part), key=lambda b: b[0])
                                    for x in items]
 

@@ -16,6 +16,8 @@ pair, the principle and the rescore order; see `rlcd.py` for the methods), the m
 `length` tokens at `temperature` for each of the two prompts; `rlcd.clean_response` keeps the
 reply, and a continuation it rejects (no end of turn, or empty) is sampled again, at most
 `max_retries` times in all, after which the index is recorded as failed (`"status": false`).
+Under torchrun the ranks take turns at each round's sampling batches (batch b on rank b mod N,
+its generator the same on every rank) and share the outputs: the same records for any N.
 RLAIF and RLCD-Rescore then ask `labeler_model` (default: the same model) for `win2_prob`
 (`rlaif.ModelLabeler`). Writes `<save_dir>/simulated/<index>.json` once its indices are sampled
 and labeled (a rerun skips the indices already there; split a large file with `indices` to keep
@@ -35,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from lm_human_preferences import lm_tasks, rlcd
+from lm_human_preferences import distributed, lm_tasks, rlcd
 from lm_human_preferences.hparams import HParams, HParamsError, check_count, check_number
 from lm_human_preferences.language.dialogues import ASSISTANT
 from lm_human_preferences.language.sample import sample_sequence
@@ -152,9 +154,13 @@ class Simulator:
         self.pairs = 0
 
     def sample(self, prompts: list[str], round_: int) -> list[str]:
-        """One raw continuation (end-of-text kept as text) per prompt, `batch_size` at a time."""
-        enc, gpt, texts = self.writer.encoding, self.writer.gpt, []
+        """One raw continuation (end-of-text kept as text) per prompt, `batch_size` at a time, each
+        batch from its own generator; under torchrun batch b on rank b mod N, and every rank gets
+        every text (the same texts for any N)."""
+        enc, gpt, mine = self.writer.encoding, self.writer.gpt, []
         for batch, start in enumerate(range(0, len(prompts), self.hp.batch_size)):
+            if batch % self.run.world_size != self.run.rank:
+                continue
             contexts = [enc.encode(p) for p in prompts[start:start + self.hp.batch_size]]
             width = max(map(len, contexts))
             context = torch.tensor([[enc.padding_token] * (width - len(c)) + c for c in contexts], device=self.run.device)
@@ -162,8 +168,8 @@ class Simulator:
                 out = sample_sequence(gpt, context, length=self.hp.output_length(), temperature=self.hp.temperature,
                                       pad_token=enc.padding_token,
                                       generator=self.run.generator("sample", round_ * 100_000 + batch, shared=True))
-            texts += [enc.decode(row) for row in out.tolist()]
-        return texts
+            mine.append((batch, [enc.decode(row) for row in out.tolist()]))
+        return distributed.gather_batches(mine, everywhere=True)
 
     def generate(self, records: list[dict], bar) -> None:
         """Fill each record's outputs, sampling rejected ones again (see the module docstring)."""
@@ -186,15 +192,15 @@ class Simulator:
             round_ += 1
 
     def train(self, logger) -> dict[str, float]:
-        if not self.run.is_main:
-            return {}
         started = time.perf_counter()
         done = {int(p.stem) for p in self.records_dir.glob("*.json")} if self.records_dir.is_dir() else set()
         records = [plan(self.hp, i, self.prompts[i]) for i in self.indices if i not in done]
         bar = progress(total=2 * len(records), desc="simulate", unit="output")
         with self.writer.gpt.keep_decoding_weights():
-            self.generate(records, bar)
+            self.generate(records, bar)  # every rank samples its turns; every rank gets every output
         bar.close()
+        if not self.run.is_main:  # labeling and the records: rank 0
+            return {}
         labeled = [r for r in records if r["status"] and self.labeler is not None]
         if labeled:
             probs = self.labeler.win2_probs([r["prompt"] for r in labeled], [r["principle"] for r in labeled],

@@ -289,6 +289,40 @@ def test_shards_consolidate_to_the_single_run(setup, capsys):
     assert all(p.chosen_prob is not None and p.chosen_prob >= 0.5 for p in read_pairs(tmp / "merged.csv"))
 
 
+def _simulate_on_rank(rank, world_size, config) -> dict:
+    from lm_human_preferences import distributed
+
+    sampled = []
+    sample = simulate_pairs.sample_sequence
+
+    def counted(gpt, context, **kwargs):
+        sampled.append(len(context))
+        return sample(gpt, context, **kwargs)
+
+    simulate_pairs.sample_sequence = counted
+    status = simulate(config["out"], config["prompts"], config["model"], "--max_retries=2", "--length=4")
+    distributed.barrier()  # rank 0 has written the records
+    records = rlcd.read_records(config["out"] / "simulated", method="rlcd")
+    return {"status": status, "sampled": sampled, "records": records,
+            "pairs": (config["out"] / "pairs.csv").read_text()}
+
+
+def test_ranks_take_turns_at_the_sampling_batches_and_record_what_one_process_records(setup):
+    """Under torchrun each round's batch b is sampled on rank b mod N and every rank gets every
+    output; rank 0 writes the same records as one process (real sampling by the tiny model)."""
+    from dist_utils import run_distributed
+
+    tmp, prompts, model = setup
+    config = {"prompts": prompts, "model": model}
+    rank0, rank1 = run_distributed(_simulate_on_rank, 2, {**config, "out": tmp / "two"}, timeout=300)
+    (one,) = run_distributed(_simulate_on_rank, 1, {**config, "out": tmp / "one"}, timeout=300)
+    assert rank0["status"] == rank1["status"] == one["status"] == 0
+    assert sorted(rank0["sampled"] + rank1["sampled"]) == sorted(one["sampled"])  # 12 outputs, batches of 4
+    assert rank0["sampled"] and rank1["sampled"] and len(one["sampled"]) >= 3
+    assert rank0["records"] == rank1["records"] == one["records"] and len(one["records"]) == 6
+    assert rank0["pairs"] == one["pairs"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--indices=3-1"], "ends before it starts"),
     (["--indices=4-9"], "beyond the 6 prompts"),
