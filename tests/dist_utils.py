@@ -174,3 +174,17 @@ def run_distributed(
             with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def count_sampling(module) -> list[int]:
+    """Wrap ``module.sample_sequence`` (as the module imported it) so that each call's number of
+    rows is appended to the returned list: which batches this process sampled."""
+    sampled: list[int] = []
+    sample = module.sample_sequence
+
+    def counted(gpt, context, **kwargs):
+        sampled.append(len(context))
+        return sample(gpt, context, **kwargs)
+
+    module.sample_sequence = counted
+    return sampled

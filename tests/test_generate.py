@@ -119,16 +119,10 @@ def test_the_same_command_writes_the_same_file_and_a_rerun_does_nothing(models, 
 
 
 def _generate_on_rank(rank, world_size, config) -> dict:
+    from dist_utils import count_sampling
     from lm_human_preferences import distributed, generate as generate_module
 
-    sampled = []
-    sample = generate_module.sample_sequence
-
-    def counted(gpt, context, **kwargs):
-        sampled.append(len(context))
-        return sample(gpt, context, **kwargs)
-
-    generate_module.sample_sequence = counted
+    sampled = count_sampling(generate_module)
     status = launch.main(config["args"])
     distributed.barrier()  # rank 0 has written the file
     return {"status": status, "sampled": sampled, "rows": jsonl(config["out"] / "outputs.jsonl")}

@@ -290,16 +290,10 @@ def test_shards_consolidate_to_the_single_run(setup, capsys):
 
 
 def _simulate_on_rank(rank, world_size, config) -> dict:
+    from dist_utils import count_sampling
     from lm_human_preferences import distributed
 
-    sampled = []
-    sample = simulate_pairs.sample_sequence
-
-    def counted(gpt, context, **kwargs):
-        sampled.append(len(context))
-        return sample(gpt, context, **kwargs)
-
-    simulate_pairs.sample_sequence = counted
+    sampled = count_sampling(simulate_pairs)
     status = simulate(config["out"], config["prompts"], config["model"], "--max_retries=2", "--length=4")
     distributed.barrier()  # rank 0 has written the records
     records = rlcd.read_records(config["out"] / "simulated", method="rlcd")
