@@ -182,8 +182,8 @@ def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, 
     with gpt.keep_decoding_weights():  # one packing of the weights for every batch (CPU)
         for batch, start in enumerate(range(0, len(order), hp.batch_size)):
             chunk = order[start:start + hp.batch_size]
-            bar.update(len(chunk))  # rank 0 counts every rank's batches as its own go
             if batch % run.world_size != run.rank:
+                bar.update(len(chunk))  # rank 0 counts the other ranks' batches as its own go
                 continue
             contexts = [prefix + prompt_tokens[i] + suffix for i, _ in chunk]
             width = max(map(len, contexts))  # left-padded: the model masks pads, positions start after them
@@ -200,6 +200,7 @@ def generate(hp: GenerateHParams, *, run: Run, model: lm_tasks.PretrainedModel, 
                 rows.append({"prompt": prompts[i], "response": enc.decode(tokens, skip_special=True), "sample": s,
                              "prompt_tokens": prompt_tokens[i], "response_tokens": tokens, "seed": hp.run.seed})
             mine.append((batch, rows))
+            bar.update(len(chunk))
     bar.close()
     return distributed.gather_batches(mine)
 

@@ -200,15 +200,16 @@ class _BF16Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x16, weight = ctx.saved_tensors
-        a = gelu(x16) if ctx.gelu_first else x16  # the product's input
         g = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
-        grad_x = None
+        grad_x, grad_w = None, None
         if ctx.needs_input_grad[0]:
             grad_x = g.mm(weight.to(torch.bfloat16)).view(x16.shape)
             if ctx.gelu_first:
                 grad_x = torch.ops.aten.gelu_backward(grad_x, x16, approximate="tanh")
             grad_x = grad_x.to(ctx.x_dtype)
-        grad_w = g.t().mm(a.view(-1, a.shape[-1])).float() if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[1]:
+            a = gelu(x16) if ctx.gelu_first else x16  # the product's input, made again
+            grad_w = g.t().mm(a.view(-1, a.shape[-1])).float()
         grad_b = g.sum(0).float() if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
@@ -281,9 +282,10 @@ class _BF16Attention(torch.autograd.Function):
     probabilities rounded to bf16 for the product with `v`. Autograd would keep fp32 copies of q
     and k, the fp32 probabilities, their bf16 copy and a copy of v (for GPT-2's 64 dimensions a
     head at 88 tokens, three times what q, k and v take); this keeps q, k, v and the mask, and
-    recomputes the probabilities in the backward with the same ops. The backward's products are autograd's own (`bmm`'s derivatives on the operands, and in
-    the layouts, that `torch.matmul` gives `bmm`), so outputs and gradients are bit for bit those
-    of the plain expression (tests/test_attention.py)."""
+    recomputes the probabilities in the backward with the same ops. The backward's products are
+    autograd's own (`bmm`'s derivatives on the operands, and in the layouts, that `torch.matmul`
+    gives `bmm`), so outputs and gradients are bit for bit those of the plain expression
+    (tests/test_attention.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask):  # q (B, nh, T, hs), k and v (B, nh, S, hs) bf16; mask (.., T, S) bool
